@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_addresses -*-
+"""
+Names on a securelan subnet: MAC addresses and member IDs.
+
+MACs travel and are compared as 6-byte ``bytes`` (cheap on the per-frame
+path); they are parsed from and formatted to the usual colon form only at the
+edges (configs, logs, the store, the CLI).
+"""
+
+import re
+
+_MAC_TEXT = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
+_MEMBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+BROADCAST_MAC = b"\xff" * 6
+
+
+class AddressError(ValueError):
+    """
+    A MAC address or member ID is malformed.
+    """
+
+
+def parse_mac(text: str) -> bytes:
+    """
+    Parse ``aa:bb:cc:dd:ee:ff`` (or with dashes) into 6 bytes.
+
+    @raise AddressError: if C{text} is not a MAC address.
+    """
+    if not isinstance(text, str) or not _MAC_TEXT.match(text):
+        raise AddressError(f"not a MAC address: {text!r}")
+    return bytes.fromhex(text.replace(":", "").replace("-", ""))
+
+
+def format_mac(mac: bytes) -> str:
+    """
+    Format 6 bytes as a lower-case, colon-separated MAC address.
+    """
+    return mac.hex(":")
+
+
+def check_mac(mac: bytes) -> bytes:
+    """
+    Return C{mac} if it is 6 bytes, else raise L{AddressError}.
+    """
+    if not isinstance(mac, bytes) or len(mac) != 6:
+        raise AddressError("a MAC address is 6 bytes")
+    return mac
+
+
+def is_group_mac(mac: bytes) -> bool:
+    """
+    Whether C{mac} is a multicast or broadcast address (the I/G bit is set).
+    """
+    return bool(mac[0] & 0x01)
+
+
+def check_member_id(member_id: str) -> str:
+    """
+    Return C{member_id} if it is a valid member ID, else raise L{AddressError}.
+
+    Member IDs are 1 to 63 characters of letters, digits, ``.``, ``_`` and
+    ``-``, starting with a letter or digit.  Names beginning with ``@`` are
+    reserved for the key server's own virtual IDs (the group ID).
+    """
+    if not isinstance(member_id, str) or not _MEMBER_ID.match(member_id):
+        raise AddressError(f"not a valid member ID: {member_id!r}")
+    return member_id
+
+
+def pair_of(id_1: str, id_2: str) -> tuple[str, str]:
+    """
+    The canonical (sorted) form of an unordered pair of member IDs: the index
+    of the pair-key table, so K(1,2) and K(2,1) are one key.
+    """
+    return (id_1, id_2) if id_1 <= id_2 else (id_2, id_1)

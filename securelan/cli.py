@@ -1,0 +1,229 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The operator's command line, C{securelan}.
+
+Each top-level command lives in one C{_add_<name>(subparsers)} function that
+declares its arguments and sets C{func} to the function that runs it; to add
+a command, write such a function and call it from L{build_parser}.  A C{func}
+takes the parsed arguments and returns the exit status.
+
+Expected failures (L{PKIError}, L{AddressError}) are reported as one line on
+stderr with exit status 2, never as a traceback.
+"""
+
+import argparse
+import json
+import sys
+
+from .addresses import AddressError
+from .pki import (
+    PKIError,
+    create_ca,
+    describe,
+    issue_keyserver,
+    issue_member,
+    load_certificate,
+)
+from .records import ROLES
+
+PROG = "securelan"
+
+#: Exit status of a command that failed for a reason it reported.
+EXIT_ERROR = 2
+
+#: Failures that are the operator's to fix, reported without a traceback.
+EXPECTED_ERRORS = (PKIError, AddressError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    The parser of the whole C{securelan} command line.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Operate a securelan subnet: key-server network encryption."
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_pki(subparsers)
+    _add_demo(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    """
+    Run the C{securelan} command line and return its exit status.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits for --help and usage errors; callers get a status
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as e:
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+# securelan pki
+
+
+def _add_pki(subparsers) -> None:
+    pki = subparsers.add_parser(
+        "pki",
+        help="make and inspect the subnet's certificates",
+        description="Make and inspect the subnet's certificates.",
+    )
+    commands = pki.add_subparsers(title="pki commands", metavar="PKI_COMMAND", required=True)
+
+    init_ca = commands.add_parser(
+        "init-ca",
+        help="create the subnet's CA",
+        description="Create the subnet's certificate authority (ca.pem, ca.key) in DIR.",
+    )
+    init_ca.add_argument("--dir", required=True, help="directory to write to (created if absent)")
+    init_ca.add_argument("--subnet", required=True, help="the subnet's name")
+    _add_days(init_ca, 3650)
+    init_ca.set_defaults(func=_pki_init_ca)
+
+    keyserver = commands.add_parser(
+        "keyserver",
+        help="issue a key-server certificate",
+        description="Issue a key-server certificate (NAME.pem, NAME.key) from the CA in DIR.",
+    )
+    keyserver.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
+    keyserver.add_argument("--name", required=True, help="the key server's DNS name or IP address")
+    _add_days(keyserver, 825)
+    keyserver.set_defaults(func=_pki_keyserver)
+
+    member = commands.add_parser(
+        "member",
+        help="issue a member certificate",
+        description="Issue a member certificate (ID.pem, ID.key) from the CA in DIR.",
+    )
+    member.add_argument("--dir", required=True, help="directory holding ca.pem and ca.key")
+    member.add_argument(
+        "--id", required=True, dest="member_id", metavar="ID", help="the member ID"
+    )
+    member.add_argument(
+        "--mac",
+        action="append",
+        default=[],
+        dest="macs",
+        metavar="MAC",
+        help="a MAC the member may use (repeatable; none allows any MAC)",
+    )
+    member.add_argument(
+        "--role",
+        action="append",
+        choices=ROLES,
+        dest="roles",
+        help="a role the member may take (repeatable; default client)",
+    )
+    _add_days(member, 825)
+    member.set_defaults(func=_pki_member)
+
+    show = commands.add_parser(
+        "show",
+        help="describe a certificate",
+        description="Describe a certificate: subject, validity, fingerprint, identity.",
+    )
+    show.add_argument("cert", metavar="CERT", help="a PEM certificate file")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_pki_show)
+
+
+def _add_days(parser, default: int) -> None:
+    parser.add_argument(
+        "--days",
+        type=_positive_int,
+        metavar="N",
+        default=default,
+        help=f"days of validity (default {default})",
+    )
+
+
+def _wrote(*paths: str) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def _pki_init_ca(args) -> int:
+    _wrote(*create_ca(args.dir, args.subnet, days=args.days))
+    return 0
+
+
+def _pki_keyserver(args) -> int:
+    _wrote(*issue_keyserver(args.dir, args.name, days=args.days))
+    return 0
+
+
+def _pki_member(args) -> int:
+    paths = issue_member(
+        args.dir,
+        args.member_id,
+        days=args.days,
+        macs=args.macs,
+        roles=args.roles or ("client",),
+    )
+    _wrote(*paths)
+    return 0
+
+
+def _pki_show(args) -> int:
+    info = describe(load_certificate(args.cert))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    member = info.pop("member", None)
+    for key, value in info.items():
+        print(f"{key}: {_text(value)}")
+    if member is not None:
+        print(f"member: {member['member_id']}")
+        print(f"macs: {_text(member['macs']) or 'any'}")
+        print(f"roles: {_text(member['roles'])}")
+    return 0
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _add_demo(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="run a key server and three members on loopback and show what they get",
+        description="Build a CA in a scratch folder, start a key server on 127.0.0.1, admit "
+        "three members over TLS and show that pair keys are bound to both members' IDs.",
+    )
+    demo.add_argument("--dir", help="work in this folder (default: a new scratch folder)")
+    demo.add_argument("--keep", action="store_true", help="keep the scratch folder afterwards")
+    demo.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args.dir, args.keep)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

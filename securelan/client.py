@@ -1,0 +1,264 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+The member side of the control protocol: what an agent uses to talk to its
+key servers.
+
+L{KeyServerClient} keeps one mutually authenticated TLS connection to one of
+a list of key servers (trying each in turn, reconnecting with backoff),
+registers on every connection, and turns requests into L{PairKeyGrant} and
+L{GroupKeyGrant} values.  Pushes from the key server reach an
+L{IKeyListener}.
+"""
+
+import re
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import implementer
+
+from . import PROTOCOL_VERSION
+from ._interfaces import IKeyListener
+from .protocol import (
+    Admission,
+    GroupKeyGrant,
+    PairKeyGrant,
+    PushGroupKey,
+    PushPairKey,
+    Purge,
+    Register,
+    RequestGroupKey,
+    RequestPairKey,
+)
+
+log = Logger(namespace="securelan.client")
+
+_ADDRESS = re.compile(r"^(?:(?P<name>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:.]+\]|[^:@\s\[\]]+):(?P<port>\d+)$")
+
+
+@attrs.frozen
+class KeyServerAddress:
+    """
+    Where a key server is (C{host}, C{port}) and the name its certificate
+    must carry (C{name}; the host when not given).
+    """
+
+    name: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "KeyServerAddress":
+        """
+        Parse ``host:port`` or ``name@host:port`` (``[v6]`` in brackets).
+
+        @raise ValueError: if C{text} is neither.
+        """
+        m = _ADDRESS.match(text)
+        if not m or not 0 < int(m["port"]) < 65536:
+            raise ValueError(f"{text!r} is not host:port or name@host:port")
+        host = m["host"].strip("[]")
+        return cls(name=m["name"] or host, host=host, port=int(m["port"]))
+
+    def __str__(self):
+        return f"{self.name}@{self.host}:{self.port}"
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """
+    Connects to the first of several endpoints that answers, starting with
+    the one that answered last time.
+    """
+
+    def __init__(self, endpoints):
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        self.endpoints = list(endpoints)
+        self._preferred = 0
+
+    @defer.inlineCallbacks
+    def connect(self, protocolFactory):
+        count = len(self.endpoints)
+        last = None
+        for step in range(count):
+            index = (self._preferred + step) % count
+            try:
+                protocol = yield self.endpoints[index].connect(protocolFactory)
+            except Exception as e:
+                last = e
+                log.info("key server {index} unreachable: {reason}", index=index, reason=str(e))
+                continue
+            self._preferred = index
+            return protocol
+        raise last
+
+
+class AgentProtocol(amp.AMP):
+    """
+    The member end of a control connection: answers the key server's pushes.
+    """
+
+    def __init__(self, listener=None, on_lost=None):
+        super().__init__()
+        self.listener = listener
+        self._on_lost = on_lost
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    @PushPairKey.responder
+    def pair_key_pushed(self, **fields):
+        if self.listener is not None:
+            self.listener.pair_key_pushed(PairKeyGrant(**fields))
+        return {}
+
+    @PushGroupKey.responder
+    def group_key_pushed(self, **fields):
+        if self.listener is not None:
+            self.listener.group_key_pushed(GroupKeyGrant(**fields))
+        return {}
+
+    @Purge.responder
+    def purged(self, peer_id, reason):
+        if self.listener is not None:
+            self.listener.purged(peer_id, reason)
+        return {}
+
+
+def register(protocol, mac: bytes, role: str, endpoint: str):
+    """
+    Send C{Register} on C{protocol}; fires with an L{Admission}.
+    """
+    d = protocol.callRemote(Register, version=PROTOCOL_VERSION, mac=mac, role=role, endpoint=endpoint)
+    return d.addCallback(lambda response: Admission(**response))
+
+
+def request_pair_key(protocol, peer_mac: bytes, epoch=None):
+    """
+    Ask for the pair key with whoever holds C{peer_mac}; fires with a
+    L{PairKeyGrant}.
+    """
+    kw = {} if epoch is None else {"epoch": epoch}
+    d = protocol.callRemote(RequestPairKey, peer_mac=peer_mac, **kw)
+    return d.addCallback(lambda response: PairKeyGrant(**response))
+
+
+def request_group_key(protocol):
+    """
+    Ask for the group key; fires with a L{GroupKeyGrant}.
+    """
+    d = protocol.callRemote(RequestGroupKey)
+    return d.addCallback(lambda response: GroupKeyGrant(**response))
+
+
+class KeyServerClient(service.Service):
+    """
+    A member's connection to its subnet's key servers.
+
+    @ivar admission: the last L{Admission}, or None before the first.
+    """
+
+    def __init__(self, addresses, credentials, mac: bytes, role: str = "client",
+                 endpoint: str = "", listener=None, reactor=None, retry_policy=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        if listener is not None and not IKeyListener.providedBy(listener):
+            raise TypeError("listener must provide IKeyListener")
+        self.addresses = [a if isinstance(a, KeyServerAddress) else KeyServerAddress.parse(a)
+                          for a in addresses]
+        self.mac = mac
+        self.role = role
+        self.endpoint = endpoint
+        self.listener = listener
+        self.admission = None
+        self._reactor = reactor
+        self._protocol = None
+        endpoints = [
+            wrapClientTLS(credentials.client_options(a.name), HostnameEndpoint(reactor, a.host, a.port))
+            for a in self.addresses
+        ]
+        self._client = ClientService(
+            FailoverEndpoint(endpoints),
+            Factory.forProtocol(lambda: AgentProtocol(self.listener, self._lost)),
+            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=10.0),
+            clock=reactor,
+            prepareConnection=self._register,
+        )
+
+    def _lost(self, protocol):
+        if self._protocol is protocol:
+            self._protocol = None
+
+    def _register(self, protocol):
+        def admitted(admission):
+            self.admission = admission
+            self._protocol = protocol
+            log.info("registered with subnet {subnet} as {member_id}",
+                     subnet=admission.subnet, member_id=admission.member_id)
+            if self.listener is not None:
+                self.listener.registered(admission)
+            return admission
+
+        def refused(failure):
+            log.warn("registration refused: {reason}", reason=failure.getErrorMessage())
+            # ClientService leaves a connection whose preparation failed
+            # open, and its state machine has no transition for that
+            # connection's later loss (NoTransition in state Stopped or
+            # Waiting).  Close it without telling the state machine, which
+            # already counts this attempt as failed.
+            if hasattr(protocol, "_lostNotification"):
+                protocol._lostNotification = lambda reason: None
+            protocol.transport.loseConnection()
+            return failure
+
+        return register(protocol, self.mac, self.role, self.endpoint).addCallbacks(admitted, refused)
+
+    def startService(self):
+        super().startService()
+        self._client.startService()
+
+    def stopService(self):
+        super().stopService()
+        return self._client.stopService()
+
+    def connected(self, fail_after_failures=None):
+        """
+        Fires with the registered connection's protocol.
+        """
+        if self._protocol is not None:
+            return defer.succeed(self._protocol)
+        # ClientService's state machine may not be re-entered from a callback
+        # it is running, so results reach the caller on a later turn.
+        d = self._client.whenConnected(failAfterFailures=fail_after_failures)
+        later = defer.Deferred()
+
+        def forward(result):
+            self._reactor.callLater(0, later.callback, result)
+
+        d.addBoth(forward)
+        return later
+
+    def whenRegistered(self):
+        """
+        Fires with the L{Admission} once registered.
+        """
+        return self.connected().addCallback(lambda _: self.admission)
+
+    def request_pair_key(self, peer_mac: bytes, epoch=None):
+        """
+        The seed's ``(ID, MAC_2, ?)``; fails at once if no key server can be
+        reached now.
+        """
+        return self.connected(1).addCallback(request_pair_key, peer_mac, epoch)
+
+    def request_group_key(self):
+        return self.connected(1).addCallback(request_group_key)

@@ -1,0 +1,216 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Configuration files (TOML) for the key server and the agent.
+
+Loading checks every key: a missing, mistyped or unknown key is a
+L{ConfigError} that names the file and the key in one line, so an operator
+can fix it without reading a traceback.  Relative paths are taken relative to
+the configuration file's folder.
+"""
+
+import os
+import tomllib
+
+import attrs
+from twisted.internet.endpoints import _parseServer
+
+from .addresses import AddressError, check_member_id
+
+_REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """
+    A configuration file is unreadable, malformed or has a bad value.
+    """
+
+    def __init__(self, path: str, key: str | None, message: str):
+        self.path = path
+        self.key = key
+        self.message = message
+        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+
+
+class _Table:
+    """
+    One TOML table being read, remembering which keys were used so that
+    unknown (usually misspelt) keys are reported.
+    """
+
+    def __init__(self, path: str, prefix: str, data: dict):
+        self.path = path
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def _name(self, key):
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def error(self, key, message):
+        return ConfigError(self.path, self._name(key), message)
+
+    def _get(self, key, default):
+        self.used.add(key)
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise self.error(key, "is required")
+        return default
+
+    def string(self, key, default=_REQUIRED) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, "must be a non-empty string")
+        return value
+
+    def integer(self, key, default=_REQUIRED, minimum=None, maximum=None) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, "must be an integer")
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum}")
+        return value
+
+    def number(self, key, default=_REQUIRED, minimum=None) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, "must be a number")
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}")
+        return float(value)
+
+    def path_value(self, key, default=_REQUIRED) -> str:
+        value = self.string(key, default)
+        if value == ":memory:":
+            return value
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), os.path.expanduser(value))
+
+    def choice(self, key, choices, default=_REQUIRED) -> str:
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}")
+        return value
+
+    def endpoint(self, key, default=_REQUIRED) -> str:
+        value = self.string(key, default)
+        try:
+            _parseServer(value, None)
+        except (ValueError, KeyError, TypeError) as e:
+            raise self.error(key, f"not a server endpoint description ({e})") from None
+        return value
+
+    def table(self, key) -> "_Table":
+        value = self._get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, "must be a table")
+        return _Table(self.path, self._name(key), value)
+
+    def done(self):
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _load_toml(path: str) -> _Table:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "no such file") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, f"not valid TOML: {e}") from None
+    return _Table(path, "", data)
+
+
+def _store_spec(table: _Table, key: str, default: str) -> str:
+    """
+    A store is ``sqlite:PATH`` (relative to the config), ``:memory:``, or a
+    URL that L{securelan.store.open_store} understands.
+    """
+    value = table.string(key, default)
+    if value.startswith("sqlite:") and not value.startswith("sqlite:///"):
+        relative = value[len("sqlite:"):]
+        base = os.path.dirname(os.path.abspath(table.path))
+        return "sqlite:" + os.path.join(base, relative)
+    return value
+
+
+@attrs.frozen
+class Limits:
+    """
+    What one key server allows, so no peer can exhaust it.
+    """
+
+    max_connections: int = 20000
+    max_members: int = 100000
+    max_pair_keys: int = 5000000
+    max_request_bytes: int = 4096
+    requests_per_second: float = 200.0
+    request_burst: int = 400
+
+
+@attrs.frozen
+class KeyServerConfig:
+    """
+    A key server's configuration (see C{etc/keyserver.toml}).
+    """
+
+    path: str
+    subnet: str
+    listen: str
+    ca: str
+    certificate: str
+    private_key: str
+    store: str
+    master_key: str
+    pair_key_lifetime: int
+    limits: Limits
+
+
+def load_keyserver_config(path: str) -> KeyServerConfig:
+    """
+    Read and check a key server configuration file.
+
+    @raise ConfigError: naming the file and key at fault.
+    """
+    top = _load_toml(path)
+    ks = top.table("keyserver")
+    subnet = ks.string("subnet")
+    try:
+        check_member_id(subnet)
+    except AddressError:
+        raise ks.error("subnet", "must be 1-63 letters, digits, '.', '_' or '-'") from None
+    state_dir = ks.path_value("state_dir", "/var/lib/securelan")
+    config = KeyServerConfig(
+        path=path,
+        subnet=subnet,
+        listen=ks.endpoint("listen", "tcp:7443"),
+        ca=ks.path_value("ca"),
+        certificate=ks.path_value("certificate"),
+        private_key=ks.path_value("private_key"),
+        store=_store_spec(ks, "store", "sqlite:" + os.path.join(state_dir, "keyserver.sqlite")),
+        master_key=ks.path_value("master_key", os.path.join(state_dir, "master.key")),
+        pair_key_lifetime=ks.integer("pair_key_lifetime", 86400, minimum=0),
+        limits=_limits(top.table("limits")),
+    )
+    ks.done()
+    top.done()
+    return config
+
+
+def _limits(t: _Table) -> Limits:
+    d = Limits()
+    limits = Limits(
+        max_connections=t.integer("max_connections", d.max_connections, minimum=1),
+        max_members=t.integer("max_members", d.max_members, minimum=1),
+        max_pair_keys=t.integer("max_pair_keys", d.max_pair_keys, minimum=1),
+        max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=512, maximum=65536),
+        requests_per_second=t.number("requests_per_second", d.requests_per_second, minimum=0.001),
+        request_burst=t.integer("request_burst", d.request_burst, minimum=1),
+    )
+    t.done()
+    return limits

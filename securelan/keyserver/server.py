@@ -1,0 +1,452 @@
+# -*- test-case-name: tests.test_keyserver -*-
+"""
+The key server's logic and its per-member sessions.
+
+L{KeyServer} applies the seed's rules to the store: a request
+``(ID_1, MAC_2, ?)`` resolves MAC_2 to ID_2 through the member registry and
+answers with the one key of the pair ``(ID_1, ID_2)``, generated on first
+use.  ID_1 is always the member ID from the TLS client certificate of the
+session that asked; nothing a member writes in a message can change it.
+
+L{MemberSession} is one member's AMP connection: it authenticates the member
+at the end of the TLS handshake, applies the member's rate limit and turns
+declared failures into logged refusals.  The server pushes key updates and
+purges over the same connection.
+"""
+
+import ipaddress
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.policies import WrappingFactory
+from twisted.internet.protocol import Factory
+from zope.interface import implementer
+
+from .. import PROTOCOL_VERSION
+from .._interfaces import IMemberConnection, IStore
+from .._validators import provides
+from ..addresses import AddressError, check_mac, format_mac, is_group_mac, pair_of
+from ..config import Limits
+from ..errors import (
+    BadRequest,
+    NotPermitted,
+    NotRegistered,
+    RateLimited,
+    SecurelanError,
+    UnknownPeer,
+    VersionMismatch,
+)
+from ..keys import SecretKey
+from ..pki import CertificateError, member_identity
+from ..protocol import (
+    PairKeyGrant,
+    PushGroupKey,
+    PushPairKey,
+    Purge,
+    Register,
+    RequestGroupKey,
+    RequestPairKey,
+)
+from ..ratelimit import TokenBucket
+from ..records import GROUP_ID, ROLES, GroupKey, Member, PairKey
+from ..tls import describe_tls_failure, peer_certificate
+
+log = Logger(namespace="securelan.keyserver")
+
+
+def _check_endpoint(endpoint: str, seen_host: str | None) -> str:
+    """
+    Check a member's underlay endpoint ``host:port`` (``[v6]:port`` for
+    IPv6).  An empty host means the address the member connected from.
+    """
+    if endpoint == "":
+        return ""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"endpoint {endpoint!r} is not host:port")
+    if host == "":
+        if seen_host is None:
+            raise BadRequest("endpoint has no host and the connection has no address")
+        host = seen_host
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise BadRequest(f"endpoint host {host!r} is not an IP address") from None
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+@attrs.define(eq=False)
+class KeyServer:
+    """
+    The seed's key server over an L{IStore}.
+    """
+
+    subnet: str
+    store: IStore = attrs.field(validator=provides(IStore))
+    clock: object
+    limits: Limits = attrs.Factory(Limits)
+    pair_key_lifetime: int = 86400
+    #: Makes new keys; tests replace it to plant a known key.
+    keygen: object = SecretKey.generate
+    sessions: dict = attrs.Factory(dict)
+    _buckets: dict = attrs.Factory(dict)
+    _group_key: GroupKey | None = None
+
+    @defer.inlineCallbacks
+    def start(self):
+        """
+        Make sure the group key exists (generated at first start, kept in
+        the store apart from pair keys).
+        """
+        group = yield self.store.group_key()
+        if group is None:
+            candidate = GroupKey(epoch=1, key=self.keygen(), created_at=self.clock.seconds())
+            group = yield self.store.issue_group_key(candidate)
+            log.info("generated the group key of subnet {subnet}", subnet=self.subnet)
+        self._group_key = group
+
+    # Sessions ------------------------------------------------------------
+
+    def session_registered(self, session):
+        self.sessions.setdefault(session.member_id, set()).add(session)
+
+    def session_closed(self, session):
+        held = self.sessions.get(session.member_id)
+        if held is not None:
+            held.discard(session)
+            if not held:
+                del self.sessions[session.member_id]
+
+    def admit_request(self, member_id: str):
+        """
+        Charge one request to C{member_id}'s token bucket.
+
+        @raise RateLimited: if the member has none left.
+        """
+        bucket = self._buckets.get(member_id)
+        if bucket is None:
+            bucket = self._buckets[member_id] = TokenBucket(
+                self.limits.requests_per_second, self.limits.request_burst, self.clock
+            )
+        if not bucket.take():
+            raise RateLimited(
+                f"more than {self.limits.requests_per_second:g} requests/s "
+                f"(burst {self.limits.request_burst}); slow down"
+            )
+
+    # The seed's steps ----------------------------------------------------
+
+    def register(self, identity, seen_host, version, mac, role, endpoint):
+        """
+        Step 1, admission: record (ID, MAC) for the authenticated member.
+        Fires with the stored L{Member}.
+        """
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"this key server speaks protocol version {PROTOCOL_VERSION}, "
+                f"the member speaks {version}"
+            )
+        try:
+            check_mac(mac)
+        except AddressError as e:
+            raise BadRequest(str(e)) from None
+        if is_group_mac(mac) or mac == b"\0" * 6:
+            raise BadRequest(f"{format_mac(mac)} is not a unicast MAC")
+        if role not in ROLES:
+            raise BadRequest(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        if not identity.allows_role(role):
+            raise NotPermitted(f"the certificate of {identity.member_id} does not allow role {role}")
+        if not identity.allows_mac(mac):
+            raise NotPermitted(
+                f"the certificate of {identity.member_id} pins its MAC; {format_mac(mac)} is not it"
+            )
+        member = Member(
+            member_id=identity.member_id,
+            role=role,
+            mac=mac,
+            endpoint=_check_endpoint(endpoint, seen_host),
+            registered_at=self.clock.seconds(),
+        )
+        return self.store.register(member, self.limits.max_members)
+
+    @defer.inlineCallbacks
+    def pair_key_for(self, member: Member, peer_mac: bytes, epoch):
+        """
+        Step 3: the pair key of C{member} and whoever holds C{peer_mac}.
+        Fires with a L{PairKeyGrant} as C{member} should hold it.
+        """
+        try:
+            check_mac(peer_mac)
+        except AddressError as e:
+            raise BadRequest(str(e)) from None
+        if is_group_mac(peer_mac):
+            raise BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key")
+        peer = yield self.store.member_by_mac(peer_mac)
+        if peer is None:
+            raise UnknownPeer(f"no member of subnet {self.subnet} holds {format_mac(peer_mac)}")
+        if peer.member_id == member.member_id:
+            raise NotPermitted("a member needs no key with itself")
+        pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
+        if pair_key is None:
+            pair_key = yield self._issue(member.member_id, peer.member_id)
+        return self._grant(pair_key, peer)
+
+    def _issue(self, id_1, id_2):
+        id_a, id_b = pair_of(id_1, id_2)
+        now = self.clock.seconds()
+        lifetime = self.pair_key_lifetime
+        candidate = PairKey(
+            id_a=id_a,
+            id_b=id_b,
+            epoch=1,
+            key=self.keygen(),
+            created_at=now,
+            expires_at=now + lifetime if lifetime else 0.0,
+        )
+        d = self.store.issue_pair_key(candidate, self.limits.max_pair_keys)
+
+        def issued(pair_key):
+            if pair_key.key == candidate.key:
+                log.info("issued pair key ({id_a}, {id_b}) epoch {epoch}",
+                         id_a=id_a, id_b=id_b, epoch=pair_key.epoch)
+            return pair_key
+
+        return d.addCallback(issued)
+
+    def _grant(self, pair_key: PairKey, peer: Member) -> PairKeyGrant:
+        if pair_key.expires_at:
+            lifetime = max(0, int(pair_key.expires_at - self.clock.seconds()))
+        else:
+            lifetime = 0
+        return PairKeyGrant(
+            peer_id=peer.member_id,
+            peer_mac=peer.mac,
+            peer_role=peer.role,
+            peer_endpoint=peer.endpoint,
+            key=pair_key.key,
+            epoch=pair_key.epoch,
+            lifetime=lifetime,
+        )
+
+    def group_key(self) -> GroupKey:
+        if self._group_key is None:
+            raise NotRegistered("the key server is still starting")
+        return self._group_key
+
+    # Pushes --------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def push_pair_key(self, pair_key: PairKey):
+        """
+        Push C{pair_key} to every connected session of both holders.  Fires
+        with the number of sessions that acknowledged.
+        """
+        members = {}
+        for member_id in (pair_key.id_a, pair_key.id_b):
+            members[member_id] = yield self.store.member(member_id)
+        pushes = []
+        for holder, peer_id in ((pair_key.id_a, pair_key.id_b), (pair_key.id_b, pair_key.id_a)):
+            peer = members[peer_id]
+            if peer is None:
+                continue
+            for session in list(self.sessions.get(holder, ())):
+                pushes.append(session.push_pair_key(self._grant(pair_key, peer)))
+        results = yield defer.DeferredList(pushes, consumeErrors=True)
+        return sum(1 for ok, _ in results if ok)
+
+    def purge(self, holder_id: str, peer_id: str, reason: str):
+        """
+        Tell every session of C{holder_id} to forget its keys with C{peer_id}.
+        """
+        pushes = [s.push_purge(peer_id, reason) for s in list(self.sessions.get(holder_id, ()))]
+        return defer.DeferredList(pushes, consumeErrors=True)
+
+
+@implementer(IHandshakeListener, IMemberConnection)
+class MemberSession(amp.AMP):
+    """
+    One member's control connection.  Nothing member-specific exists until
+    the TLS handshake has authenticated a member certificate.
+    """
+
+    identity = None
+    member = None
+
+    def __init__(self, server: KeyServer):
+        super().__init__()
+        self.server = server
+        self._box_bytes = 0
+        self._rejected = False
+        self._peer = "?"
+        self._peer_host = None
+
+    @property
+    def member_id(self):
+        return self.identity.member_id if self.identity else None
+
+    def __repr__(self):
+        return f"<MemberSession {self.member_id or 'unauthenticated'} from {self._peer}>"
+
+    def makeConnection(self, transport):
+        peer = transport.getPeer()
+        self._peer_host = getattr(peer, "host", None)
+        port = getattr(peer, "port", None)
+        self._peer = f"{self._peer_host}:{port}" if self._peer_host is not None else str(peer)
+        super().makeConnection(transport)
+
+    def handshakeCompleted(self):
+        cert = peer_certificate(self.transport)
+        try:
+            if cert is None:
+                raise CertificateError("no client certificate")
+            self.identity = member_identity(cert)
+        except CertificateError as e:
+            log.warn("refused connection from {peer}: {reason}", peer=self._peer, reason=str(e))
+            self.transport.abortConnection()
+            return
+        log.debug("member {member_id} connected from {peer}", member_id=self.member_id, peer=self._peer)
+
+    def connectionLost(self, reason):
+        if self.identity is None and not self._rejected:
+            log.warn("TLS handshake from {peer} refused: {reason}",
+                     peer=self._peer, reason=describe_tls_failure(reason))
+        elif self.identity is not None:
+            self.server.session_closed(self)
+        super().connectionLost(reason)
+
+    # Bounding what one peer can make us hold -----------------------------
+
+    def stringReceived(self, string):
+        if self._rejected:
+            return
+        self._box_bytes += len(string) + 2
+        if self._box_bytes > self.server.limits.max_request_bytes:
+            self._rejected = True
+            log.warn("closed connection from {peer} ({member_id}): request over {limit} bytes",
+                     peer=self._peer, member_id=self.member_id,
+                     limit=self.server.limits.max_request_bytes)
+            self.transport.abortConnection()
+            return
+        super().stringReceived(string)
+
+    def ampBoxReceived(self, box):
+        self._box_bytes = 0
+        if self.identity is None:
+            # Data before an accepted certificate cannot happen over TLS;
+            # refuse rather than trust that.
+            self._rejected = True
+            self.transport.abortConnection()
+            return
+        super().ampBoxReceived(box)
+
+    def _refusals(self, d, what):
+        def refused(failure):
+            failure.trap(SecurelanError)
+            log.info("refused {what} from {member_id} at {peer}: {reason}",
+                     what=what, member_id=self.member_id, peer=self._peer,
+                     reason=failure.getErrorMessage())
+            return failure
+
+        return d.addErrback(refused)
+
+    def _charged(self, what, f, *args):
+        try:
+            self.server.admit_request(self.member_id)
+            d = defer.maybeDeferred(f, *args)
+        except SecurelanError:
+            d = defer.fail()
+        return self._refusals(d, what)
+
+    # Responders ----------------------------------------------------------
+
+    @Register.responder
+    def register(self, version, mac, role, endpoint):
+        d = self._charged("register", self.server.register,
+                          self.identity, self._peer_host, version, mac, role, endpoint)
+
+        def registered(member):
+            self.member = member
+            self.server.session_registered(self)
+            log.info("member {member_id} registered {mac} as {role} (endpoint {endpoint!r}) from {peer}",
+                     member_id=member.member_id, mac=format_mac(member.mac), role=member.role,
+                     endpoint=member.endpoint, peer=self._peer)
+            group = self.server.group_key()
+            return {
+                "member_id": member.member_id,
+                "subnet": self.server.subnet,
+                "version": PROTOCOL_VERSION,
+                "endpoint": member.endpoint,
+                "group_epoch": group.epoch,
+                "pair_key_lifetime": self.server.pair_key_lifetime,
+            }
+
+        return d.addCallback(registered)
+
+    def _registered_member(self):
+        if self.member is None:
+            raise NotRegistered("register before asking for keys")
+        return self.member
+
+    @RequestPairKey.responder
+    def request_pair_key(self, peer_mac, epoch=None):
+        def ask():
+            return self.server.pair_key_for(self._registered_member(), peer_mac, epoch)
+
+        return self._charged("pair key", ask).addCallback(attrs.asdict, recurse=False)
+
+    @RequestGroupKey.responder
+    def request_group_key(self):
+        def ask():
+            self._registered_member()
+            group = self.server.group_key()
+            return {"group_id": GROUP_ID, "key": group.key, "epoch": group.epoch, "lifetime": 0}
+
+        return self._charged("group key", ask)
+
+    # Pushes (IMemberConnection) --------------------------------------------
+
+    def push_pair_key(self, grant: PairKeyGrant):
+        return self.callRemote(PushPairKey, **attrs.asdict(grant, recurse=False))
+
+    def push_group_key(self, group: GroupKey):
+        return self.callRemote(PushGroupKey, group_id=GROUP_ID, key=group.key,
+                               epoch=group.epoch, lifetime=0)
+
+    def push_purge(self, peer_id, reason):
+        return self.callRemote(Purge, peer_id=peer_id, reason=reason)
+
+
+class KeyServerFactory(Factory):
+    """
+    Builds a L{MemberSession} per connection (inside TLS).
+    """
+
+    def __init__(self, server: KeyServer):
+        self.server = server
+
+    def buildProtocol(self, addr):
+        session = MemberSession(self.server)
+        session.factory = self
+        return session
+
+
+class ConnectionLimit(WrappingFactory):
+    """
+    Refuses connections beyond C{limit}, before any TLS state is made for
+    them.
+    """
+
+    def __init__(self, wrappedFactory, limit: int):
+        super().__init__(wrappedFactory)
+        self.limit = limit
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= self.limit:
+            log.warn("refused connection from {addr}: {limit} connections already open",
+                     addr=addr, limit=self.limit)
+            return None
+        return super().buildProtocol(addr)

@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_keyserver_process -*-
+"""
+``twistd securelan-keyserver``: options and service assembly.
+
+Everything that can be checked before the reactor runs is checked in
+L{makeService}: the configuration, the TLS credentials, and that the store
+opens under the master key.  A failure there prints one line naming the file
+and exits non-zero, rather than starting a key server that cannot serve.
+"""
+
+import sys
+
+from twisted.application import service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from ..config import ConfigError, load_keyserver_config
+from ..keys import MasterKeyError
+from ..pki import PKIError
+from ..store import StoreOpenError, open_store, run_synchronously
+from ..tls import Credentials, TLSConfigError
+from .server import ConnectionLimit, KeyServer, KeyServerFactory
+
+log = Logger(namespace="securelan.keyserver")
+
+
+class Options(usage.Options):
+    synopsis = "--config PATH"
+    longdesc = "Run a securelan key server (see etc/keyserver.toml)."
+    optParameters = [
+        ["config", "c", None, "Path to the key server's TOML configuration file."],
+    ]
+
+    def postOptions(self):
+        if not self["config"]:
+            raise usage.UsageError("--config is required")
+
+
+class KeyServerService(service.Service):
+    """
+    Opens the store, makes sure the group key exists, then listens.
+    Nothing is served before the store is open.
+    """
+
+    def __init__(self, config, credentials, store, reactor):
+        self.config = config
+        self.reactor = reactor
+        self.store = store
+        self.server = KeyServer(
+            subnet=config.subnet,
+            store=store,
+            clock=reactor,
+            limits=config.limits,
+            pair_key_lifetime=config.pair_key_lifetime,
+        )
+        tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
+        self.factory = ConnectionLimit(tls, config.limits.max_connections)
+        self.port = None
+        self.ready = None
+
+    def startService(self):
+        super().startService()
+        self.ready = self.store.open()
+        self.ready.addCallback(lambda _: self.server.start())
+        self.ready.addCallback(lambda _: serverFromString(self.reactor, self.config.listen).listen(self.factory))
+        self.ready.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port):
+        self.port = port
+        log.info("key server for subnet {subnet} listening on {address}",
+                 subnet=self.config.subnet, address=port.getHost())
+        return port
+
+    def _failed(self, failure):
+        log.failure("key server failed to start", failure)
+        print(f"securelan-keyserver: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
+        self.reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        d = self.ready
+        if self.port is not None:
+            d = self.port.stopListening()
+            self.port = None
+        return d.addBoth(lambda _: self.store.close())
+
+
+def _result_of(d):
+    """
+    The result of a Deferred that has already fired; raise its failure.
+    """
+    out = []
+    d.addBoth(out.append)
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def _fail(message):
+    print(f"securelan-keyserver: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        config = load_keyserver_config(options["config"])
+        credentials = Credentials.load(config.ca, config.certificate, config.private_key)
+        # Open and close once, synchronously: creates the database at first
+        # start and proves the master key matches before we go on.
+        preflight = open_store(config.store, config.master_key, runner=run_synchronously)
+        _result_of(preflight.open())
+        _result_of(preflight.close())
+    except (ConfigError, TLSConfigError, PKIError, StoreOpenError, MasterKeyError) as e:
+        _fail(str(e))
+    store = open_store(config.store, config.master_key, reactor=reactor)
+    return KeyServerService(config, credentials, store, reactor)

@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.test_keyserver -*-
+"""
+The control protocol between member agents and key servers: AMP commands
+over mutually authenticated TLS 1.3 (see C{docs/protocol.rst}).
+
+A member never names itself in a command: the key server takes the member ID
+from the TLS client certificate.  Every expected failure is a declared error,
+so the member receives the same exception class from L{securelan.errors}.
+Keys cross the wire as L{SecretKeyArgument}, which decodes straight into a
+L{SecretKey} so no plain key bytes linger in reprs on either side.
+"""
+
+import attrs
+from twisted.protocols import amp
+
+from . import errors
+from .keys import SecretKey
+
+#: Every declared error and its wire code.
+ERRORS = {
+    errors.NotRegistered: b"NOT_REGISTERED",
+    errors.UnknownPeer: b"UNKNOWN_PEER",
+    errors.MacInUse: b"MAC_IN_USE",
+    errors.NotPermitted: b"NOT_PERMITTED",
+    errors.RateLimited: b"RATE_LIMITED",
+    errors.VersionMismatch: b"VERSION_MISMATCH",
+    errors.BadRequest: b"BAD_REQUEST",
+    errors.TableFull: b"TABLE_FULL",
+    errors.StoreUnavailable: b"STORE_UNAVAILABLE",
+}
+
+
+class SecretKeyArgument(amp.Argument):
+    """
+    A 32-byte key, decoded into a L{SecretKey}.
+    """
+
+    def fromString(self, inString):
+        return SecretKey(inString)
+
+    def toString(self, inObject):
+        return inObject.material
+
+
+class Register(amp.Command):
+    """
+    Admission (seed step 1): record this member's MAC, role and underlay
+    endpoint.  C{endpoint} is ``host:port``; a bare ``:port`` means "the
+    address you see me connect from".  Answers with the subnet's facts.
+    """
+
+    arguments = [
+        (b"version", amp.Integer()),
+        (b"mac", amp.String()),
+        (b"role", amp.Unicode()),
+        (b"endpoint", amp.Unicode()),
+    ]
+    response = [
+        (b"member_id", amp.Unicode()),
+        (b"subnet", amp.Unicode()),
+        (b"version", amp.Integer()),
+        (b"endpoint", amp.Unicode()),
+        (b"group_epoch", amp.Integer()),
+        (b"pair_key_lifetime", amp.Integer()),
+    ]
+    errors = ERRORS
+
+
+_PAIR_KEY_FIELDS = [
+    (b"peer_id", amp.Unicode()),
+    (b"peer_mac", amp.String()),
+    (b"peer_role", amp.Unicode()),
+    (b"peer_endpoint", amp.Unicode()),
+    (b"key", SecretKeyArgument()),
+    (b"epoch", amp.Integer()),
+    (b"lifetime", amp.Integer()),
+]
+
+_GROUP_KEY_FIELDS = [
+    (b"group_id", amp.Unicode()),
+    (b"key", SecretKeyArgument()),
+    (b"epoch", amp.Integer()),
+    (b"lifetime", amp.Integer()),
+]
+
+
+class RequestPairKey(amp.Command):
+    """
+    The seed's ``(ID_1, MAC_2, ?)``: the pair key shared with whoever holds
+    C{peer_mac}.  C{epoch} is the epoch the requester holds, if any.
+    """
+
+    arguments = [
+        (b"peer_mac", amp.String()),
+        (b"epoch", amp.Integer(optional=True)),
+    ]
+    response = _PAIR_KEY_FIELDS
+    errors = ERRORS
+
+
+class RequestGroupKey(amp.Command):
+    """
+    The group key ``(ID_M, KEY_M)`` for broadcast and multicast frames.
+    """
+
+    arguments = []
+    response = _GROUP_KEY_FIELDS
+    errors = ERRORS
+
+
+class PushPairKey(amp.Command):
+    """
+    Key server to member: a pair key was issued or replaced (rekey).
+    """
+
+    arguments = _PAIR_KEY_FIELDS
+    response = []
+
+
+class PushGroupKey(amp.Command):
+    """
+    Key server to member: the group key was replaced.
+    """
+
+    arguments = _GROUP_KEY_FIELDS
+    response = []
+
+
+class Purge(amp.Command):
+    """
+    Key server to member: forget every key held with C{peer_id}.
+    """
+
+    arguments = [(b"peer_id", amp.Unicode()), (b"reason", amp.Unicode())]
+    response = []
+
+
+@attrs.frozen
+class Admission:
+    """
+    What a key server told a member on registering.
+    """
+
+    member_id: str
+    subnet: str
+    version: int
+    endpoint: str
+    group_epoch: int
+    pair_key_lifetime: int
+
+
+@attrs.frozen
+class PairKeyGrant:
+    """
+    A pair key as a member holds it: the seed's MAC-KEY entry, plus the
+    peer's ID, role and underlay endpoint and the key's epoch and lifetime.
+    """
+
+    peer_id: str
+    peer_mac: bytes
+    peer_role: str
+    peer_endpoint: str
+    key: SecretKey
+    epoch: int
+    lifetime: int
+
+
+@attrs.frozen
+class GroupKeyGrant:
+    """
+    The group key as a member holds it.
+    """
+
+    group_id: str
+    key: SecretKey
+    epoch: int
+    lifetime: int

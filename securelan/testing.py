@@ -1,0 +1,311 @@
+"""
+Fakes and fixtures that securelan's tests share.
+
+They ship inside the package (as txtorcon's C{testutil} does) so that tests of
+every module, and tests of code built on securelan, use one set of them.
+"""
+
+import attrs
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import pki
+from ._interfaces import IKeyListener
+
+# PKI fixtures
+
+
+@attrs.define
+class TestPKI:
+    """
+    A small subnet PKI on disk: a CA, one key server and some members.  Every
+    path is a file name; C{members} maps a member ID to its certificate and
+    key paths.
+    """
+
+    # not a test case, whatever test collectors infer from the name
+    __test__ = False
+
+    directory: str
+    ca_cert: str
+    ca_key: str
+    keyserver_cert: str
+    keyserver_key: str
+    members: dict[str, tuple[str, str]] = attrs.Factory(dict)
+    days: int = 30
+
+    def add_member(self, member_id: str, macs=(), roles=("client",)) -> tuple[str, str]:
+        """
+        Issue a certificate to another member and record it in C{members}.
+
+        @param macs: MACs in text form, such as C{"02:00:00:00:00:01"}.
+        @return: the paths of the certificate and of the key.
+        """
+        paths = pki.issue_member(
+            self.directory,
+            member_id,
+            days=self.days,
+            macs=macs,
+            roles=roles,
+            ca_cert=self.ca_cert,
+            ca_key=self.ca_key,
+        )
+        self.members[member_id] = paths
+        return paths
+
+
+def make_pki(
+    directory: str,
+    subnet: str = "test",
+    keyserver_name: str = "keyserver.test",
+    members=("alice", "bob", "carol"),
+    days: int = 30,
+) -> TestPKI:
+    """
+    Make a L{TestPKI} in C{directory}: a CA for C{subnet}, a key server named
+    C{keyserver_name}, and a client certificate (any MAC) for each of
+    C{members}.
+    """
+    ca_cert, ca_key = pki.create_ca(directory, subnet, days=days)
+    keyserver_cert, keyserver_key = pki.issue_keyserver(
+        directory, keyserver_name, days=days, ca_cert=ca_cert, ca_key=ca_key
+    )
+    result = TestPKI(
+        directory=directory,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        keyserver_cert=keyserver_cert,
+        keyserver_key=keyserver_key,
+        days=days,
+    )
+    for member_id in members:
+        result.add_member(member_id)
+    return result
+
+
+# A whole subnet in memory (the analogue of Tahoe-LAFS's no_network): a key
+# server on an in-memory store and members connected to it over real TLS
+# (TLSMemoryBIOFactory) through iosim's in-memory transports.
+
+
+@attrs.define
+class MemoryConnection:
+    """
+    One member's control connection inside a L{MemorySubnet}.
+
+    @ivar client: the member's L{securelan.client.AgentProtocol}.
+    @ivar session: the key server's L{MemberSession}.
+    """
+
+    __test__ = False
+
+    client: object
+    session: object
+    client_tls: object
+    server_tls: object
+    pump: object
+
+    def call(self, command, **kw):
+        """
+        Send C{command} from the member and move bytes until it is answered.
+        """
+        return self.run(self.client.callRemote(command, **kw))
+
+    def run(self, d):
+        """
+        Move bytes until there is nothing left to move; return a Deferred
+        with C{d}'s outcome.
+
+        AMP treats a failure that reaches the end of a command's Deferred
+        when the answer arrives as unhandled and drops the connection, so
+        C{d}'s outcome is taken before the answer is let in.
+        """
+        outcome = []
+        d.addBoth(outcome.append)
+        self.pump.flush()
+        if not outcome:
+            return defer.Deferred()
+        if isinstance(outcome[0], Failure):
+            return defer.fail(outcome[0])
+        return defer.succeed(outcome[0])
+
+    @property
+    def connected(self):
+        return not self.client_tls.disconnected and not self.server_tls.disconnected
+
+
+@implementer(IKeyListener)
+@attrs.define
+class RecordingListener:
+    """
+    An L{IKeyListener} that remembers what it was told.
+    """
+
+    __test__ = False
+
+    events: list = attrs.Factory(list)
+
+    def registered(self, admission):
+        self.events.append(("registered", admission))
+
+    def pair_key_pushed(self, grant):
+        self.events.append(("pair_key", grant))
+
+    def group_key_pushed(self, grant):
+        self.events.append(("group_key", grant))
+
+    def purged(self, peer_id, reason):
+        self.events.append(("purge", peer_id, reason))
+
+
+class MemorySubnet:
+    """
+    A key server and its members in memory, over real TLS 1.3 with the
+    certificates of a L{TestPKI}.  Synchronous: everything happens when the
+    pump is flushed, and time passes only through C{clock}.
+    """
+
+    __test__ = False
+
+    def __init__(self, directory, members=("alice", "bob", "carol"), limits=None,
+                 keygen=None, store=None):
+        from twisted.internet.task import Clock
+
+        from .config import Limits
+        from .keyserver.server import KeyServer, KeyServerFactory
+        from .store import SQLiteStore, run_synchronously
+        from .tls import Credentials
+
+        self.pki = make_pki(directory, members=members)
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        if store is None:
+            store = SQLiteStore(":memory:", None, runner=run_synchronously, clock=self.clock)
+            store.open()
+        self.store = store
+        kw = {} if keygen is None else {"keygen": keygen}
+        self.server = KeyServer(subnet="test", store=store, clock=self.clock,
+                                limits=limits or Limits(), **kw)
+        self.server.start()
+        self.credentials = Credentials.load(self.pki.ca_cert, self.pki.keyserver_cert,
+                                            self.pki.keyserver_key)
+        self._server_factory = KeyServerFactory(self.server)
+        self._next_port = 40000
+
+    def restart(self, store):
+        """
+        Replace the key server by a new one on C{store} (already open), as a
+        restarted process would be.  Existing connections keep talking to
+        the old one.
+        """
+        from .keyserver.server import KeyServer, KeyServerFactory
+
+        self.store = store
+        self.server = KeyServer(subnet="test", store=store, clock=self.clock,
+                                limits=self.server.limits, keygen=self.server.keygen)
+        self.server.start()
+        self._server_factory = KeyServerFactory(self.server)
+
+    def member_credentials(self, member_id):
+        from .tls import Credentials
+
+        cert, key = self.pki.members[member_id]
+        return Credentials.load(self.pki.ca_cert, cert, key)
+
+    def connect(self, member_id=None, listener=None, credentials=None,
+                server_name="keyserver.test", client_options=None):
+        """
+        Open a control connection for C{member_id} (or with C{credentials},
+        or raw C{client_options}) and complete the TLS handshake.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test import iosim
+
+        from .client import AgentProtocol
+
+        if client_options is None:
+            credentials = credentials or self.member_credentials(member_id)
+            client_options = credentials.client_options(server_name)
+        client_factory = TLSMemoryBIOFactory(
+            client_options, True, Factory.forProtocol(lambda: AgentProtocol(listener)),
+            clock=self.clock,
+        )
+        server_factory = TLSMemoryBIOFactory(self.credentials.server_options(), False,
+                                             self._server_factory, clock=self.clock)
+        self._next_port += 1
+        member_address = IPv4Address("TCP", "127.0.0.1", self._next_port)
+        server_address = IPv4Address("TCP", "127.0.0.1", 7443)
+        client_tls, server_tls, pump = iosim.connectedServerAndClient(
+            lambda: server_factory.buildProtocol(member_address),
+            lambda: client_factory.buildProtocol(server_address),
+            clientTransportFactory=lambda p: iosim.FakeTransport(
+                p, False, hostAddress=member_address, peerAddress=server_address),
+            serverTransportFactory=lambda p: iosim.FakeTransport(
+                p, True, hostAddress=server_address, peerAddress=member_address),
+            clock=self.clock,
+        )
+        return MemoryConnection(
+            client=client_tls.wrappedProtocol,
+            session=server_tls.wrappedProtocol,
+            client_tls=client_tls,
+            server_tls=server_tls,
+            pump=pump,
+        )
+
+    def join(self, member_id, mac, role="client", endpoint=":4789", listener=None):
+        """
+        Connect C{member_id} and register C{mac}; return the connection and
+        the L{Admission}.  Raises what the key server refused with.
+        """
+        from .client import register
+
+        conn = self.connect(member_id, listener=listener)
+        outcome = []
+        conn.run(register(conn.client, mac, role, endpoint)).addBoth(outcome.append)
+        if not outcome:
+            raise AssertionError("register was not answered")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        return conn, outcome[0]
+
+
+class LogCapture:
+    """
+    Collects every event of the global log publisher while it is installed:
+    C{with LogCapture() as logs: ...}, then C{logs.lines()}.
+    """
+
+    __test__ = False
+
+    def __init__(self):
+        self.events = []
+
+    def __enter__(self):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.events.append)
+        return False
+
+    def lines(self):
+        """
+        Every event formatted as an operator would read it, with any
+        traceback, plus the repr of the event's own fields.
+        """
+        from twisted.logger import formatEvent
+
+        out = []
+        for event in self.events:
+            out.append(formatEvent(event))
+            if "log_failure" in event:
+                out.append(event["log_failure"].getTraceback())
+            out.append(repr({k: v for k, v in event.items() if k != "log_logger"}))
+        return out

@@ -1,0 +1,118 @@
+"""
+Tests for L{securelan.config}.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from securelan.config import ConfigError, Limits, load_keyserver_config
+
+GOOD = """
+[keyserver]
+subnet = "lab"
+listen = "tcp:7443:interface=127.0.0.1"
+ca = "pki/ca.pem"
+certificate = "pki/ks.pem"
+private_key = "pki/ks.key"
+state_dir = "state"
+
+[limits]
+requests_per_second = 5
+"""
+
+
+class KeyServerConfigTests(SynchronousTestCase):
+    def write(self, text):
+        folder = self.mktemp()
+        os.makedirs(folder)
+        path = os.path.join(folder, "keyserver.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_good(self):
+        """
+        A good file loads; relative paths are taken from the file's folder;
+        unset limits keep their defaults.
+        """
+        path = self.write(GOOD)
+        config = load_keyserver_config(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        self.assertEqual(config.subnet, "lab")
+        self.assertEqual(config.ca, os.path.join(folder, "pki/ca.pem"))
+        self.assertEqual(config.store, "sqlite:" + os.path.join(folder, "state", "keyserver.sqlite"))
+        self.assertEqual(config.master_key, os.path.join(folder, "state", "master.key"))
+        self.assertEqual(config.limits.requests_per_second, 5.0)
+        self.assertEqual(config.limits.max_members, Limits().max_members)
+
+    def test_example_config_loads(self):
+        """
+        The example in etc/ is a valid configuration.
+        """
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load_keyserver_config(os.path.join(here, "etc", "keyserver.toml"))
+        self.assertEqual(config.subnet, "lab")
+
+    def assertConfigError(self, text, key, fragment):
+        path = self.write(text)
+        e = self.assertRaises(ConfigError, load_keyserver_config, path)
+        self.assertEqual(e.key, key)
+        self.assertIn(path, str(e))
+        self.assertIn(fragment, str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_missing_key(self):
+        """
+        A required key that is missing is named.
+        """
+        self.assertConfigError(GOOD.replace('subnet = "lab"', ""), "keyserver.subnet", "required")
+
+    def test_wrong_type(self):
+        """
+        A value of the wrong type is named.
+        """
+        self.assertConfigError(GOOD.replace("requests_per_second = 5", 'requests_per_second = "fast"'),
+                               "limits.requests_per_second", "number")
+
+    def test_unknown_key(self):
+        """
+        A misspelt key is reported rather than ignored.
+        """
+        self.assertConfigError(GOOD.replace("[limits]", "[limits]\nmax_conections = 5"),
+                               "limits.max_conections", "unknown")
+
+    def test_bad_endpoint(self):
+        """
+        A listen value that is not an endpoint description is named.
+        """
+        self.assertConfigError(GOOD.replace("tcp:7443:interface=127.0.0.1", "bogus:1"),
+                               "keyserver.listen", "endpoint")
+
+    def test_bad_subnet(self):
+        """
+        A subnet name with spaces is refused.
+        """
+        self.assertConfigError(GOOD.replace('"lab"', '"my lab"'), "keyserver.subnet", "letters")
+
+    def test_not_toml(self):
+        """
+        A file that is not TOML gives one line naming the file.
+        """
+        path = self.write("[keyserver\nsubnet=")
+        e = self.assertRaises(ConfigError, load_keyserver_config, path)
+        self.assertIn("not valid TOML", str(e))
+        self.assertIsNone(e.key)
+
+    def test_missing_file(self):
+        """
+        A missing file is named.
+        """
+        e = self.assertRaises(ConfigError, load_keyserver_config, "/nonexistent/keyserver.toml")
+        self.assertIn("/nonexistent/keyserver.toml", str(e))
+
+    def test_limits_bounds(self):
+        """
+        Limits out of range are refused.
+        """
+        self.assertConfigError(GOOD + "max_request_bytes = 10\n", "limits.max_request_bytes", "at least")

@@ -1,0 +1,512 @@
+"""
+Tests for L{securelan.keyserver.server}: the seed's key server over real TLS
+in memory (L{securelan.testing.MemorySubnet}).
+"""
+
+import base64
+
+from twisted.internet import ssl
+from twisted.protocols import amp
+from twisted.trial.unittest import SynchronousTestCase
+
+from securelan import PROTOCOL_VERSION
+from securelan.addresses import parse_mac
+from securelan.client import register, request_group_key, request_pair_key
+from securelan.config import Limits
+from securelan.errors import (
+    BadRequest,
+    MacInUse,
+    NotPermitted,
+    NotRegistered,
+    RateLimited,
+    TableFull,
+    UnknownPeer,
+    VersionMismatch,
+)
+from securelan.keys import SecretKey
+from securelan.keyserver.server import ConnectionLimit
+from securelan.protocol import ERRORS, RequestPairKey, _PAIR_KEY_FIELDS
+from securelan.store import SQLiteStore, run_synchronously
+from securelan.testing import LogCapture, MemorySubnet, RecordingListener, make_pki
+from securelan.tls import EXPECTED_GROUP, negotiated_group
+
+MAC_1 = parse_mac("02:00:00:00:00:01")
+MAC_2 = parse_mac("02:00:00:00:00:02")
+MAC_3 = parse_mac("02:00:00:00:00:03")
+
+
+class RequestPairKeyAs(amp.Command):
+    """
+    C{RequestPairKey} with a field that claims to be another member: what a
+    member that tries to ask in someone else's name would send.
+    """
+
+    commandName = b"RequestPairKey"
+    arguments = [(b"peer_mac", amp.String()), (b"member_id", amp.Unicode()),
+                 (b"requester", amp.Unicode())]
+    response = _PAIR_KEY_FIELDS
+    errors = ERRORS
+
+
+class SubnetTestCase(SynchronousTestCase):
+    def subnet(self, **kw):
+        return MemorySubnet(self.mktemp(), **kw)
+
+    def three(self, **kw):
+        """
+        A subnet with alice (MAC_1), bob (MAC_2) and carol (MAC_3) joined.
+        """
+        net = self.subnet(**kw)
+        conns = [net.join(m, mac)[0] for m, mac in (("alice", MAC_1), ("bob", MAC_2), ("carol", MAC_3))]
+        return net, conns
+
+    def pair_key(self, conn, mac, **kw):
+        return self.successResultOf(conn.run(request_pair_key(conn.client, mac, **kw)))
+
+
+class TLSTests(SubnetTestCase):
+    """
+    The control channel is mutually authenticated TLS 1.3 with a
+    post-quantum hybrid key exchange.
+    """
+
+    def test_post_quantum_tls13(self):
+        """
+        Both ends negotiate TLS 1.3 and the X25519MLKEM768 group.
+        """
+        net = self.subnet()
+        conn = net.connect("alice")
+        self.assertTrue(conn.connected)
+        for side in (conn.client_tls, conn.server_tls):
+            self.assertEqual(negotiated_group(side), EXPECTED_GROUP)
+            self.assertEqual(side.getHandle().get_protocol_version_name(), "TLSv1.3")
+
+    def test_member_id_from_certificate(self):
+        """
+        The key server knows the member by the ID in its certificate.
+        """
+        net = self.subnet()
+        conn, admission = net.join("bob", MAC_2)
+        self.assertEqual(admission.member_id, "bob")
+        self.assertEqual(conn.session.member_id, "bob")
+        self.assertEqual(admission.subnet, "test")
+        self.assertEqual(admission.version, PROTOCOL_VERSION)
+
+    def assertRefused(self, net, conn, logs, reason_part):
+        self.assertFalse(conn.connected)
+        refused = [line for line in logs.lines() if "refused" in line and reason_part in line]
+        self.assertTrue(refused, f"no refusal mentioning {reason_part!r} in {logs.lines()!r}")
+
+    def test_no_client_certificate(self):
+        """
+        A client without a certificate is refused during the handshake, and
+        the refusal is logged with its reason.
+        """
+        net = self.subnet()
+        options = ssl.optionsForClientTLS(
+            "keyserver.test", trustRoot=ssl.trustRootFromCertificates([net.credentials.ca]))
+        with LogCapture() as logs:
+            conn = net.connect(client_options=options)
+        self.assertRefused(net, conn, logs, "certificate")
+
+    def test_certificate_from_another_ca(self):
+        """
+        A member certificate from another subnet's CA is refused.
+        """
+        net = self.subnet()
+        other = make_pki(self.mktemp(), subnet="other", members=("alice",))
+        from securelan.tls import Credentials
+
+        cert, key = other.members["alice"]
+        # It trusts our CA (so it would accept our server) but holds a
+        # certificate our CA never signed.
+        creds = Credentials(ca=net.credentials.ca, own=Credentials.load(other.ca_cert, cert, key).own)
+        with LogCapture() as logs:
+            conn = net.connect(credentials=creds)
+        self.assertRefused(net, conn, logs, "certificate")
+
+    def test_keyserver_certificate_is_not_a_member(self):
+        """
+        A certificate of our CA that names no member (a key server's) is
+        refused after the handshake.
+        """
+        net = self.subnet()
+        from securelan.tls import Credentials
+
+        creds = Credentials.load(net.pki.ca_cert, net.pki.keyserver_cert, net.pki.keyserver_key)
+        with LogCapture() as logs:
+            conn = net.connect(credentials=creds)
+        self.assertFalse(conn.connected)
+        self.assertTrue(any("refused connection" in line for line in logs.lines()))
+
+    def test_member_checks_server_name(self):
+        """
+        A member refuses a key server whose certificate does not carry the
+        name it expects.
+        """
+        net = self.subnet()
+        conn = net.connect("alice", server_name="other.test")
+        self.assertFalse(conn.connected)
+
+
+class SeedSemanticsTests(SubnetTestCase):
+    """
+    The seed's steps 1 and 3, exactly.
+    """
+
+    def test_both_members_get_the_same_key(self):
+        """
+        (ID_1, MAC_2) and (ID_2, MAC_1) are answered with one key, K(1,2).
+        """
+        net, (alice, bob, carol) = self.three()
+        k12 = self.pair_key(alice, MAC_2)
+        k21 = self.pair_key(bob, MAC_1)
+        self.assertEqual(k12.key, k21.key)
+        self.assertEqual(k12.epoch, k21.epoch)
+        self.assertEqual((k12.peer_id, k12.peer_mac), ("bob", MAC_2))
+        self.assertEqual((k21.peer_id, k21.peer_mac), ("alice", MAC_1))
+        self.assertEqual(k12.peer_endpoint, "127.0.0.1:4789")
+        self.assertEqual(k12.lifetime, net.server.pair_key_lifetime)
+
+    def test_third_member_gets_its_own_key(self):
+        """
+        Carol asking for MAC_2 gets K(3,2), never K(1,2).
+        """
+        net, (alice, bob, carol) = self.three()
+        k12 = self.pair_key(alice, MAC_2)
+        k32 = self.pair_key(carol, MAC_2)
+        self.assertEqual(k32.peer_id, "bob")
+        self.assertNotEqual(k32.key, k12.key)
+        self.assertEqual(self.pair_key(bob, MAC_3).key, k32.key)
+
+    def test_keys_stable(self):
+        """
+        Asking again returns the same key; the store holds one key per pair.
+        """
+        net, (alice, bob, carol) = self.three()
+        first = self.pair_key(alice, MAC_2)
+        self.assertEqual(self.pair_key(alice, MAC_2).key, first.key)
+        self.assertEqual(self.successResultOf(net.store.counts())["pair_keys"], 1)
+
+    def test_id_in_message_ignored(self):
+        """
+        A member that writes another member's ID into its request still gets
+        its own key: the ID comes only from the certificate.
+        """
+        net, (alice, bob, carol) = self.three()
+        k12 = self.pair_key(alice, MAC_2)
+        forged = self.successResultOf(
+            carol.call(RequestPairKeyAs, peer_mac=MAC_2, member_id="alice", requester="alice"))
+        self.assertEqual(forged["peer_id"], "bob")
+        self.assertNotEqual(forged["key"], k12.key)
+        self.assertEqual(forged["key"], self.pair_key(carol, MAC_2).key)
+
+    def test_mac_claimed_by_second_member(self):
+        """
+        A MAC registered by one member cannot be claimed by another.
+        """
+        net = self.subnet()
+        net.join("alice", MAC_1)
+        with LogCapture() as logs:
+            self.assertRaises(MacInUse, net.join, "bob", MAC_1)
+        self.assertTrue(any("refused register from bob" in line for line in logs.lines()))
+        # alice keeps it: carol reaches alice, not bob.
+        net.join("carol", MAC_3)
+        conn, _ = net.join("bob", MAC_2)
+        self.assertEqual(self.pair_key(conn, MAC_1).peer_id, "alice")
+
+    def test_same_member_reregisters(self):
+        """
+        A member may register again (after a restart), even with a new MAC;
+        its old MAC is released.
+        """
+        net = self.subnet()
+        net.join("alice", MAC_1)
+        conn, admission = net.join("alice", MAC_3)
+        self.assertEqual(admission.member_id, "alice")
+        bob, _ = net.join("bob", MAC_2)
+        self.assertEqual(self.pair_key(bob, MAC_3).peer_id, "alice")
+        self.failureResultOf(bob.run(request_pair_key(bob.client, MAC_1)), UnknownPeer)
+        net.join("carol", MAC_1)
+
+    def test_pinned_mac(self):
+        """
+        A certificate that pins a MAC allows only that MAC.
+        """
+        net = self.subnet()
+        net.pki.add_member("dave", macs=["02:00:00:00:00:0d"])
+        self.assertRaises(NotPermitted, net.join, "dave", MAC_1)
+        conn, admission = net.join("dave", parse_mac("02:00:00:00:00:0d"))
+        self.assertEqual(admission.member_id, "dave")
+
+    def test_role_must_be_allowed(self):
+        """
+        A client certificate cannot register as a gateway; a certificate
+        that allows the role can.
+        """
+        net = self.subnet()
+        self.assertRaises(NotPermitted, net.join, "alice", MAC_1, role="gateway")
+        net.pki.add_member("gw", roles=("gateway",))
+        conn, admission = net.join("gw", MAC_2, role="gateway")
+        self.assertEqual(conn.session.member.role, "gateway")
+
+    def test_unicast_mac_required(self):
+        """
+        A member cannot register a group or all-zero MAC, nor a MAC that is
+        not 6 bytes.
+        """
+        net = self.subnet()
+        for mac in (b"\xff" * 6, parse_mac("01:00:5e:00:00:01"), b"\0" * 6, b"\x02\0\0"):
+            self.assertRaises(BadRequest, net.join, "alice", mac)
+
+    def test_endpoint(self):
+        """
+        ``:port`` takes the host the member connects from; a malformed
+        endpoint is refused.
+        """
+        net = self.subnet()
+        conn, admission = net.join("alice", MAC_1, endpoint="[2001:db8::1]:5000")
+        self.assertEqual(admission.endpoint, "[2001:db8::1]:5000")
+        conn, admission = net.join("bob", MAC_2, endpoint="")
+        self.assertEqual(admission.endpoint, "")
+        for bad in ("host.example:1", "1.2.3.4", "1.2.3.4:0", "1.2.3.4:99999"):
+            self.assertRaises(BadRequest, net.join, "carol", MAC_3, endpoint=bad)
+
+    def test_version_mismatch(self):
+        """
+        Another protocol version is refused with both versions named.
+        """
+        net = self.subnet()
+        conn = net.connect("alice")
+        from securelan.protocol import Register
+
+        f = self.failureResultOf(conn.call(Register, version=PROTOCOL_VERSION + 1, mac=MAC_1,
+                                           role="client", endpoint=""), VersionMismatch)
+        self.assertIn(str(PROTOCOL_VERSION + 1), f.getErrorMessage())
+
+    def test_not_registered(self):
+        """
+        Keys are served only after register.
+        """
+        net = self.subnet()
+        net.join("bob", MAC_2)
+        conn = net.connect("alice")
+        self.failureResultOf(conn.run(request_pair_key(conn.client, MAC_2)), NotRegistered)
+        self.failureResultOf(conn.run(request_group_key(conn.client)), NotRegistered)
+
+    def test_unknown_peer(self):
+        """
+        A MAC nobody holds: a clear "unknown peer" error.
+        """
+        net, (alice, bob, carol) = self.three()
+        f = self.failureResultOf(alice.run(request_pair_key(alice.client, parse_mac("02:aa:00:00:00:01"))),
+                                 UnknownPeer)
+        self.assertIn("02:aa:00:00:00:01", f.getErrorMessage())
+
+    def test_no_key_with_oneself(self):
+        """
+        A member asking for its own MAC is refused.
+        """
+        net, (alice, bob, carol) = self.three()
+        self.failureResultOf(alice.run(request_pair_key(alice.client, MAC_1)), NotPermitted)
+
+    def test_group_key(self):
+        """
+        Every member gets the one group key, unlike any pair key; a group MAC
+        asked for as a pair is refused.
+        """
+        net, (alice, bob, carol) = self.three()
+        grants = [self.successResultOf(c.run(request_group_key(c.client))) for c in (alice, bob, carol)]
+        self.assertEqual({g.key.fingerprint for g in grants}, {grants[0].key.fingerprint})
+        self.assertEqual(grants[0].group_id, "@group")
+        self.assertNotEqual(grants[0].key, self.pair_key(alice, MAC_2).key)
+        self.failureResultOf(alice.run(request_pair_key(alice.client, b"\xff" * 6)), BadRequest)
+
+    def test_restart_keeps_keys(self):
+        """
+        A key server restarted on the same database and master key serves
+        the same members, pair keys and group key.
+        """
+        path = self.mktemp()
+        master = self.mktemp()
+        store = SQLiteStore(path, master, runner=run_synchronously)
+        self.successResultOf(store.open())
+        net = self.subnet(store=store)
+        alice, _ = net.join("alice", MAC_1)
+        bob, _ = net.join("bob", MAC_2)
+        before = self.pair_key(alice, MAC_2)
+        group_before = self.successResultOf(alice.run(request_group_key(alice.client)))
+        self.successResultOf(store.close())
+
+        again = SQLiteStore(path, master, runner=run_synchronously)
+        self.successResultOf(again.open())
+        net.restart(again)
+        # bob reconnects; alice has not re-registered yet but is still known.
+        bob, _ = net.join("bob", MAC_2)
+        after = self.pair_key(bob, MAC_1)
+        self.assertEqual(after.key, before.key)
+        self.assertEqual(after.peer_id, "alice")
+        group_after = self.successResultOf(bob.run(request_group_key(bob.client)))
+        self.assertEqual(group_after.key, group_before.key)
+        self.successResultOf(again.close())
+
+
+class LimitTests(SubnetTestCase):
+    """
+    No member, and no unauthenticated peer, can exhaust the key server.
+    """
+
+    def test_flooding_member_is_rate_limited(self):
+        """
+        A member flooding requests is refused with RateLimited, while another
+        member is still served; the flooder recovers with time.
+        """
+        net, (alice, bob, carol) = self.three(limits=Limits(requests_per_second=10, request_burst=20))
+        results = [alice.run(request_pair_key(alice.client, MAC_2)) for _ in range(100)]
+        outcomes = []
+        for d in results:
+            box = []
+            d.addBoth(box.append)
+            outcomes.append(box[0])
+        refused = [o for o in outcomes if hasattr(o, "check") and o.check(RateLimited)]
+        served = [o for o in outcomes if not hasattr(o, "check")]
+        self.assertGreaterEqual(len(refused), 75)
+        self.assertLessEqual(len(served), 20)
+        self.assertEqual(self.pair_key(bob, MAC_3).peer_id, "carol")
+        net.clock.advance(1)
+        self.assertEqual(self.pair_key(alice, MAC_2).peer_id, "bob")
+
+    def test_member_table_cap(self):
+        """
+        Past max_members, new members are refused with TableFull; known
+        members may still register again.
+        """
+        net = self.subnet(limits=Limits(max_members=2))
+        net.join("alice", MAC_1)
+        net.join("bob", MAC_2)
+        self.assertRaises(TableFull, net.join, "carol", MAC_3)
+        net.join("alice", MAC_1)
+
+    def test_pair_key_table_cap(self):
+        """
+        Past max_pair_keys, new pairs are refused with TableFull; existing
+        pairs are still served.
+        """
+        net, (alice, bob, carol) = self.three(limits=Limits(max_pair_keys=1))
+        self.pair_key(alice, MAC_2)
+        self.failureResultOf(carol.run(request_pair_key(carol.client, MAC_1)), TableFull)
+        self.assertEqual(self.pair_key(bob, MAC_1).peer_id, "alice")
+
+    def test_oversize_request_closes_connection(self):
+        """
+        A request larger than max_request_bytes closes that connection; the
+        key server goes on serving others.
+        """
+        net, (alice, bob, carol) = self.three(limits=Limits(max_request_bytes=1024))
+        with LogCapture() as logs:
+            d = alice.call(RequestPairKeyAs, peer_mac=MAC_2, member_id="x" * 2000, requester="")
+        self.failureResultOf(d)
+        self.assertFalse(alice.connected)
+        self.assertTrue(any("over 1024 bytes" in line for line in logs.lines()))
+        self.assertEqual(self.pair_key(bob, MAC_3).peer_id, "carol")
+
+    def test_garbage_closes_connection(self):
+        """
+        Bytes that are not AMP close that connection only.
+        """
+        net, (alice, bob, carol) = self.three()
+        # A key longer than AMP's 255-byte limit.
+        alice.client.transport.write(b"\xff\xff" + b"x" * 300)
+        alice.pump.flush()
+        self.assertFalse(alice.connected)
+        self.assertEqual(self.pair_key(bob, MAC_3).peer_id, "carol")
+
+    def test_connection_cap(self):
+        """
+        Connections past max_connections are refused before TLS.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+
+        limit = ConnectionLimit(Factory.forProtocol(Protocol), 2)
+        addr = IPv4Address("TCP", "127.0.0.1", 1)
+        first, second = limit.buildProtocol(addr), limit.buildProtocol(addr)
+        from twisted.internet.testing import StringTransport
+
+        first.makeConnection(StringTransport())
+        second.makeConnection(StringTransport())
+        self.assertIsNone(limit.buildProtocol(addr))
+        first.connectionLost(None)
+        self.assertIsNotNone(limit.buildProtocol(addr))
+
+
+class PushTests(SubnetTestCase):
+    """
+    The key server pushes over the member's own connection.
+    """
+
+    def test_push_pair_key_reaches_both_holders(self):
+        """
+        A pushed pair key reaches every connected session of both holders,
+        each with the other as peer.
+        """
+        net = self.subnet()
+        heard = {m: RecordingListener() for m in ("alice", "bob")}
+        alice, _ = net.join("alice", MAC_1, listener=heard["alice"])
+        bob, _ = net.join("bob", MAC_2, listener=heard["bob"])
+        grant = self.pair_key(alice, MAC_2)
+        pair_key = self.successResultOf(net.store.pair_key("alice", "bob"))
+        d = net.server.push_pair_key(pair_key)
+        alice.pump.flush()
+        bob.pump.flush()
+        self.assertEqual(self.successResultOf(d), 2)
+        (kind, to_alice), = heard["alice"].events
+        (kind, to_bob), = heard["bob"].events
+        self.assertEqual((to_alice.peer_id, to_bob.peer_id), ("bob", "alice"))
+        self.assertEqual(to_alice.key, grant.key)
+        self.assertEqual(to_bob.key, grant.key)
+
+    def test_purge(self):
+        """
+        A purge reaches the holder's listener.
+        """
+        net = self.subnet()
+        heard = RecordingListener()
+        alice, _ = net.join("alice", MAC_1, listener=heard)
+        d = net.server.purge("alice", "bob", "revoked")
+        alice.pump.flush()
+        self.successResultOf(d)
+        self.assertEqual(heard.events, [("purge", "bob", "revoked")])
+
+
+class NoKeyMaterialInLogsTests(SubnetTestCase):
+    """
+    Key material never appears in a log line, repr or error.
+    """
+
+    def test_planted_key_never_logged(self):
+        """
+        With every new key set to a known value, a full session (admission,
+        pair and group keys, refusals, a closed connection) logs nothing
+        that contains it in any common encoding.
+        """
+        planted = bytes(range(32))
+        forms = [planted, planted.hex(), planted.hex().upper(), repr(planted),
+                 base64.b64encode(planted).decode(), planted.hex(":")]
+        with LogCapture() as logs:
+            net, (alice, bob, carol) = self.three(keygen=lambda: SecretKey(planted))
+            grant = self.pair_key(alice, MAC_2)
+            self.assertEqual(grant.key.material, planted)
+            self.successResultOf(bob.run(request_group_key(bob.client)))
+            self.failureResultOf(alice.run(request_pair_key(alice.client, b"\x02" * 6)), UnknownPeer)
+            self.assertRaises(MacInUse, net.join, "carol", MAC_1)
+            carol.client.transport.write(b"\xff\xff" + b"x" * 300)
+            carol.pump.flush()
+            reprs = [repr(grant), str(grant), repr(grant.key),
+                     repr(self.successResultOf(net.store.pair_key("alice", "bob"))),
+                     repr(net.server)]
+        lines = logs.lines() + reprs
+        self.assertTrue(logs.events)
+        for line in lines:
+            for form in forms:
+                self.assertNotIn(str(form) if not isinstance(form, bytes) else form.decode("latin-1"), line)
