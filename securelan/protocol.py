@@ -60,6 +60,7 @@ class Register(amp.Command):
         (b"subnet", amp.Unicode()),
         (b"version", amp.Integer()),
         (b"endpoint", amp.Unicode()),
+        (b"incarnation", amp.Integer()),
         (b"group_epoch", amp.Integer()),
         (b"pair_key_lifetime", amp.Integer()),
     ]
@@ -145,6 +146,9 @@ class Admission:
     subnet: str
     version: int
     endpoint: str
+    #: This registration's incarnation: the agent that made it uses it in
+    #: every key it sends with (see docs/wire-format.rst).
+    incarnation: int
     group_epoch: int
     pair_key_lifetime: int
 

@@ -30,6 +30,10 @@ class Member:
     #: ``host:port`` of the member's underlay (UDP) endpoint, or ``""``.
     endpoint: str
     registered_at: float
+    #: Raised by the store at every registration (never 0 once stored): the
+    #: member's agent mixes it into its sending keys, so an agent restarted
+    #: with the same pair key never reuses a nonce.
+    incarnation: int = 0
 
 
 @frozen

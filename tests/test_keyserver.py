@@ -510,3 +510,28 @@ class NoKeyMaterialInLogsTests(SubnetTestCase):
         for line in lines:
             for form in forms:
                 self.assertNotIn(str(form) if not isinstance(form, bytes) else form.decode("latin-1"), line)
+
+
+class IncarnationTests(SubnetTestCase):
+    """
+    Every registration gets a higher incarnation, kept across restarts.
+    """
+
+    def test_incarnation_rises(self):
+        """
+        A member registering again gets a strictly higher incarnation;
+        another member's count is its own.
+        """
+        path, master = self.mktemp(), self.mktemp()
+        store = SQLiteStore(path, master, runner=run_synchronously)
+        self.successResultOf(store.open())
+        net = self.subnet(store=store)
+        seen = [net.join("alice", MAC_1)[1].incarnation for _ in range(3)]
+        self.assertEqual(seen, [1, 2, 3])
+        self.assertEqual(net.join("bob", MAC_2)[1].incarnation, 1)
+        self.successResultOf(store.close())
+        again = SQLiteStore(path, master, runner=run_synchronously)
+        self.successResultOf(again.open())
+        net.restart(again)
+        self.assertEqual(net.join("alice", MAC_1)[1].incarnation, 4)
+        self.successResultOf(again.close())

@@ -26,8 +26,8 @@ MAC_3 = parse_mac("02:00:00:00:00:03")
 _DEFAULT = object()
 
 
-def a_member(member_id, mac, role="client", endpoint="", registered_at=100.0):
-    return Member(member_id, role, mac, endpoint, registered_at)
+def a_member(member_id, mac, role="client", endpoint="", registered_at=100.0, incarnation=0):
+    return Member(member_id, role, mac, endpoint, registered_at, incarnation)
 
 
 def a_pair_key(id_a, id_b, epoch=1, key=None):
@@ -108,8 +108,8 @@ class RegistryTests(StoreTestMixin, SynchronousTestCase):
         A registered member is found by ID and by MAC, listed and counted.
         """
         store = self.memory_store()
-        alice = a_member("alice", MAC_1, endpoint="192.0.2.1:4789")
-        self.assertEqual(self.successResultOf(store.register(alice, 10)), alice)
+        alice = self.successResultOf(store.register(a_member("alice", MAC_1, endpoint="192.0.2.1:4789"), 10))
+        self.assertEqual(alice, a_member("alice", MAC_1, endpoint="192.0.2.1:4789", incarnation=1))
         self.assertEqual(self.successResultOf(store.member("alice")), alice)
         self.assertEqual(self.successResultOf(store.member_by_mac(MAC_1)), alice)
         self.assertEqual(self.successResultOf(store.members()), [alice])
@@ -145,12 +145,13 @@ class RegistryTests(StoreTestMixin, SynchronousTestCase):
         store = self.memory_store()
         self.successResultOf(store.register(a_member("alice", MAC_1), 10))
         moved = a_member("alice", MAC_2, role="gateway", endpoint="192.0.2.9:1", registered_at=150.0)
-        self.successResultOf(store.register(moved, 10))
+        moved = self.successResultOf(store.register(moved, 10))
+        self.assertEqual(moved.incarnation, 2)
         self.assertEqual(self.successResultOf(store.member("alice")), moved)
         self.assertEqual(self.successResultOf(store.member_by_mac(MAC_2)), moved)
         self.assertIsNone(self.successResultOf(store.member_by_mac(MAC_1)))
         bob = a_member("bob", MAC_1)
-        self.assertEqual(self.successResultOf(store.register(bob, 10)), bob)
+        self.assertEqual(self.successResultOf(store.register(bob, 10)), a_member("bob", MAC_1, incarnation=1))
         self.assertEqual(self.successResultOf(store.counts())["members"], 2)
 
     def test_registryFull(self):
@@ -303,8 +304,7 @@ class DurabilityTests(StoreTestMixin, SynchronousTestCase):
 
     def fill(self, store):
         members = [a_member("alice", MAC_1, endpoint="192.0.2.1:1"), a_member("bob", MAC_2, role="gateway")]
-        for member in members:
-            self.successResultOf(store.register(member, 10))
+        members = [self.successResultOf(store.register(member, 10)) for member in members]
         pairs = [
             self.successResultOf(store.issue_pair_key(a_pair_key("alice", "bob", epoch=3), 10)),
             self.successResultOf(store.issue_pair_key(a_pair_key("alice", "carol"), 10)),

@@ -380,6 +380,7 @@ class MemberSession(amp.AMP):
                 "subnet": self.server.subnet,
                 "version": PROTOCOL_VERSION,
                 "endpoint": member.endpoint,
+                "incarnation": member.incarnation,
                 "group_epoch": group.epoch,
                 "pair_key_lifetime": self.server.pair_key_lifetime,
             }

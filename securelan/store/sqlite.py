@@ -272,9 +272,9 @@ class _Opened:
 
 def _load(conn, path, master, version):
     members = [
-        Member(member_id, role, parse_mac(mac), endpoint, registered_at)
-        for member_id, role, mac, endpoint, registered_at in conn.execute(
-            "SELECT member_id, role, mac, endpoint, registered_at FROM members"
+        Member(member_id, role, parse_mac(mac), endpoint, registered_at, incarnation)
+        for member_id, role, mac, endpoint, registered_at, incarnation in conn.execute(
+            "SELECT member_id, role, mac, endpoint, registered_at, incarnation FROM members"
         )
     ]
     pair_keys = [
@@ -360,18 +360,22 @@ def _register_txn(conn, member, max_members):
     holder = conn.execute("SELECT member_id FROM members WHERE mac = ?", (mac,)).fetchone()
     if holder is not None and holder[0] != member.member_id:
         raise MacInUse(f"{mac} is registered to another member")
-    known = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member.member_id,)).fetchone()
+    known = conn.execute(
+        "SELECT incarnation FROM members WHERE member_id = ?", (member.member_id,)
+    ).fetchone()
     if known is None:
         (count,) = conn.execute("SELECT COUNT(*) FROM members").fetchone()
         if count >= max_members:
             raise TableFull(f"the member registry is full ({max_members} members)")
+    member = evolve(member, incarnation=(known[0] if known else 0) + 1)
     conn.execute(
-        "INSERT INTO members (member_id, role, mac, endpoint, registered_at, last_seen)"
-        " VALUES (?, ?, ?, ?, ?, ?)"
+        "INSERT INTO members (member_id, role, mac, endpoint, registered_at, last_seen, incarnation)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (member_id) DO UPDATE SET role = excluded.role, mac = excluded.mac,"
         " endpoint = excluded.endpoint, registered_at = excluded.registered_at,"
-        " last_seen = excluded.last_seen",
-        (member.member_id, member.role, mac, member.endpoint, member.registered_at, member.registered_at),
+        " last_seen = excluded.last_seen, incarnation = excluded.incarnation",
+        (member.member_id, member.role, mac, member.endpoint, member.registered_at,
+         member.registered_at, member.incarnation),
     )
     return member
 

@@ -28,7 +28,10 @@ CREATE TABLE members
  mac TEXT NOT NULL UNIQUE, -- lower-case colon form, aa:bb:cc:dd:ee:ff
  endpoint TEXT NOT NULL DEFAULT '', -- host:port of the underlay, or ''
  registered_at REAL NOT NULL,
- last_seen REAL
+ last_seen REAL,
+ -- Raised by one at every registration: the member's agents put it in the
+ -- keys they derive, so a restarted agent never reuses a nonce.
+ incarnation INTEGER NOT NULL DEFAULT 0
 );
 
 -- The pair-key table (the seed's ID-ID-KEY list): one current key for each
