@@ -27,6 +27,8 @@ from . import PROTOCOL_VERSION
 from ._interfaces import IKeyListener
 from .protocol import (
     Admission,
+    ListPeers,
+    PeerInfo,
     GroupKeyGrant,
     PairKeyGrant,
     PushGroupKey,
@@ -160,6 +162,22 @@ def request_group_key(protocol):
     return d.addCallback(lambda response: GroupKeyGrant(**response))
 
 
+@defer.inlineCallbacks
+def list_peers(protocol):
+    """
+    Every other member of the subnet, fetched page by page; fires with a
+    list of L{PeerInfo}.
+    """
+    peers, after, more = [], "", True
+    while more:
+        page = yield protocol.callRemote(ListPeers, after=after)
+        peers.extend(PeerInfo(**p) for p in page["peers"])
+        more = page["more"] and bool(page["peers"])
+        if peers:
+            after = peers[-1].member_id
+    return peers
+
+
 class KeyServerClient(service.Service):
     """
     A member's connection to its subnet's key servers.
@@ -262,3 +280,6 @@ class KeyServerClient(service.Service):
 
     def request_group_key(self):
         return self.connected(1).addCallback(request_group_key)
+
+    def list_peers(self):
+        return self.connected(1).addCallback(list_peers)

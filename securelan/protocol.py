@@ -109,6 +109,29 @@ class RequestGroupKey(amp.Command):
     errors = ERRORS
 
 
+class ListPeers(amp.Command):
+    """
+    One page of the subnet's other members, ordered by member ID, starting
+    after the member ID C{after} ("" for the first page): where a member
+    sends broadcast frames when its carrier cannot broadcast.
+    """
+
+    arguments = [(b"after", amp.Unicode())]
+    response = [
+        (b"peers", amp.AmpList([
+            (b"member_id", amp.Unicode()),
+            (b"mac", amp.String()),
+            (b"role", amp.Unicode()),
+            (b"endpoint", amp.Unicode()),
+        ])),
+        (b"more", amp.Boolean()),
+    ]
+    errors = ERRORS
+
+    #: Members per page: keeps one answer well under AMP's 64 KiB value limit.
+    PAGE = 200
+
+
 class PushPairKey(amp.Command):
     """
     Key server to member: a pair key was issued or replaced (rekey).
@@ -179,3 +202,15 @@ class GroupKeyGrant:
     key: SecretKey
     epoch: int
     lifetime: int
+
+
+@attrs.frozen
+class PeerInfo:
+    """
+    Another member as C{ListPeers} describes it.
+    """
+
+    member_id: str
+    mac: bytes
+    role: str
+    endpoint: str

@@ -535,3 +535,39 @@ class IncarnationTests(SubnetTestCase):
         net.restart(again)
         self.assertEqual(net.join("alice", MAC_1)[1].incarnation, 4)
         self.successResultOf(again.close())
+
+
+class ListPeersTests(SubnetTestCase):
+    """
+    Members learn the others (for broadcast over carriers that cannot
+    broadcast), page by page.
+    """
+
+    def test_lists_others_in_pages(self):
+        """
+        Every other member is listed once, with MAC and endpoint; never the
+        asker; across several pages.
+        """
+        from securelan.client import list_peers
+        from securelan.protocol import ListPeers
+
+        self.patch(ListPeers, "PAGE", 2)
+        names = [f"m{i}" for i in range(5)]
+        net = self.subnet(members=names)
+        conns = {}
+        for i, name in enumerate(names):
+            conns[name], _ = net.join(name, bytes([2, 0, 0, 0, 1, i]), endpoint=f"127.0.0.{i + 1}:4789")
+        peers = self.successResultOf(conns["m2"].run(list_peers(conns["m2"].client)))
+        self.assertEqual([p.member_id for p in peers], ["m0", "m1", "m3", "m4"])
+        self.assertEqual(peers[0].mac, bytes([2, 0, 0, 0, 1, 0]))
+        self.assertEqual(peers[3].endpoint, "127.0.0.5:4789")
+
+    def test_needs_registration(self):
+        """
+        An unregistered connection cannot list members.
+        """
+        from securelan.client import list_peers
+
+        net = self.subnet()
+        conn = net.connect("alice")
+        self.failureResultOf(conn.run(list_peers(conn.client)), NotRegistered)

@@ -42,6 +42,7 @@ from ..errors import (
 from ..keys import SecretKey
 from ..pki import CertificateError, member_identity
 from ..protocol import (
+    ListPeers,
     PairKeyGrant,
     PushGroupKey,
     PushPairKey,
@@ -232,6 +233,23 @@ class KeyServer:
             lifetime=lifetime,
         )
 
+    def list_peers(self, member: Member, after: str):
+        """
+        One page of the other members, by member ID, after C{after}.
+        """
+
+        def page(members):
+            others = sorted((m for m in members if m.member_id != member.member_id and m.member_id > after),
+                            key=lambda m: m.member_id)
+            chosen = others[:ListPeers.PAGE]
+            return {
+                "peers": [{"member_id": m.member_id, "mac": m.mac, "role": m.role, "endpoint": m.endpoint}
+                          for m in chosen],
+                "more": len(others) > len(chosen),
+            }
+
+        return self.store.members().addCallback(page)
+
     def group_key(self) -> GroupKey:
         if self._group_key is None:
             raise NotRegistered("the key server is still starting")
@@ -398,6 +416,10 @@ class MemberSession(amp.AMP):
             return self.server.pair_key_for(self._registered_member(), peer_mac, epoch)
 
         return self._charged("pair key", ask).addCallback(attrs.asdict, recurse=False)
+
+    @ListPeers.responder
+    def list_peers(self, after):
+        return self._charged("peer list", lambda: self.server.list_peers(self._registered_member(), after))
 
     @RequestGroupKey.responder
     def request_group_key(self):
