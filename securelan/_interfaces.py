@@ -130,3 +130,101 @@ class IKeyListener(Interface):
         """
         Forget every key held with C{peer_id}.
         """
+
+
+class IDevice(Interface):
+    """
+    The host side of an agent: a TAP (or, later, TUN) device that the
+    protocol stack sends frames into and receives frames from.
+    """
+
+    name = Attribute("The interface name, e.g. slan0.")
+    mac = Attribute("The device's MAC address (6 bytes).")
+    mtu = Attribute("The device's MTU.")
+
+    def start(receiver):
+        """
+        Create and configure the device, then call C{receiver(frame)} with
+        every frame the host sends.
+        """
+
+    def write(frame):
+        """
+        Hand C{frame} to the host.  Return False if the device could not
+        take it (it is full): the caller counts the drop.
+        """
+
+    def stop():
+        """
+        Stop reading and remove the device.
+        """
+
+
+class ICarrier(Interface):
+    """
+    How encrypted datagrams travel between members: C{udp} (to the peer's
+    underlay endpoint) or C{ethernet} (raw frames with securelan's EtherType
+    on one LAN segment).
+    """
+
+    name = Attribute("The carrier's name as written in the config.")
+    max_datagram = Attribute(
+        "The largest datagram the carrier delivers without IP fragmentation.")
+    endpoint = Attribute(
+        "What the agent registers as its endpoint ('' when the carrier needs none).")
+    can_broadcast = Attribute(
+        "True when one send reaches every member (so no per-member fan-out).")
+
+    def start(receiver):
+        """
+        Start; call C{receiver(datagram, source)} for every datagram that
+        arrives, where C{source} is the sender's endpoint in the form
+        L{parse_endpoint} returns.
+        """
+
+    def stop():
+        """
+        Stop; may return a Deferred.
+        """
+
+    def parse_endpoint(text):
+        """
+        The endpoint the key server reported for a peer, parsed; None if the
+        peer has none this carrier can use.
+        """
+
+    def send(datagram, endpoint):
+        """
+        Send one datagram to a parsed endpoint.
+        """
+
+    def broadcast(datagram, endpoints):
+        """
+        Send one datagram to every member: to each of C{endpoints}, or in
+        one send when C{can_broadcast}.
+        """
+
+
+class IRole(Interface):
+    """
+    What an agent does with frames: C{client} (a member host), and later
+    C{gateway} and C{border}.  A role is chosen by config; adding one
+    touches no other role.
+    """
+
+    name = Attribute("The role's name as written in the config and registered.")
+
+    def start(agent):
+        """
+        Begin work for C{agent} (its key-server client, carrier, config).
+        """
+
+    def stop():
+        """
+        Stop; may return a Deferred.
+        """
+
+    def status():
+        """
+        A JSON-ready dict describing the role's state for C{securelan status}.
+        """

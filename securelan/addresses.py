@@ -9,6 +9,8 @@ edges (configs, logs, the store, the CLI).
 
 import re
 
+import attrs
+
 _MAC_TEXT = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
 _MEMBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -74,3 +76,34 @@ def pair_of(id_1: str, id_2: str) -> tuple[str, str]:
     of the pair-key table, so K(1,2) and K(2,1) are one key.
     """
     return (id_1, id_2) if id_1 <= id_2 else (id_2, id_1)
+
+
+_KEYSERVER_ADDRESS = re.compile(r"^(?:(?P<name>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:.]+\]|[^:@\s\[\]]+):(?P<port>\d+)$")
+
+
+@attrs.frozen
+class KeyServerAddress:
+    """
+    Where a key server is (C{host}, C{port}) and the name its certificate
+    must carry (C{name}; the host when not given).
+    """
+
+    name: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "KeyServerAddress":
+        """
+        Parse ``host:port`` or ``name@host:port`` (``[v6]`` in brackets).
+
+        @raise ValueError: if C{text} is neither.
+        """
+        m = _KEYSERVER_ADDRESS.match(text)
+        if not m or not 0 < int(m["port"]) < 65536:
+            raise ValueError(f"{text!r} is not host:port or name@host:port")
+        host = m["host"].strip("[]")
+        return cls(name=m["name"] or host, host=host, port=int(m["port"]))
+
+    def __str__(self):
+        return f"{self.name}@{self.host}:{self.port}"

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_pki(subparsers)
     _add_demo(subparsers)
+    _add_status(subparsers)
     return parser
 
 
@@ -224,6 +225,58 @@ def _run_demo(args) -> int:
 
     return demo.main(args.dir, args.keep)
 
+
+
+DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"
+
+
+def _add_status(subparsers) -> None:
+    status = subparsers.add_parser(
+        "status",
+        help="show a running agent's key servers, peers, keys and counters",
+        description="Ask a running agent over its status socket: key servers and whether "
+        "connected; each peer's ID, MAC, endpoint, key epoch, traffic and drops by reason; "
+        "pending frames; the group key's epoch.",
+    )
+    status.add_argument("--socket", help=f"the agent's status socket (default {DEFAULT_STATUS_SOCKET}, "
+                        "or the one in --config)")
+    status.add_argument("--config", help="read the status socket's path from this agent config")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_run_status)
+
+
+def _run_status(args) -> int:
+    from twisted.internet import task
+
+    from .agent.status import ask_status, format_status
+    from .config import ConfigError, load_agent_config
+
+    path = args.socket
+    if path is None and args.config:
+        try:
+            path = load_agent_config(args.config).status_socket
+        except ConfigError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+    path = path or DEFAULT_STATUS_SOCKET
+    result = []
+
+    def ask(reactor):
+        return ask_status(reactor, path).addCallbacks(result.append, lambda f: result.append(f))
+
+    try:
+        task.react(ask)
+    except SystemExit:
+        pass
+    if not result or not isinstance(result[0], dict):
+        reason = result[0].getErrorMessage() if result else "no answer"
+        print(f"{PROG}: error: no agent answers at {path}: {reason}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(result[0], indent=2, sort_keys=True))
+    else:
+        print(format_status(result[0]))
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

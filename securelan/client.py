@@ -10,8 +10,6 @@ L{GroupKeyGrant} values.  Pushes from the key server reach an
 L{IKeyListener}.
 """
 
-import re
-
 import attrs
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
@@ -25,6 +23,7 @@ from zope.interface import implementer
 
 from . import PROTOCOL_VERSION
 from ._interfaces import IKeyListener
+from .addresses import KeyServerAddress
 from .protocol import (
     Admission,
     ListPeers,
@@ -40,37 +39,6 @@ from .protocol import (
 )
 
 log = Logger(namespace="securelan.client")
-
-_ADDRESS = re.compile(r"^(?:(?P<name>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:.]+\]|[^:@\s\[\]]+):(?P<port>\d+)$")
-
-
-@attrs.frozen
-class KeyServerAddress:
-    """
-    Where a key server is (C{host}, C{port}) and the name its certificate
-    must carry (C{name}; the host when not given).
-    """
-
-    name: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> "KeyServerAddress":
-        """
-        Parse ``host:port`` or ``name@host:port`` (``[v6]`` in brackets).
-
-        @raise ValueError: if C{text} is neither.
-        """
-        m = _ADDRESS.match(text)
-        if not m or not 0 < int(m["port"]) < 65536:
-            raise ValueError(f"{text!r} is not host:port or name@host:port")
-        host = m["host"].strip("[]")
-        return cls(name=m["name"] or host, host=host, port=int(m["port"]))
-
-    def __str__(self):
-        return f"{self.name}@{self.host}:{self.port}"
-
 
 @implementer(IStreamClientEndpoint)
 class FailoverEndpoint:
@@ -204,13 +172,24 @@ class KeyServerClient(service.Service):
             wrapClientTLS(credentials.client_options(a.name), HostnameEndpoint(reactor, a.host, a.port))
             for a in self.addresses
         ]
+        self._failover = FailoverEndpoint(endpoints)
         self._client = ClientService(
-            FailoverEndpoint(endpoints),
+            self._failover,
             Factory.forProtocol(lambda: AgentProtocol(self.listener, self._lost)),
             retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=10.0),
             clock=reactor,
             prepareConnection=self._register,
         )
+
+    @property
+    def current_server(self):
+        """
+        The L{KeyServerAddress} of the key server this member is registered
+        with now, or None.
+        """
+        if self._protocol is None:
+            return None
+        return self.addresses[self._failover._preferred]
 
     def _lost(self, protocol):
         if self._protocol is protocol:

@@ -8,13 +8,14 @@ can fix it without reading a traceback.  Relative paths are taken relative to
 the configuration file's folder.
 """
 
+import ipaddress
 import os
 import tomllib
 
 import attrs
 from twisted.internet.endpoints import _parseServer
 
-from .addresses import AddressError, check_member_id
+from .addresses import AddressError, KeyServerAddress, check_member_id, is_group_mac, parse_mac
 
 _REQUIRED = object()
 
@@ -214,3 +215,171 @@ def _limits(t: _Table) -> Limits:
     )
     t.done()
     return limits
+
+
+# The agent ------------------------------------------------------------------
+
+ROLE_NAMES = ("client", "gateway", "border")
+CARRIER_NAMES = ("udp", "ethernet")
+
+
+@attrs.frozen
+class DeviceConfig:
+    """
+    The TAP device the agent creates.
+    """
+
+    name: str = "slan0"
+    #: The device's MAC; None to derive a stable one from the member ID.
+    mac: bytes | None = None
+    #: 0: the largest MTU whose frames fit one carrier datagram.
+    mtu: int = 0
+    addresses: tuple = ()
+
+
+@attrs.frozen
+class CarrierConfig:
+    """
+    How the agent reaches its peers.
+    """
+
+    type: str = "udp"
+    #: udp: the address and port to listen on.
+    listen: str = "0.0.0.0"
+    port: int = 4789
+    #: udp: the endpoint to register; ":port" lets the key server fill in
+    #: the address it sees the agent connect from.
+    advertise: str = ""
+    #: ethernet: the LAN interface that carries securelan frames.
+    interface: str = ""
+    #: The underlay's MTU (of the LAN interface or the path to peers).
+    underlay_mtu: int = 1500
+
+
+@attrs.frozen
+class QueueConfig:
+    """
+    Frames that wait for a key (beyond the seed, which drops them).
+    """
+
+    per_peer: int = 64
+    total: int = 1024
+    timeout: float = 2.0
+
+
+@attrs.frozen
+class AgentConfig:
+    """
+    An agent's configuration (see C{etc/agent.toml}).
+    """
+
+    path: str
+    role: str
+    ca: str
+    certificate: str
+    private_key: str
+    key_servers: tuple
+    on_key_miss: str
+    status_socket: str
+    device: DeviceConfig
+    carrier: CarrierConfig
+    queue: QueueConfig
+
+
+def _mac_value(t: _Table, key: str):
+    value = t._get(key, None)
+    if value is None:
+        return None
+    try:
+        mac = parse_mac(value)
+    except AddressError:
+        raise t.error(key, "not a MAC address like 02:00:00:00:00:01") from None
+    if is_group_mac(mac):
+        raise t.error(key, "must be a unicast MAC (first octet even)")
+    return mac
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """
+    Read and check an agent configuration file.
+
+    @raise ConfigError: naming the file and key at fault.
+    """
+    top = _load_toml(path)
+    ag = top.table("agent")
+    servers = ag._get("key_servers", [])
+    if not isinstance(servers, list) or not servers:
+        raise ag.error("key_servers", 'must be a non-empty list like ["name@10.0.0.1:7443"]')
+    parsed = []
+    for text in servers:
+        try:
+            parsed.append(KeyServerAddress.parse(text))
+        except (ValueError, TypeError):
+            raise ag.error("key_servers", f"{text!r} is not host:port or name@host:port") from None
+
+    dev = top.table("device")
+    addresses = dev._get("addresses", [])
+    if not isinstance(addresses, list):
+        raise dev.error("addresses", 'must be a list like ["10.77.0.1/24"]')
+    for address in addresses:
+        try:
+            ipaddress.ip_interface(address)
+        except (ValueError, TypeError):
+            raise dev.error("addresses", f"{address!r} is not an address/prefix") from None
+    d = DeviceConfig()
+    name = dev.string("name", d.name)
+    if len(name) > 15 or "/" in name or " " in name:
+        raise dev.error("name", "must be an interface name of at most 15 characters")
+    device = DeviceConfig(
+        name=name,
+        mac=_mac_value(dev, "mac"),
+        mtu=dev.integer("mtu", 0, minimum=0, maximum=65535),
+        addresses=tuple(addresses),
+    )
+    if device.mtu and device.mtu < 576:
+        raise dev.error("mtu", "must be 0 (automatic) or at least 576")
+    dev.done()
+
+    car = top.table("carrier")
+    c = CarrierConfig()
+    carrier = CarrierConfig(
+        type=car.choice("type", CARRIER_NAMES, c.type),
+        listen=car.string("listen", c.listen),
+        port=car.integer("port", c.port, minimum=1, maximum=65535),
+        advertise=car.string("advertise", "") if "advertise" in car.data else "",
+        interface=car.string("interface", "") if "interface" in car.data else "",
+        underlay_mtu=car.integer("underlay_mtu", c.underlay_mtu, minimum=576, maximum=65535),
+    )
+    try:
+        ipaddress.ip_address(carrier.listen)
+    except ValueError:
+        raise car.error("listen", "must be an IP address to listen on") from None
+    if carrier.type == "ethernet" and not carrier.interface:
+        raise car.error("interface", "is required with type = \"ethernet\"")
+    car.done()
+
+    q = top.table("queue")
+    qd = QueueConfig()
+    queue = QueueConfig(
+        per_peer=q.integer("per_peer", qd.per_peer, minimum=1),
+        total=q.integer("total", qd.total, minimum=1),
+        timeout=q.number("timeout", qd.timeout, minimum=0.01),
+    )
+    q.done()
+
+    config = AgentConfig(
+        path=path,
+        role=ag.choice("role", ROLE_NAMES, "client"),
+        ca=ag.path_value("ca"),
+        certificate=ag.path_value("certificate"),
+        private_key=ag.path_value("private_key"),
+        key_servers=tuple(parsed),
+        on_key_miss=ag.choice("on_key_miss", ("queue", "drop"), "queue"),
+        status_socket=ag.path_value("status_socket", "/run/securelan/agent.sock"),
+        device=device,
+        carrier=carrier,
+        queue=queue,
+    )
+    ag.done()
+    top.done()
+    return config

@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import pki
-from ._interfaces import IKeyListener
+from ._interfaces import ICarrier, IDevice, IKeyListener
 
 # PKI fixtures
 
@@ -192,6 +192,7 @@ class MemorySubnet:
                                             self.pki.keyserver_key)
         self._server_factory = KeyServerFactory(self.server)
         self._next_port = 40000
+        self.connections = []
 
     def restart(self, store):
         """
@@ -247,13 +248,25 @@ class MemorySubnet:
                 p, True, hostAddress=server_address, peerAddress=member_address),
             clock=self.clock,
         )
-        return MemoryConnection(
+        conn = MemoryConnection(
             client=client_tls.wrappedProtocol,
             session=server_tls.wrappedProtocol,
             client_tls=client_tls,
             server_tls=server_tls,
             pump=pump,
         )
+        self.connections.append(conn)
+        return conn
+
+    def flush(self):
+        """
+        Move bytes on every connection until all are quiet (pushes included).
+        """
+        moved = True
+        while moved:
+            moved = False
+            for conn in self.connections:
+                moved = conn.pump.pump() or moved
 
     def join(self, member_id, mac, role="client", endpoint=":4789", listener=None):
         """
@@ -309,3 +322,215 @@ class LogCapture:
                 out.append(event["log_failure"].getTraceback())
             out.append(repr({k: v for k, v in event.items() if k != "log_logger"}))
         return out
+
+
+# The data plane in memory: carriers on a shared in-memory LAN, devices that
+# record what the host would receive, and a key-server adapter over a
+# MemorySubnet connection.
+
+
+class MemoryLAN:
+    """
+    A LAN of L{MemoryCarrier}s.  Datagrams wait on the wire until L{flush};
+    C{wire} keeps every datagram ever sent, as a capture would.
+    """
+
+    __test__ = False
+
+    def __init__(self):
+        self.carriers = {}
+        self.queue = []
+        self.wire = []
+
+    def carrier(self, host, port=4789, max_datagram=1472):
+        return MemoryCarrier(self, (host, port), max_datagram)
+
+    def transmit(self, datagram, source, destination):
+        self.wire.append((source, destination, bytes(datagram)))
+        self.queue.append((source, destination, bytes(datagram)))
+
+    def inject(self, datagram, source, destination):
+        """
+        Put a datagram on the wire as an attacker would.
+        """
+        self.transmit(datagram, source, destination)
+
+    def flush(self, limit=100000):
+        """
+        Deliver datagrams until none are left (including those sent in
+        response).  Returns how many were delivered.
+        """
+        delivered = 0
+        while self.queue and delivered < limit:
+            source, destination, datagram = self.queue.pop(0)
+            carrier = self.carriers.get(destination)
+            if carrier is not None and carrier.receiver is not None:
+                carrier.receiver(datagram, source)
+            delivered += 1
+        return delivered
+
+
+@implementer(ICarrier)
+class MemoryCarrier:
+    """
+    A UDP-like carrier on a L{MemoryLAN}: endpoints are ``(host, port)``.
+    """
+
+    __test__ = False
+    name = "memory"
+    can_broadcast = False
+
+    def __init__(self, lan, address, max_datagram):
+        self.lan = lan
+        self.address = address
+        self.max_datagram = max_datagram
+        self.endpoint = f"{address[0]}:{address[1]}"
+        self.receiver = None
+
+    def start(self, receiver):
+        self.receiver = receiver
+        self.lan.carriers[self.address] = self
+
+    def stop(self):
+        self.lan.carriers.pop(self.address, None)
+
+    def parse_endpoint(self, text):
+        from .agent.carriers import _parse_host_port
+
+        return _parse_host_port(text)
+
+    def send(self, datagram, endpoint):
+        self.lan.transmit(datagram, self.address, endpoint)
+
+    def broadcast(self, datagram, endpoints):
+        for endpoint in endpoints:
+            self.send(datagram, endpoint)
+
+
+@implementer(IDevice)
+class MemoryDevice:
+    """
+    A TAP device in memory: C{written} holds what the host received;
+    L{send} is the host sending a frame.
+    """
+
+    __test__ = False
+
+    def __init__(self, name="slan0", mac=b"\x02\0\0\0\0\x01", mtu=1422, addresses=(), reactor=None):
+        self.name = name
+        self.mac = mac
+        self.mtu = mtu
+        self.addresses = addresses
+        self.written = []
+        self.receiver = None
+        self.full = False
+
+    def start(self, receiver):
+        self.receiver = receiver
+
+    def send(self, frame):
+        self.receiver(frame)
+
+    def write(self, frame):
+        if self.full:
+            return False
+        self.written.append(bytes(frame))
+        return True
+
+    def stop(self):
+        self.receiver = None
+
+
+class MemoryKeys:
+    """
+    What a L{DataPlane} asks the key server, over a L{MemoryConnection}:
+    each request is answered synchronously.  Set C{hold} to keep answers
+    back (they are then in C{held}, to be released with L{release}).
+    """
+
+    __test__ = False
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.requests = []
+        self.hold = False
+        self.held = []
+
+    def _answer(self, make):
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append((d, make))
+            return d
+        return self.conn.run(make(self.conn.client))
+
+    def release(self):
+        held, self.held = self.held, []
+        for d, make in held:
+            self.conn.run(make(self.conn.client)).chainDeferred(d)
+
+    def request_pair_key(self, mac, epoch=None):
+        from .client import request_pair_key
+
+        self.requests.append(mac)
+        return self._answer(lambda client: request_pair_key(client, mac, epoch))
+
+    def request_group_key(self):
+        from .client import request_group_key
+
+        return self._answer(request_group_key)
+
+    def list_peers(self):
+        from .client import list_peers
+
+        return self._answer(list_peers)
+
+
+@implementer(IKeyListener)
+class MemoryMember:
+    """
+    One member in a L{MemorySubnet} with a data plane on a L{MemoryLAN}.
+    """
+
+    __test__ = False
+
+    def __init__(self, net, lan, member_id, mac, host, on_key_miss="queue", **queue):
+        from .agent.dataplane import DataPlane
+
+        self.member_id = member_id
+        self.mac = mac
+        self.listener = RecordingListener()
+        self.carrier = lan.carrier(host)
+        self.device = MemoryDevice(mac=mac)
+        self.conn, self.admission = net.join(member_id, mac, endpoint=self.carrier.endpoint,
+                                             listener=self)
+        self.keys = MemoryKeys(self.conn)
+        self.dataplane = DataPlane(member_id, mac, self.admission.incarnation, self.keys, self.carrier,
+                                   self.device, net.clock, on_key_miss=on_key_miss, **queue)
+        self.carrier.start(self.dataplane.datagram_received)
+        self.device.start(self.dataplane.frame_from_device)
+        self.dataplane.start()
+
+    # Pushes from the key server go to the data plane, as ClientRole does.
+    def registered(self, admission):
+        pass
+
+    def pair_key_pushed(self, grant):
+        self.listener.pair_key_pushed(grant)
+        self.dataplane.install_pair_key(grant)
+
+    def group_key_pushed(self, grant):
+        self.listener.group_key_pushed(grant)
+        self.dataplane.install_group_key(grant)
+
+    def purged(self, peer_id, reason):
+        self.listener.purged(peer_id, reason)
+        self.dataplane.purge(peer_id)
+
+    def frame(self, dst, payload, ethertype=b"\x08\x00"):
+        return dst + self.mac + ethertype + payload
+
+    def send(self, dst, payload, ethertype=b"\x08\x00"):
+        """
+        The host sends a frame to C{dst} through the device.
+        """
+        self.device.send(self.frame(dst, payload, ethertype))

@@ -116,3 +116,73 @@ class KeyServerConfigTests(SynchronousTestCase):
         Limits out of range are refused.
         """
         self.assertConfigError(GOOD + "max_request_bytes = 10\n", "limits.max_request_bytes", "at least")
+
+
+AGENT = """
+[agent]
+ca = "pki/ca.pem"
+certificate = "pki/alice.pem"
+private_key = "pki/alice.key"
+key_servers = ["keyserver.test@10.231.0.1:7443", "10.231.0.2:7443"]
+
+[device]
+addresses = ["10.77.0.1/24"]
+
+[carrier]
+port = 4790
+"""
+
+
+class AgentConfigTests(SynchronousTestCase):
+    def write(self, text):
+        return KeyServerConfigTests.write(self, text)
+
+    def test_good(self):
+        """
+        A minimal agent config loads with its defaults.
+        """
+        from securelan.addresses import KeyServerAddress
+        from securelan.config import load_agent_config
+
+        config = load_agent_config(self.write(AGENT))
+        self.assertEqual(config.role, "client")
+        self.assertEqual(config.on_key_miss, "queue")
+        self.assertEqual(config.key_servers[0], KeyServerAddress("keyserver.test", "10.231.0.1", 7443))
+        self.assertEqual(config.key_servers[1].name, "10.231.0.2")
+        self.assertEqual(config.carrier.port, 4790)
+        self.assertEqual(config.device.mac, None)
+        self.assertEqual(config.device.addresses, ("10.77.0.1/24",))
+
+    def test_example_loads(self):
+        """
+        etc/agent.toml is a valid configuration.
+        """
+        from securelan.config import load_agent_config
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.assertEqual(load_agent_config(os.path.join(here, "etc", "agent.toml")).device.name, "slan0")
+
+    def assertAgentError(self, text, key, fragment):
+        from securelan.config import load_agent_config
+
+        path = self.write(text)
+        e = self.assertRaises(ConfigError, load_agent_config, path)
+        self.assertEqual(e.key, key)
+        self.assertIn(fragment, str(e))
+
+    def test_bad_values(self):
+        """
+        Each bad value is named with its key.
+        """
+        self.assertAgentError(AGENT.replace('"10.231.0.2:7443"', '"nowhere"'), "agent.key_servers", "nowhere")
+        self.assertAgentError(AGENT.replace("port = 4790", "port = 0"), "carrier.port", "at least")
+        self.assertAgentError(AGENT.replace("[device]", '[device]\nmac = "01:00:5e:00:00:01"'),
+                              "device.mac", "unicast")
+        self.assertAgentError(AGENT.replace('["10.77.0.1/24"]', '["10.77.0.300/24"]'),
+                              "device.addresses", "10.77.0.300")
+        self.assertAgentError(AGENT.replace("[carrier]", '[carrier]\ntype = "ethernet"'),
+                              "carrier.interface", "required")
+        self.assertAgentError(AGENT + '\n[queue]\nper_peer = "many"\n', "queue.per_peer", "integer")
+        self.assertAgentError(AGENT.replace("[agent]", '[agent]\nrole = "king"'), "agent.role", "one of")
+        self.assertAgentError(AGENT.replace("[agent]", '[agent]\non_key_miss = "wait"'),
+                              "agent.on_key_miss", "one of")

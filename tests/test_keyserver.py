@@ -461,7 +461,9 @@ class PushTests(SubnetTestCase):
         bob.pump.flush()
         self.assertEqual(self.successResultOf(d), 2)
         (kind, to_alice), = heard["alice"].events
-        (kind, to_bob), = heard["bob"].events
+        # bob heard of the key first when alice's request created it.
+        (_, on_issue), (kind, to_bob) = heard["bob"].events
+        self.assertEqual(on_issue.key, grant.key)
         self.assertEqual((to_alice.peer_id, to_bob.peer_id), ("bob", "alice"))
         self.assertEqual(to_alice.key, grant.key)
         self.assertEqual(to_bob.key, grant.key)
@@ -571,3 +573,28 @@ class ListPeersTests(SubnetTestCase):
         net = self.subnet()
         conn = net.connect("alice")
         self.failureResultOf(conn.run(list_peers(conn.client)), NotRegistered)
+
+
+class PushOnIssueTests(SubnetTestCase):
+    """
+    A newly issued pair key reaches the peer before the requester's first
+    frame does.
+    """
+
+    def test_peer_hears_of_new_key(self):
+        """
+        When alice's request creates K(alice, bob), bob is pushed the key,
+        with alice as peer; a second request pushes nothing.
+        """
+        net = self.subnet()
+        heard = RecordingListener()
+        alice, _ = net.join("alice", MAC_1)
+        bob, _ = net.join("bob", MAC_2, listener=heard)
+        grant = self.pair_key(alice, MAC_2)
+        net.flush()
+        (kind, pushed), = heard.events
+        self.assertEqual((kind, pushed.peer_id, pushed.peer_mac), ("pair_key", "alice", MAC_1))
+        self.assertEqual(pushed.key, grant.key)
+        self.pair_key(alice, MAC_2)
+        net.flush()
+        self.assertEqual(len(heard.events), 1)

@@ -19,3 +19,4 @@ class PluginTests(TestCase):
         """
         out = yield getProcessOutput(sys.executable, TWISTD[1:] + ["--help"], env=child_env())
         self.assertIn(b"securelan-keyserver", out)
+        self.assertIn(b"securelan-agent", out)

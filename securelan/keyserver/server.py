@@ -194,6 +194,9 @@ class KeyServer:
         pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
         if pair_key is None:
             pair_key = yield self._issue(member.member_id, peer.member_id)
+            # The peer will hear from the requester at once: hand it the key
+            # now, so the seed's receive-side miss (drop and ask) is rare.
+            self._push_to(peer.member_id, self._grant(pair_key, member))
         return self._grant(pair_key, peer)
 
     def _issue(self, id_1, id_2):
@@ -275,6 +278,12 @@ class KeyServer:
                 pushes.append(session.push_pair_key(self._grant(pair_key, peer)))
         results = yield defer.DeferredList(pushes, consumeErrors=True)
         return sum(1 for ok, _ in results if ok)
+
+    def _push_to(self, holder_id: str, grant: PairKeyGrant):
+        for session in list(self.sessions.get(holder_id, ())):
+            session.push_pair_key(grant).addErrback(
+                lambda f, s=session: log.debug("push to {session} failed: {reason}",
+                                               session=s, reason=f.getErrorMessage()))
 
     def purge(self, holder_id: str, peer_id: str, reason: str):
         """

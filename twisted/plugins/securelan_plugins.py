@@ -1,5 +1,5 @@
 """
-twistd plugins: ``securelan-keyserver`` (and, later, ``securelan-agent``).
+twistd plugins: ``securelan-keyserver`` and ``securelan-agent``.
 """
 
 from twisted.application.service import ServiceMaker
@@ -9,4 +9,11 @@ securelanKeyserver = ServiceMaker(
     "securelan.keyserver.tap",
     "Admit members and hand out pair keys and the group key.",
     "securelan-keyserver",
+)
+
+securelanAgent = ServiceMaker(
+    "securelan member agent",
+    "securelan.agent.tap",
+    "Encrypt this host's frames on a TAP device with keys from the key server.",
+    "securelan-agent",
 )

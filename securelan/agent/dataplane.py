@@ -1,0 +1,467 @@
+# -*- test-case-name: tests.test_agent -*-
+"""
+The agent's data plane: every frame the host sends and every datagram that
+arrives passes through here.
+
+Outbound (L{DataPlane.frame_from_device}), stage by stage:
+
+ 1. a frame shorter than an Ethernet header is dropped (C{runt});
+ 2. its source MAC must be the device's own (C{spoofed_src}): a host cannot
+    send in another member's name;
+ 3. a group destination (I/G bit: broadcast, multicast) is sealed once under
+    our sending key derived from the group key and sent to every member (or
+    broadcast in one send where the carrier can);
+ 4. a unicast destination is looked up in the key cache (the seed's MAC-KEY
+    list): on a hit the frame is sealed under our sending direction of the
+    pair key and sent to the peer's endpoint;
+ 5. on a miss one key request per MAC is in flight, and the frame waits in a
+    bounded queue (C{on_key_miss = "queue"}) or is dropped as the seed does
+    (C{"drop"}); the queue is flushed in order when the key arrives.
+
+Inbound (L{DataPlane.datagram_received}):
+
+ 1. the clear header is checked (L{securelan.wire.parse_header});
+ 2. a pair datagram must be addressed to our MAC (C{not_for_us}); its source
+    MAC selects the key (the seed's step 4); on a miss a bounded key request
+    is made and the datagram dropped (C{no_key});
+ 3. the header's epoch must be the key's, its sender incarnation selects the
+    receiving direction (a newer one means the peer restarted);
+ 4. the tag is verified, then the replay window checked and moved;
+ 5. pieces of a split frame are reassembled;
+ 6. the peer's endpoint follows its authenticated datagrams (roaming);
+ 7. the frame is written to the device.
+
+Every drop is counted by reason, for the agent and for the peer; nothing a
+peer or an attacker sends can raise out of here.
+"""
+
+from collections import OrderedDict
+
+from twisted.logger import Logger
+
+from ..addresses import format_mac, is_group_mac
+from ..errors import UnknownPeer
+from ..ratelimit import TokenBucket
+from ..wire import (
+    ETHERNET_HEADER_LEN,
+    TYPE_GROUP,
+    TYPE_PAIR,
+    CounterExhausted,
+    Reassembler,
+    WireError,
+    parse_header,
+)
+from .pending import PendingFrames
+from .peers import GroupState, Peer, Stats
+
+log = Logger(namespace="securelan.agent")
+
+#: The pending queue's name for frames that wait for the group key.
+_GROUP_QUEUE = b"group"
+
+#: A member announces itself to the others with a group frame of this
+#: EtherType (IEEE local experimental 1), which receivers consume: they learn
+#: its endpoint before it ever needs them to.
+ANNOUNCE_ETHERTYPE = b"\x88\xb5"
+_ANNOUNCE_BODY = b"securelan announce"
+
+#: How long a MAC the key server does not know is not asked about again.
+NEGATIVE_CACHE_SECONDS = 5.0
+_NEGATIVE_CACHE_SIZE = 4096
+
+
+class DataPlane:
+    """
+    The send and receive paths of one member.
+
+    @param keys: what asks the key server (a L{securelan.client.KeyServerClient}
+        or anything with C{request_pair_key(mac)} and C{request_group_key()}).
+    @param carrier: an L{ICarrier}, already started with
+        L{datagram_received} as its receiver.
+    @param device: an L{IDevice}, already started with L{frame_from_device}.
+    """
+
+    def __init__(self, my_id: str, my_mac: bytes, incarnation: int, keys, carrier, device, clock,
+                 on_key_miss: str = "queue", queue_per_peer: int = 64, queue_total: int = 1024,
+                 queue_timeout: float = 2.0):
+        self.my_id = my_id
+        self.my_mac = my_mac
+        self.incarnation = incarnation
+        self.keys = keys
+        self.carrier = carrier
+        self.device = device
+        self.clock = clock
+        self.queue_on_miss = on_key_miss == "queue"
+        self.pending = PendingFrames(queue_per_peer, queue_total, queue_timeout, clock)
+        self.reassembler = Reassembler(clock)
+        self.stats = Stats()
+        self.peers: dict[bytes, Peer] = {}
+        self.group: GroupState | None = None
+        #: Other members' endpoints by MAC, for broadcast over carriers that
+        #: cannot: from the key server's list, from keys, and from the group
+        #: frames members send.
+        self.members: dict[bytes, object] = {}
+        self._max_datagram = carrier.max_datagram
+        self._members_asked = None
+        self._members_known = False
+        self._announce_due = False
+        self._inflight: set[bytes] = set()
+        self._group_inflight = False
+        self._unknown: OrderedDict[bytes, float] = OrderedDict()
+        # Datagrams from senders we hold no key for make us ask the key
+        # server; an attacker must not be able to make us ask without limit.
+        self._inbound_requests = TokenBucket(20.0, 40, clock)
+
+    def start(self):
+        """
+        Fetch the group key and the member list at once: broadcasts (ARP)
+        come first.
+        """
+        self._request_group_key()
+        self.refresh_members()
+        self.announce()
+
+    def announce(self):
+        """
+        Tell every member where we are, once the group key and the member
+        list are here (after start and after every re-registration).
+        """
+        self._announce_due = True
+        self._maybe_announce()
+
+    def _maybe_announce(self):
+        if self._announce_due and self.group is not None and (
+                self._members_known or self.carrier.can_broadcast):
+            self._announce_due = False
+            self._send_group(b"\xff" * 6 + self.my_mac + ANNOUNCE_ETHERTYPE + _ANNOUNCE_BODY)
+
+    def tick(self):
+        """
+        Housekeeping, once a second: frames that waited or were half
+        reassembled for too long are dropped (and counted).
+        """
+        self.pending.expire()
+        self.reassembler.expire()
+
+    def _drop(self, reason: str, peer=None, n: int = 1):
+        self.stats.drop(reason, n)
+        if peer is not None:
+            peer.stats.drop(reason, n)
+
+    # Outbound ----------------------------------------------------------------
+
+    def frame_from_device(self, frame):
+        if len(frame) < ETHERNET_HEADER_LEN:
+            return self._drop("runt")
+        if frame[6:12] != self.my_mac:
+            return self._drop("spoofed_src")
+        dst = bytes(frame[:6])
+        if is_group_mac(dst):
+            return self._send_group(frame)
+        peer = self.peers.get(dst)
+        if peer is not None:
+            return self._send_pair(peer, frame)
+        if self.queue_on_miss:
+            if not self.pending.add(dst, frame):
+                self._drop("queue_full")
+        else:
+            self._drop("no_key")
+        self._request_pair_key(dst)
+
+    def _send_pair(self, peer: Peer, frame):
+        if peer.endpoint is None:
+            return self._drop("no_endpoint", peer)
+        try:
+            datagrams = peer.sealer.seal(frame, self._max_datagram)
+        except (CounterExhausted, ValueError):
+            return self._drop("too_big" if len(frame) > self._max_datagram else "counter", peer)
+        send = self.carrier.send
+        endpoint = peer.endpoint
+        for datagram in datagrams:
+            send(datagram, endpoint)
+        stats = peer.stats
+        stats.tx_frames += 1
+        stats.tx_bytes += len(frame)
+        stats.last_tx = self.clock.seconds()
+
+    def _send_group(self, frame):
+        group = self.group
+        if group is None:
+            if self.queue_on_miss:
+                if not self.pending.add(_GROUP_QUEUE, frame):
+                    self._drop("queue_full")
+            else:
+                self._drop("no_group_key")
+            self._request_group_key()
+            return
+        try:
+            datagrams = group.sealer.seal(frame, self._max_datagram)
+        except (CounterExhausted, ValueError):
+            return self._drop("too_big")
+        if not self.carrier.can_broadcast:
+            self._refresh_members_if_stale()
+        endpoints = [endpoint for endpoint in self.members.values() if endpoint is not None]
+        for datagram in datagrams:
+            self.carrier.broadcast(datagram, endpoints)
+        group.stats.tx_frames += 1
+        group.stats.tx_bytes += len(frame)
+        group.stats.last_tx = self.clock.seconds()
+
+    # Keys ------------------------------------------------------------------------
+
+    def _known_unknown(self, mac: bytes) -> bool:
+        until = self._unknown.get(mac)
+        if until is None:
+            return False
+        if until > self.clock.seconds():
+            return True
+        del self._unknown[mac]
+        return False
+
+    def _request_pair_key(self, mac: bytes):
+        if mac in self._inflight:
+            return
+        if self._known_unknown(mac):
+            self.pending.discard(mac, self.stats.drops, "unknown_peer")
+            return
+        self._inflight.add(mac)
+        d = self.keys.request_pair_key(mac)
+        d.addCallbacks(self.install_pair_key, self._pair_key_refused, errbackArgs=(mac,))
+        d.addBoth(self._request_done, mac)
+
+    def _request_done(self, result, mac):
+        self._inflight.discard(mac)
+
+    def _pair_key_refused(self, failure, mac):
+        self.pending.discard(mac, self.stats.drops, "no_key")
+        if failure.check(UnknownPeer):
+            self._unknown[mac] = self.clock.seconds() + NEGATIVE_CACHE_SECONDS
+            while len(self._unknown) > _NEGATIVE_CACHE_SIZE:
+                self._unknown.popitem(last=False)
+        log.info("no key for {mac}: {reason}", mac=format_mac(mac), reason=failure.getErrorMessage())
+
+    def install_pair_key(self, grant):
+        """
+        Put a pair key the key server granted (or pushed) in the key cache
+        and send what waited for it.
+        """
+        endpoint = self.carrier.parse_endpoint(grant.peer_endpoint)
+        old = self.peers.get(grant.peer_mac)
+        if old is not None and old.holds(grant):
+            # The same key again (pushed, then asked for): a new Sealer would
+            # start its counter at 0 and reuse nonces under this key.
+            peer = old
+            peer.lifetime = grant.lifetime
+            if grant.peer_endpoint != peer.endpoint_text:
+                peer.endpoint_text = grant.peer_endpoint
+                peer.endpoint = endpoint
+        else:
+            peer = Peer(grant, self.my_id, self.incarnation, endpoint, self.clock)
+            if old is not None and old.member_id == peer.member_id:
+                peer.stats = old.stats
+                if old.endpoint is not None and old.endpoint_text == grant.peer_endpoint:
+                    # Keep an endpoint learnt from authenticated traffic (roaming).
+                    peer.endpoint = old.endpoint
+        self.peers[grant.peer_mac] = peer
+        self.members[grant.peer_mac] = peer.endpoint
+        for frame in self.pending.take(grant.peer_mac):
+            self._send_pair(peer, frame)
+        return peer
+
+    def _request_group_key(self):
+        if self._group_inflight:
+            return
+        self._group_inflight = True
+        d = self.keys.request_group_key()
+
+        def done(result):
+            self._group_inflight = False
+            return result
+
+        def refused(failure):
+            self.pending.discard(_GROUP_QUEUE, self.stats.drops, "no_group_key")
+            log.info("no group key: {reason}", reason=failure.getErrorMessage())
+
+        d.addBoth(done).addCallbacks(self.install_group_key, refused)
+
+    def install_group_key(self, grant):
+        """
+        Take the group key the key server granted or pushed.
+        """
+        old = self.group
+        if old is None or not old.holds(grant):
+            self.group = GroupState(grant, self.my_mac, self.incarnation, self.clock)
+            if old is not None:
+                self.group.stats = old.stats
+        for frame in self.pending.take(_GROUP_QUEUE):
+            self._send_group(frame)
+        self._maybe_announce()
+        return self.group
+
+    #: A broadcast refreshes the member list when it is older than this.
+    MEMBERS_STALE_SECONDS = 5.0
+
+    def _refresh_members_if_stale(self):
+        asked = self._members_asked
+        if asked is None or self.clock.seconds() - asked > self.MEMBERS_STALE_SECONDS:
+            self.refresh_members()
+
+    def refresh_members(self):
+        """
+        Ask the key server for the member list (for broadcast fan-out).
+        """
+        if self.carrier.can_broadcast:
+            return
+        self._members_asked = self.clock.seconds()
+        d = self.keys.list_peers()
+        d.addCallbacks(self.set_members,
+                       lambda f: log.info("member list not refreshed: {reason}", reason=f.getErrorMessage()))
+
+    def set_members(self, peers):
+        """
+        Replace the list of members (from C{ListPeers}) that group frames go
+        to over carriers that cannot broadcast.
+        """
+        members = {}
+        for info in peers:
+            if info.mac == self.my_mac:
+                continue
+            known = self.peers.get(info.mac)
+            if known is not None and known.member_id == info.member_id and known.endpoint is not None:
+                endpoint = known.endpoint
+            else:
+                endpoint = self.carrier.parse_endpoint(info.endpoint)
+            members[info.mac] = endpoint
+        self.members = members
+        self._members_known = True
+        self._maybe_announce()
+
+    def purge(self, peer_id: str):
+        """
+        Forget every key held with C{peer_id} (revocation).
+        """
+        for mac, peer in list(self.peers.items()):
+            if peer.member_id == peer_id:
+                del self.peers[mac]
+                self.members.pop(mac, None)
+
+    # Inbound ---------------------------------------------------------------------
+
+    def datagram_received(self, datagram, source):
+        try:
+            header = parse_header(datagram)
+        except WireError as e:
+            return self._drop(e.reason)
+        if header.type == TYPE_PAIR:
+            return self._receive_pair(datagram, header, source)
+        if header.type == TYPE_GROUP:
+            return self._receive_group(datagram, header, source)
+        self._drop("type")
+
+    def _receive_pair(self, datagram, header, source):
+        if header.dst != self.my_mac:
+            return self._drop("not_for_us")
+        src = header.src
+        peer = self.peers.get(src)
+        if peer is None:
+            self._drop("no_key")
+            if self._inbound_requests.take():
+                self._request_pair_key(src)
+            return
+        if header.epoch != peer.epoch:
+            return self._drop("epoch", peer)
+        opener = peer.opener_for(header.incarnation)
+        if opener is None:
+            return self._drop("incarnation", peer)
+        try:
+            piece = opener.open(datagram, header)
+        except WireError as e:
+            return self._drop(e.reason, peer)
+        peer.accept(opener, header.incarnation)
+        if source != peer.endpoint and source is not None:
+            log.info("peer {peer_id} moved to {endpoint}", peer_id=peer.member_id, endpoint=source)
+            peer.endpoint = source
+            self.members[peer.mac] = source
+        self._deliver(header, piece, peer.stats, peer)
+
+    def _receive_group(self, datagram, header, source):
+        group = self.group
+        src = header.src
+        if src == self.my_mac or not is_group_mac(header.dst):
+            return self._drop("bad_group")
+        if group is None:
+            self._request_group_key()
+            return self._drop("no_group_key")
+        if header.epoch != group.epoch:
+            return self._drop("epoch")
+        opener = group.opener_for(src, header.incarnation)
+        if opener is None:
+            return self._drop("incarnation")
+        try:
+            piece = opener.open(datagram, header)
+        except WireError as e:
+            return self._drop(e.reason)
+        group.accept(src, opener, header.incarnation)
+        if source is not None and self.members.get(src) != source and src not in self.peers:
+            # A member we did not know of (it joined after our list was
+            # fetched): send it our broadcasts from now on.
+            self.members[src] = source
+        self._deliver(header, piece, group.stats, None)
+
+    def _deliver(self, header, piece, stats, peer):
+        try:
+            frame = self.reassembler.add(header, piece)
+        except WireError as e:
+            return self._drop(e.reason, peer)
+        if frame is None:
+            return
+        if peer is None and frame[12:14] == ANNOUNCE_ETHERTYPE:
+            stats.rx_frames += 1
+            return
+        if not self.device.write(frame):
+            return self._drop("device_full", peer)
+        stats.rx_frames += 1
+        stats.rx_bytes += len(frame)
+        stats.last_rx = self.clock.seconds()
+
+    # Status ----------------------------------------------------------------------
+
+    def status(self):
+        peers = []
+        for peer in sorted(self.peers.values(), key=lambda p: p.member_id):
+            peers.append({
+                "member_id": peer.member_id,
+                "mac": format_mac(peer.mac),
+                "role": peer.role,
+                "endpoint": _endpoint_text(peer.endpoint),
+                "epoch": peer.epoch,
+                "lifetime": peer.lifetime,
+                "rx_incarnation": peer.rx_incarnation,
+                "queued": self.pending.depth(peer.mac),
+                **peer.stats.as_dict(),
+            })
+        group = self.group
+        return {
+            "member_id": self.my_id,
+            "mac": format_mac(self.my_mac),
+            "incarnation": self.incarnation,
+            "peers": peers,
+            "members_known": len(self.members),
+            "group": None if group is None else {
+                "epoch": group.epoch, "senders": group.senders, **group.stats.as_dict()},
+            "pending": len(self.pending),
+            "pending_drops": dict(self.pending.dropped),
+            "reassembly_drops": self.reassembler.dropped,
+            "drops": dict(self.stats.drops),
+        }
+
+
+def _endpoint_text(endpoint):
+    if endpoint is None:
+        return None
+    if isinstance(endpoint, tuple):
+        host, port = endpoint[0], endpoint[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(endpoint, bytes):
+        return format_mac(endpoint)
+    return str(endpoint)

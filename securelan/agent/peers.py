@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_agent -*-
+"""
+The key cache (the seed's MAC-KEY list) and what the agent knows of each
+peer: its pair key's sending and receiving directions, its endpoint, and
+counters for C{securelan status}.
+
+Keys are derived here once per key, epoch and incarnation, never per frame.
+"""
+
+from ..ratelimit import TokenBucket
+from ..wire import TYPE_GROUP, TYPE_PAIR, Opener, Sealer, derive_group_key, derive_pair_key
+
+
+class Stats:
+    """
+    Frames, bytes and drops of one peer (or of the whole agent).
+    """
+
+    __slots__ = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "last_tx", "last_rx", "drops")
+
+    def __init__(self):
+        self.tx_frames = self.tx_bytes = self.rx_frames = self.rx_bytes = 0
+        self.last_tx = self.last_rx = None
+        self.drops: dict[str, int] = {}
+
+    def drop(self, reason: str, n: int = 1):
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+    def as_dict(self):
+        return {
+            "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
+            "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
+            "last_tx": self.last_tx, "last_rx": self.last_rx,
+            "drops": dict(self.drops),
+        }
+
+
+class Peer:
+    """
+    One entry of the key cache: the pair key shared with the member that
+    holds C{mac}, as the key server granted it.
+    """
+
+    __slots__ = ("member_id", "mac", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
+                 "granted_at", "sealer", "stats", "_key", "_my_id", "_opener", "_rx_incarnation",
+                 "_derivations")
+
+    def __init__(self, grant, my_id: str, my_incarnation: int, endpoint, clock):
+        self.member_id = grant.peer_id
+        self.mac = grant.peer_mac
+        self.role = grant.peer_role
+        self.endpoint_text = grant.peer_endpoint
+        self.endpoint = endpoint
+        self.epoch = grant.epoch
+        self.lifetime = grant.lifetime
+        self.granted_at = clock.seconds()
+        self.stats = Stats()
+        self._key = grant.key
+        self._my_id = my_id
+        self.sealer = Sealer(derive_pair_key(grant.key, my_id, grant.peer_id, grant.epoch, my_incarnation),
+                             TYPE_PAIR, grant.epoch, my_incarnation)
+        self._opener = None
+        self._rx_incarnation = 0
+        # A forged header naming a new incarnation costs a key derivation;
+        # bound how often an attacker can make us pay it.
+        self._derivations = TokenBucket(10.0, 10, clock)
+
+    def __repr__(self):
+        return f"<Peer {self.member_id} epoch {self.epoch}>"
+
+    def holds(self, grant) -> bool:
+        """
+        Whether C{grant} is the key this entry already uses (same peer,
+        epoch and key): then its sending counter must go on, not restart.
+        """
+        return (grant.peer_id == self.member_id and grant.epoch == self.epoch
+                and grant.key == self._key)
+
+    def opener_for(self, incarnation: int):
+        """
+        The receiving direction for the peer's C{incarnation}: the current
+        one; a candidate for a newer one (the peer restarted), which becomes
+        current only once a datagram authenticates under it (L{accept});
+        None for an older incarnation or when derivations are exhausted.
+        """
+        if incarnation == self._rx_incarnation:
+            return self._opener
+        if incarnation < self._rx_incarnation or not self._derivations.take():
+            return None
+        key = derive_pair_key(self._key, self.member_id, self._my_id, self.epoch, incarnation)
+        return Opener(key, TYPE_PAIR, self.epoch, incarnation)
+
+    def accept(self, opener, incarnation: int):
+        """
+        C{opener} authenticated a datagram: it is now the receiving direction.
+        """
+        if incarnation != self._rx_incarnation:
+            self._opener = opener
+            self._rx_incarnation = incarnation
+
+    @property
+    def rx_incarnation(self):
+        return self._rx_incarnation
+
+
+class GroupState:
+    """
+    The group key (the seed's KEY_M) as this agent uses it: one sending
+    direction under our own MAC, and a receiving direction per sender MAC
+    (the seed's claims 5 and 10), each with its own replay window.
+    """
+
+    #: Senders whose receiving state is kept at most (oldest dropped first).
+    MAX_SENDERS = 4096
+
+    def __init__(self, grant, my_mac: bytes, my_incarnation: int, clock):
+        self.epoch = grant.epoch
+        self.granted_at = clock.seconds()
+        self._key = grant.key
+        self.sealer = Sealer(derive_group_key(grant.key, my_mac, grant.epoch, my_incarnation),
+                             TYPE_GROUP, grant.epoch, my_incarnation)
+        self._senders: dict[bytes, tuple] = {}
+        self._derivations = TokenBucket(50.0, 100, clock)
+        self.stats = Stats()
+
+    def __repr__(self):
+        return f"<GroupState epoch {self.epoch}>"
+
+    def holds(self, grant) -> bool:
+        """
+        Whether C{grant} is the group key already in use.
+        """
+        return grant.epoch == self.epoch and grant.key == self._key
+
+    def opener_for(self, src_mac: bytes, incarnation: int):
+        held = self._senders.get(src_mac)
+        if held is not None:
+            if incarnation == held[0]:
+                return held[1]
+            if incarnation < held[0]:
+                return None
+        if not self._derivations.take():
+            return None
+        key = derive_group_key(self._key, src_mac, self.epoch, incarnation)
+        return Opener(key, TYPE_GROUP, self.epoch, incarnation)
+
+    def accept(self, src_mac: bytes, opener, incarnation: int):
+        held = self._senders.get(src_mac)
+        if held is None or held[0] != incarnation:
+            if held is None and len(self._senders) >= self.MAX_SENDERS:
+                del self._senders[next(iter(self._senders))]
+            self._senders[src_mac] = (incarnation, opener)
+
+    @property
+    def senders(self):
+        return len(self._senders)

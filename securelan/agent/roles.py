@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_agent -*-
+"""
+Agent roles, chosen by the C{role} key of the agent's config.  Each role is
+an L{IRole}; L{ROLES} maps role names to them, so a new role (gateway,
+border) is a new entry here and touches no other role.
+"""
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .._interfaces import IKeyListener, IRole
+from ..wire import OVERHEAD
+from .dataplane import DataPlane
+from .device import TapDevice
+
+log = Logger(namespace="securelan.agent")
+
+#: How often the member list (for broadcast fan-out) is refreshed.
+MEMBER_REFRESH_SECONDS = 30.0
+
+
+def frame_mtu(max_datagram: int) -> int:
+    """
+    The largest device MTU whose frames fit one datagram: the datagram less
+    securelan's header and tag and the EtherType carried inside.
+    """
+    return max_datagram - OVERHEAD - 2
+
+
+@implementer(IRole, IKeyListener)
+class ClientRole:
+    """
+    A member host: its own frames, on its own TAP device, to and from the
+    other members (the seed's steps 2 and 4).
+    """
+
+    name = "client"
+
+    def __init__(self, device_factory=None):
+        self._device_factory = device_factory or TapDevice
+        self.agent = None
+        self.device = None
+        self.dataplane = None
+        self._refresh = None
+        self._tick = None
+        self.not_ready = 0
+
+    def start(self, agent):
+        self.agent = agent
+        config = agent.config.device
+        mtu = config.mtu or frame_mtu(agent.carrier.max_datagram)
+        self.device = self._device_factory(config.name, agent.mac, mtu, config.addresses,
+                                           reactor=agent.reactor)
+        self.device.start(self._frame)
+
+    def stop(self):
+        for loop in (self._refresh, self._tick):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self.device is not None:
+            self.device.stop()
+
+    def _frame(self, frame):
+        if self.dataplane is None:
+            self.not_ready += 1
+            return
+        self.dataplane.frame_from_device(frame)
+
+    def datagram_received(self, datagram, source):
+        if self.dataplane is None:
+            self.not_ready += 1
+            return
+        self.dataplane.datagram_received(datagram, source)
+
+    # IKeyListener -------------------------------------------------------------
+
+    def registered(self, admission):
+        if self.dataplane is None:
+            agent = self.agent
+            q = agent.config.queue
+            # The first admission's incarnation is ours for the agent's
+            # whole life; later ones (reconnections) are not needed.
+            self.dataplane = DataPlane(
+                admission.member_id, agent.mac, admission.incarnation, agent.keys, agent.carrier,
+                self.device, agent.reactor, on_key_miss=agent.config.on_key_miss,
+                queue_per_peer=q.per_peer, queue_total=q.total, queue_timeout=q.timeout)
+            self._refresh = LoopingCall(self.dataplane.refresh_members)
+            self._refresh.clock = agent.reactor
+            self._refresh.start(MEMBER_REFRESH_SECONDS, now=False)
+            self._tick = LoopingCall(self.dataplane.tick)
+            self._tick.clock = agent.reactor
+            self._tick.start(1.0, now=False)
+            self.dataplane.start()
+        else:
+            self.dataplane.refresh_members()
+            self.dataplane.announce()
+
+    def pair_key_pushed(self, grant):
+        if self.dataplane is not None:
+            self.dataplane.install_pair_key(grant)
+
+    def group_key_pushed(self, grant):
+        if self.dataplane is not None:
+            self.dataplane.install_group_key(grant)
+
+    def purged(self, peer_id, reason):
+        log.info("purging keys with {peer_id}: {reason}", peer_id=peer_id, reason=reason)
+        if self.dataplane is not None:
+            self.dataplane.purge(peer_id)
+
+    def status(self):
+        base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready}
+        if self.dataplane is not None:
+            base.update(self.dataplane.status())
+        return base
+
+
+ROLES = {"client": ClientRole}

@@ -1,0 +1,303 @@
+# -*- test-case-name: tests.test_e2e -*-
+"""
+An encrypted subnet of network namespaces: a key server and member agents,
+each a real ``twistd`` process in its own namespace, on one switch.  The
+end-to-end tests and the demonstration build theirs with L{EncryptedLAN}.
+
+Addresses: the underlay is 10.231.0.0/24 (key server .10, members .1, .2,
+...), the encrypted overlay (the members' TAP devices) 10.231.100.0/24.
+Nothing is sent anywhere else.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+import securelan
+
+from . import pki
+from .addresses import format_mac
+from .netns import Lab, terminate
+
+#: The folder that holds the securelan package in use: the daemons run the
+#: same code as whoever builds the lab.
+CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(securelan.__file__)))
+
+UNDERLAY = "10.231.0"
+OVERLAY = "10.231.100"
+KEYSERVER_ADDRESS = f"{UNDERLAY}.10"
+KEYSERVER_PORT = 7443
+MARKER = b"SECURELAN-MARKER"
+
+
+def member_mac(index: int) -> bytes:
+    return bytes([0x02, 0x5E, 0xC0, 0, 0, index])
+
+
+def _twistd(plugin, config):
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", plugin, "--config", config]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (CODE_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def status_of(path, timeout=2.0):
+    """
+    Ask the agent whose status socket is C{path}; None if it does not answer.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(b"status\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)
+    except (OSError, ValueError):
+        return None
+
+
+class Member:
+    """
+    One member host of an L{EncryptedLAN}.
+    """
+
+    def __init__(self, lan, name, index):
+        self.lan = lan
+        self.name = name
+        self.index = index
+        self.mac = member_mac(index)
+        self.underlay = f"{UNDERLAY}.{index}"
+        self.overlay = f"{OVERLAY}.{index}"
+        self.host = lan.lab.host(name)
+        lan.lab.link(self.host, lan.switch, addresses=[f"{self.underlay}/24"])
+        self.config = os.path.join(lan.workdir, f"{name}.toml")
+        self.status_socket = os.path.join(lan.workdir, f"{name}.sock")
+        self.log = os.path.join(lan.workdir, f"{name}.log")
+        self.process = None
+
+    def write_config(self, carrier="udp", on_key_miss="queue"):
+        cert, key = self.lan.pki_paths(self.name)
+        carrier_lines = 'type = "udp"\nport = 4789' if carrier == "udp" else \
+            'type = "ethernet"\ninterface = "eth0"'
+        with open(self.config, "w") as f:
+            f.write(f"""
+[agent]
+ca = "{self.lan.ca}"
+certificate = "{cert}"
+private_key = "{key}"
+key_servers = ["keyserver.test@{KEYSERVER_ADDRESS}:{KEYSERVER_PORT}"]
+on_key_miss = "{on_key_miss}"
+status_socket = "{self.status_socket}"
+
+[device]
+name = "slan0"
+mac = "{format_mac(self.mac)}"
+addresses = ["{self.overlay}/24"]
+
+[carrier]
+{carrier_lines}
+""")
+
+    def start(self, carrier="udp", on_key_miss="queue"):
+        self.write_config(carrier, on_key_miss)
+        with open(self.log, "ab") as log:
+            self.process = self.host.popen(_twistd("securelan-agent", self.config), env=_env(),
+                                           stdout=log, stderr=subprocess_stdout())
+
+    def stop(self):
+        if self.process is not None:
+            terminate(self.process)
+            self.process = None
+
+    def status(self):
+        return status_of(self.status_socket)
+
+    def wait_registered(self, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            role = (status or {}).get("role", {})
+            if role.get("incarnation") and role.get("group"):
+                return status
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"agent {self.name} did not register: {self.log_text()[-3000:]}")
+
+    def log_text(self):
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def peer(self, name):
+        for peer in (self.status() or {}).get("role", {}).get("peers", []):
+            if peer["member_id"] == name:
+                return peer
+        return None
+
+    def drops(self):
+        return (self.status() or {}).get("role", {}).get("drops", {})
+
+    def ping(self, other, **kw):
+        return self.host.ping(other.overlay, **kw)
+
+
+def subprocess_stdout():
+    import subprocess
+
+    return subprocess.STDOUT
+
+
+class EncryptedLAN:
+    """
+    A switch, a key server and members C{names}, their certificates in a
+    scratch folder.  Use as a context manager; everything is removed after.
+    """
+
+    def __init__(self, names=("alice", "bob", "carol"), workdir=None):
+        self.names = names
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="sl-lan-")
+        self.lab = Lab()
+        self.members = {}
+        self.keyserver = None
+        self.keyserver_process = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __getitem__(self, name):
+        return self.members[name]
+
+    def _build(self):
+        self.pki_dir = os.path.join(self.workdir, "pki")
+        self.ca, _ = pki.create_ca(self.pki_dir, "test", days=2)
+        pki.issue_keyserver(self.pki_dir, "keyserver.test", days=2)
+        for name in self.names:
+            pki.issue_member(self.pki_dir, name, days=2)
+        self.switch = self.lab.switch("lan")
+        self.keyserver = self.lab.host("ks")
+        self.lab.link(self.keyserver, self.switch, addresses=[f"{KEYSERVER_ADDRESS}/24"])
+        for i, name in enumerate(self.names, start=1):
+            self.members[name] = Member(self, name, i)
+        self.ks_config = os.path.join(self.workdir, "keyserver.toml")
+        os.makedirs(os.path.join(self.workdir, "state"), exist_ok=True)
+        with open(self.ks_config, "w") as f:
+            f.write(f"""
+[keyserver]
+subnet = "test"
+listen = "tcp:{KEYSERVER_PORT}:interface={KEYSERVER_ADDRESS}"
+ca = "{self.ca}"
+certificate = "{os.path.join(self.pki_dir, 'keyserver.test.pem')}"
+private_key = "{os.path.join(self.pki_dir, 'keyserver.test.key')}"
+state_dir = "{os.path.join(self.workdir, 'state')}"
+""")
+        self.ks_log = os.path.join(self.workdir, "keyserver.log")
+
+    def pki_paths(self, name):
+        return (os.path.join(self.pki_dir, f"{name}.pem"), os.path.join(self.pki_dir, f"{name}.key"))
+
+    def start_keyserver(self, timeout=20.0):
+        with open(self.ks_log, "ab") as log:
+            self.keyserver_process = self.keyserver.popen(
+                _twistd("securelan-keyserver", self.ks_config), env=_env(), stdout=log,
+                stderr=subprocess_stdout())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"listening on" in open(self.ks_log, "rb").read():
+                return
+            if self.keyserver_process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"key server did not start: {open(self.ks_log, errors='replace').read()[-3000:]}")
+
+    def kill_keyserver(self):
+        """
+        SIGKILL: the key server vanishes without a goodbye.
+        """
+        if self.keyserver_process is not None:
+            self.keyserver_process.send_signal(signal.SIGKILL)
+            self.keyserver_process.wait(10)
+            self.keyserver_process = None
+
+    def start(self, carrier="udp", on_key_miss="queue"):
+        """
+        Start the key server and every member; return once all registered.
+        """
+        self.start_keyserver()
+        for member in self.members.values():
+            member.start(carrier, on_key_miss)
+        for member in self.members.values():
+            member.wait_registered()
+
+    def tcp_exchange(self, client, server, size=200000, port=5001, marker=MARKER):
+        """
+        Send C{size} bytes (the marker repeated) from C{client} to
+        C{server} over TCP on the overlay; return whether the server saw
+        exactly them (it answers with their SHA-256).
+        """
+        payload_repeat = size // len(marker) + 1
+        server_code = (
+            "import socket,hashlib,sys\n"
+            "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('{server.overlay}', {port})); s.listen(1); print('ready', flush=True)\n"
+            "c,_=s.accept(); c.settimeout(20); h=hashlib.sha256(); n=0\n"
+            "while True:\n"
+            "    d=c.recv(65536)\n"
+            "    if not d: break\n"
+            "    h.update(d); n+=len(d)\n"
+            "c.sendall(h.hexdigest().encode()); c.close()\n"
+        )
+        import subprocess
+
+        proc = server.host.popen([sys.executable, "-c", server_code], stdout=subprocess.PIPE)
+        try:
+            proc.stdout.readline()
+            client_code = (
+                "import socket,sys\n"
+                f"data=({marker!r}*{payload_repeat})[:{size}]\n"
+                f"c=socket.create_connection(('{server.overlay}', {port}), timeout=20)\n"
+                "c.sendall(data); c.shutdown(socket.SHUT_WR)\n"
+                "print(c.recv(100).decode())\n"
+            )
+            result = client.host.run([sys.executable, "-c", client_code], timeout=60, check=False)
+            expected = hashlib.sha256((marker * payload_repeat)[:size]).hexdigest()
+            return result.stdout.strip() == expected
+        finally:
+            terminate(proc, grace=1.0)
+
+    def close(self):
+        for member in self.members.values():
+            member.stop()
+        if self.keyserver_process is not None:
+            terminate(self.keyserver_process)
+            self.keyserver_process = None
+        self.lab.close()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

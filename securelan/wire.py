@@ -1,0 +1,687 @@
+# -*- test-case-name: tests.test_wire -*-
+"""
+The data-plane wire format, version 1: how one Ethernet frame travels
+between two agents as one or more authenticated, encrypted datagrams.
+``docs/wire-format.rst`` is the specification; this module is its code.
+
+A datagram is a 32-byte header in clear (the AEAD associated data), then the
+AES-256-GCM encryption of the frame's EtherType and payload, then the 16-byte
+tag.  The header carries the frame's destination and source MACs, so a
+receiver rebuilds the exact Ethernet frame.
+
+The sending side, per frame::
+
+    frame --Sealer.seal--> [datagram, ...]        (one, or up to 64 pieces)
+
+The receiving side, per datagram::
+
+    datagram --parse_header--> Header             (pick the Opener by
+                                                   type, src, epoch,
+                                                   incarnation)
+             --Opener.open--> piece plaintext     (tag, then replay window)
+             --Reassembler.add--> frame or None   (None: more pieces due)
+
+Public API
+==========
+
+Constants
+    L{VERSION}, L{TYPE_PAIR}, L{TYPE_GROUP}, L{TYPE_CONTROL}, L{HEADER_LEN},
+    L{TAG_LEN}, L{OVERHEAD}, L{MAX_FRAGMENTS}, L{REJECT_AFTER_MESSAGES},
+    and the drop reasons L{DROP_REASONS}.
+
+C{tap_mtu(underlay_mtu, ipv6=False) -> int}, C{max_datagram(underlay_mtu, ipv6=False) -> int}
+    MTU arithmetic for UDP underlays.
+
+C{derive_pair_key(pair_key, sender_id, receiver_id, epoch, incarnation) -> SecretKey}
+C{derive_group_key(group_key, sender_mac, epoch, incarnation) -> SecretKey}
+    The traffic key of one direction, derived once per (key, epoch, sender
+    incarnation), never per frame.
+
+C{Sealer(key, type, epoch, incarnation)}
+    C{.seal(frame, max_datagram) -> list[bytes]}; C{.counter}.
+
+C{Opener(key, type, epoch, incarnation)}
+    C{.open(datagram, header=None) -> bytes}; C{.last_counter}.
+
+C{parse_header(datagram) -> Header}
+    C{Header(version, type, index, count, epoch, incarnation, counter, dst,
+    src)}, a namedtuple.
+
+C{Reassembler(clock, timeout=2.0, max_frames_per_sender=8, max_bytes=2 MiB)}
+    C{.add(header, piece) -> bytes | None}; C{.expire() -> int};
+    counters C{completed}, C{expired}, C{evicted}, C{dropped}.
+
+Errors
+======
+
+Every datagram the receiving side drops raises L{WireError}, whose
+C{reason} attribute is one of L{DROP_REASONS}, so the agent can count drops
+by reason:
+
+    - C{"short"}: shorter than a header and a tag;
+    - C{"version"}: not version 1;
+    - C{"type"}: an unknown type, or not the type of the Opener;
+    - C{"fragment"}: fragment count 0 or above 64, index not below count, or
+      a counter below the index (no frame starts before counter 0);
+    - C{"incarnation"}: incarnation 0, or not the Opener's;
+    - C{"epoch"}: not the Opener's key epoch (the peer may hold another key
+      version: the seed's PW_ID check);
+    - C{"auth"}: the tag did not verify (forged, corrupt, or another key);
+    - C{"replay"}: authentic, but the counter was accepted before, is too
+      old for the replay window, or is at or above REJECT_AFTER_MESSAGES;
+    - C{"reassembly"}: an authentic piece that does not fit the frame in
+      progress with its identity, or a rebuilt frame shorter than an
+      Ethernet header;
+    - C{"limit"}: a piece that does not fit the reassembly memory budget.
+
+The sending side raises C{ValueError} for a frame it cannot send (shorter
+than an Ethernet header, or needing more than 64 pieces) and
+L{CounterExhausted} when the key has protected all the messages it may: the
+agent must get a new key (or a new incarnation) before sending more.
+
+No repr, message or exception here carries key bytes.
+"""
+
+import struct
+from collections import OrderedDict, namedtuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from securelan.addresses import check_mac
+from securelan.keys import KEY_BYTES, SecretKey
+from securelan.replay import REJECT_AFTER_MESSAGES, ReplayWindow
+
+__all__ = [
+    "VERSION",
+    "TYPE_PAIR",
+    "TYPE_GROUP",
+    "TYPE_CONTROL",
+    "HEADER_LEN",
+    "TAG_LEN",
+    "OVERHEAD",
+    "MAX_FRAGMENTS",
+    "REJECT_AFTER_MESSAGES",
+    "DROP_REASONS",
+    "WireError",
+    "CounterExhausted",
+    "Header",
+    "parse_header",
+    "tap_mtu",
+    "max_datagram",
+    "derive_pair_key",
+    "derive_group_key",
+    "Sealer",
+    "Opener",
+    "Reassembler",
+]
+
+VERSION = 1
+
+#: A unicast frame under a pair key.
+TYPE_PAIR = 1
+#: A broadcast or multicast frame under a sender's key derived from the
+#: group key.
+TYPE_GROUP = 2
+#: Reserved for keepalives and other agent-to-agent messages.
+TYPE_CONTROL = 3
+
+_TYPE_NAMES = {TYPE_PAIR: "pair", TYPE_GROUP: "group", TYPE_CONTROL: "control"}
+
+HEADER_LEN = 32
+TAG_LEN = 16
+#: What the wire adds to a frame's EtherType and payload.
+OVERHEAD = HEADER_LEN + TAG_LEN
+MAX_FRAGMENTS = 64
+
+#: Destination MAC, source MAC, EtherType.
+ETHERNET_HEADER_LEN = 14
+#: The two MACs of an Ethernet frame travel in the header, not encrypted.
+_MACS_LEN = 12
+
+_IPV4_HEADER_LEN = 20
+_IPV6_HEADER_LEN = 40
+_UDP_HEADER_LEN = 8
+
+#: The HKDF salt of every traffic key of wire version 1.
+KDF_SALT = b"securelan v1"
+
+DROP_SHORT = "short"
+DROP_VERSION = "version"
+DROP_TYPE = "type"
+DROP_FRAGMENT = "fragment"
+DROP_INCARNATION = "incarnation"
+DROP_EPOCH = "epoch"
+DROP_AUTH = "auth"
+DROP_REPLAY = "replay"
+DROP_REASSEMBLY = "reassembly"
+DROP_LIMIT = "limit"
+
+DROP_REASONS = frozenset(
+    {
+        DROP_SHORT,
+        DROP_VERSION,
+        DROP_TYPE,
+        DROP_FRAGMENT,
+        DROP_INCARNATION,
+        DROP_EPOCH,
+        DROP_AUTH,
+        DROP_REPLAY,
+        DROP_REASSEMBLY,
+        DROP_LIMIT,
+    }
+)
+
+# version, type, fragment index, fragment count, epoch, incarnation,
+# counter, destination MAC, source MAC.
+_HEADER = struct.Struct("!BBBBIIQ6s6s")
+# The same 32 bytes, packed with both MACs as one field (the first 12 bytes
+# of an Ethernet frame) so the sender slices the frame once.
+_HEADER_OUT = struct.Struct("!BBBBIIQ12s")
+# A 96-bit GCM nonce: 4 zero bytes, then the counter.
+_NONCE = struct.Struct("!4xQ")
+_U32 = struct.Struct("!I")
+
+assert _HEADER.size == _HEADER_OUT.size == HEADER_LEN
+
+_MAX_U32 = 2**32 - 1
+
+
+class WireError(Exception):
+    """
+    A datagram or piece was dropped.
+
+    @ivar reason: why, one of L{DROP_REASONS}.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self):
+        return f"datagram dropped: {self.reason}"
+
+
+class CounterExhausted(Exception):
+    """
+    The sending key has protected all the messages it may
+    (L{REJECT_AFTER_MESSAGES}); it must not protect another.
+    """
+
+
+Header = namedtuple(
+    "Header", "version type index count epoch incarnation counter dst src"
+)
+Header.__doc__ = """
+The clear header of a datagram, as L{parse_header} returns it.
+
+@ivar version: always L{VERSION}.
+@ivar type: L{TYPE_PAIR}, L{TYPE_GROUP} or L{TYPE_CONTROL}.
+@ivar index: the piece's fragment index, below C{count}.
+@ivar count: how many pieces the frame has, 1 to L{MAX_FRAGMENTS}.
+@ivar epoch: the key epoch (PW_ID).
+@ivar incarnation: the sender's incarnation, never 0.
+@ivar counter: the message counter (and nonce).
+@ivar dst: the frame's destination MAC, 6 bytes.
+@ivar src: the frame's source MAC, 6 bytes.
+"""
+
+# Header._make without its length check (unpack_from gives nine fields).
+_tuple_new = tuple.__new__
+_KNOWN_TYPES = frozenset(_TYPE_NAMES)
+
+
+def parse_header(datagram) -> Header:
+    """
+    Read and check the clear header of a datagram.  Nothing here is
+    authenticated yet: use the fields only to pick an L{Opener}.
+
+    @param datagram: the datagram, any bytes-like object.
+    @raise WireError: with reason C{"short"}, C{"version"}, C{"type"},
+        C{"fragment"} or C{"incarnation"} (see the module docstring); never
+        anything else.
+    """
+    if len(datagram) < OVERHEAD:
+        raise WireError(DROP_SHORT)
+    fields = _HEADER.unpack_from(datagram)
+    if fields[0] != VERSION:
+        raise WireError(DROP_VERSION)
+    if fields[1] not in _KNOWN_TYPES:
+        raise WireError(DROP_TYPE)
+    index = fields[2]
+    if not 0 < fields[3] <= MAX_FRAGMENTS or index >= fields[3] or fields[6] < index:
+        raise WireError(DROP_FRAGMENT)
+    if not fields[5]:
+        raise WireError(DROP_INCARNATION)
+    return _tuple_new(Header, fields)
+
+
+def max_datagram(underlay_mtu: int, ipv6: bool = False) -> int:
+    """
+    The largest UDP payload that crosses an underlay of this MTU unfragmented.
+    """
+    return underlay_mtu - (_IPV6_HEADER_LEN if ipv6 else _IPV4_HEADER_LEN) - _UDP_HEADER_LEN
+
+
+def tap_mtu(underlay_mtu: int, ipv6: bool = False) -> int:
+    """
+    The largest TAP MTU (Ethernet payload) for which every frame travels as
+    one UDP datagram over an underlay of MTU C{underlay_mtu}: that MTU less
+    the IP header (20 or 40), the UDP header (8), our header (32), the tag
+    (16) and the EtherType that travels inside the ciphertext (2).  1500
+    over IPv4 gives 1422.
+
+    @raise ValueError: if the underlay MTU leaves no room for a payload.
+    """
+    mtu = max_datagram(underlay_mtu, ipv6) - OVERHEAD - (ETHERNET_HEADER_LEN - _MACS_LEN)
+    if mtu < 1:
+        raise ValueError(f"an underlay MTU of {underlay_mtu} is too small")
+    return mtu
+
+
+def _check_u32(name, value, minimum=0):
+    if not isinstance(value, int) or not minimum <= value <= _MAX_U32:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {_MAX_U32}]")
+    return value
+
+
+def _length_prefixed(member_id: str) -> bytes:
+    encoded = member_id.encode("utf-8")
+    if not 0 < len(encoded) < 256:
+        raise ValueError("a member ID is 1 to 255 bytes of UTF-8")
+    return bytes((len(encoded),)) + encoded
+
+
+def _hkdf(ikm: SecretKey, info: bytes) -> SecretKey:
+    if not isinstance(ikm, SecretKey):
+        raise TypeError("the input key must be a SecretKey")
+    return SecretKey(HKDF(SHA256(), KEY_BYTES, KDF_SALT, info).derive(ikm.material))
+
+
+def derive_pair_key(
+    pair_key: SecretKey, sender_id: str, receiver_id: str, epoch: int, incarnation: int
+) -> SecretKey:
+    """
+    The key of the direction C{sender_id} -> C{receiver_id} of a pair key,
+    for one incarnation of the sender.  The sender derives it with its own
+    incarnation; the receiver with the incarnation the header carries.
+
+    HKDF-SHA-256, salt C{b"securelan v1"}, info C{b"pair" + lp(sender_id) +
+    lp(receiver_id) + epoch + incarnation} (C{lp}: one length byte, then
+    UTF-8; both numbers 4 bytes big-endian).
+    """
+    info = b"".join(
+        (
+            b"pair",
+            _length_prefixed(sender_id),
+            _length_prefixed(receiver_id),
+            _U32.pack(_check_u32("epoch", epoch)),
+            _U32.pack(_check_u32("incarnation", incarnation, 1)),
+        )
+    )
+    return _hkdf(pair_key, info)
+
+
+def derive_group_key(
+    group_key: SecretKey, sender_mac: bytes, epoch: int, incarnation: int
+) -> SecretKey:
+    """
+    The key under which the member with MAC C{sender_mac}, in one
+    incarnation, sends broadcast and multicast frames (the seed's claims 5
+    and 10: the multicast key carries the sender's MAC).
+
+    HKDF-SHA-256, salt C{b"securelan v1"}, info C{b"group" + sender_mac +
+    epoch + incarnation} (both numbers 4 bytes big-endian).
+    """
+    info = b"".join(
+        (
+            b"group",
+            check_mac(sender_mac),
+            _U32.pack(_check_u32("epoch", epoch)),
+            _U32.pack(_check_u32("incarnation", incarnation, 1)),
+        )
+    )
+    return _hkdf(group_key, info)
+
+
+def _check_direction(key, type, epoch, incarnation):
+    if not isinstance(key, SecretKey):
+        raise TypeError("the traffic key must be a SecretKey")
+    if type not in _KNOWN_TYPES:
+        raise ValueError(f"unknown datagram type {type!r}")
+    _check_u32("epoch", epoch)
+    _check_u32("incarnation", incarnation, 1)
+
+
+class Sealer:
+    """
+    The sending direction of one traffic key: it turns Ethernet frames into
+    datagrams and owns the message counter, so it never uses a counter (a
+    GCM nonce) twice.  Make one per derived key and keep it as long as the
+    key.
+
+    @param key: the derived traffic key (L{derive_pair_key} with this
+        member as sender, or L{derive_group_key} with this member's MAC).
+    @param type: L{TYPE_PAIR}, L{TYPE_GROUP} or L{TYPE_CONTROL}.
+    @param epoch: the key epoch, 0 to 2**32 - 1.
+    @param incarnation: this member's incarnation, 1 to 2**32 - 1.
+    """
+
+    __slots__ = ("_encrypt", "_type", "_epoch", "_incarnation", "_counter")
+
+    def __init__(self, key: SecretKey, type: int, epoch: int, incarnation: int):
+        _check_direction(key, type, epoch, incarnation)
+        self._encrypt = AESGCM(key.material).encrypt
+        self._type = type
+        self._epoch = epoch
+        self._incarnation = incarnation
+        self._counter = 0
+
+    def __repr__(self):
+        return (
+            f"<Sealer {_TYPE_NAMES[self._type]} epoch={self._epoch}"
+            f" incarnation={self._incarnation} counter={self._counter}>"
+        )
+
+    @property
+    def counter(self) -> int:
+        """
+        The counter of the next datagram: how many this key has sealed.
+        """
+        return self._counter
+
+    def seal(self, frame, max_datagram: int) -> list:
+        """
+        Encrypt one Ethernet frame into datagrams of at most C{max_datagram}
+        bytes: one datagram when it fits, else up to L{MAX_FRAGMENTS} pieces
+        of near-equal size with consecutive counters.
+
+        @param frame: the whole frame, destination MAC, source MAC,
+            EtherType, payload (bytes-like).
+        @return: the datagrams (C{bytes}), in order.
+        @raise ValueError: if the frame is shorter than an Ethernet header,
+            or would need more than L{MAX_FRAGMENTS} pieces.
+        @raise CounterExhausted: if the key may not protect that many more
+            messages; nothing is sealed then.
+        """
+        body = len(frame) - _MACS_LEN
+        if body < ETHERNET_HEADER_LEN - _MACS_LEN:
+            raise ValueError("an Ethernet frame is at least 14 bytes")
+        room = max_datagram - OVERHEAD
+        counter = self._counter
+        macs = bytes(frame[:_MACS_LEN])
+        if body <= room:
+            if counter >= REJECT_AFTER_MESSAGES:
+                raise CounterExhausted()
+            self._counter = counter + 1
+            header = _HEADER_OUT.pack(
+                VERSION, self._type, 0, 1, self._epoch, self._incarnation, counter, macs
+            )
+            return [header + self._encrypt(_NONCE.pack(counter), frame[_MACS_LEN:], header)]
+        if room < 1:
+            raise ValueError(f"a datagram of {max_datagram} bytes has no room for data")
+        count = -(-body // room)
+        if count > MAX_FRAGMENTS:
+            raise ValueError(
+                f"a {len(frame)}-byte frame needs {count} pieces of at most"
+                f" {max_datagram} bytes; the limit is {MAX_FRAGMENTS}"
+            )
+        if counter > REJECT_AFTER_MESSAGES - count:
+            raise CounterExhausted()
+        self._counter = counter + count
+        # Near-equal pieces: the first `extra` carry one byte more.  Slices,
+        # not memoryviews: AESGCM takes bytes faster than a view, and the
+        # copy is cheaper than the difference (measured).
+        share, extra = divmod(body, count)
+        pack, encrypt, nonce = _HEADER_OUT.pack, self._encrypt, _NONCE.pack
+        type, epoch, incarnation = self._type, self._epoch, self._incarnation
+        datagrams = []
+        start = _MACS_LEN
+        for index in range(count):
+            end = start + share + (index < extra)
+            header = pack(VERSION, type, index, count, epoch, incarnation, counter, macs)
+            datagrams.append(header + encrypt(nonce(counter), frame[start:end], header))
+            counter += 1
+            start = end
+        return datagrams
+
+
+class Opener:
+    """
+    The receiving direction of one traffic key, for one sender incarnation:
+    it authenticates and decrypts datagrams and keeps the replay window.
+
+    @param key: the derived traffic key (L{derive_pair_key} with the peer as
+        sender, or L{derive_group_key} with the peer's MAC), for the
+        incarnation the header carries.
+    @param type: the datagram type this key is for.
+    @param epoch: the key epoch.
+    @param incarnation: the sender's incarnation.
+    """
+
+    __slots__ = ("_decrypt", "_type", "_epoch", "_incarnation", "_window")
+
+    def __init__(self, key: SecretKey, type: int, epoch: int, incarnation: int):
+        _check_direction(key, type, epoch, incarnation)
+        self._decrypt = AESGCM(key.material).decrypt
+        self._type = type
+        self._epoch = epoch
+        self._incarnation = incarnation
+        self._window = ReplayWindow()
+
+    def __repr__(self):
+        return (
+            f"<Opener {_TYPE_NAMES[self._type]} epoch={self._epoch}"
+            f" incarnation={self._incarnation} last_counter={self._window.last}>"
+        )
+
+    @property
+    def last_counter(self) -> int:
+        """
+        The highest counter accepted so far (0 when none was).
+        """
+        return self._window.last
+
+    def open(self, datagram, header: Header = None) -> bytes:
+        """
+        Authenticate and decrypt one datagram: first the tag, then the
+        replay window, which moves only for an authentic datagram.
+
+        @param datagram: the whole datagram (bytes-like).
+        @param header: C{parse_header(datagram)}, if the caller has it.
+        @return: the piece's plaintext: EtherType and payload for a whole
+            frame, a part of them for a piece; give it to
+            L{Reassembler.add}.
+        @raise WireError: with reason C{"type"}, C{"epoch"} or
+            C{"incarnation"} if the header does not name this key, C{"auth"}
+            if the tag does not verify, C{"replay"} if the counter is not
+            fresh, or any reason of L{parse_header}.
+        """
+        if header is None:
+            header = parse_header(datagram)
+        if header.type != self._type:
+            raise WireError(DROP_TYPE)
+        if header.epoch != self._epoch:
+            raise WireError(DROP_EPOCH)
+        if header.incarnation != self._incarnation:
+            raise WireError(DROP_INCARNATION)
+        counter = header.counter
+        try:
+            plaintext = self._decrypt(
+                _NONCE.pack(counter), datagram[HEADER_LEN:], datagram[:HEADER_LEN]
+            )
+        except InvalidTag:
+            raise WireError(DROP_AUTH) from None
+        if not self._window.check(counter):
+            raise WireError(DROP_REPLAY)
+        return plaintext
+
+
+class _Frame:
+    """
+    A fragmented frame in progress.
+    """
+
+    __slots__ = ("dst", "count", "pieces", "missing", "size", "started")
+
+    def __init__(self, dst, count, started):
+        self.dst = dst
+        self.count = count
+        self.pieces = [None] * count
+        self.missing = count
+        self.size = 0
+        self.started = started
+
+
+class Reassembler:
+    """
+    Rebuilds Ethernet frames from authentic pieces, in any order, within
+    bounds: at most C{max_frames_per_sender} frames in progress per source
+    MAC (a new one evicts that sender's oldest), at most C{max_bytes} of
+    pieces held in all (new pieces evict the oldest frames), and a frame
+    not complete C{timeout} seconds after its first piece is dropped.  A
+    frame missing a piece is never delivered.
+
+    Call L{expire} from a timer too, so a frame that lost a piece frees its
+    memory even when no more pieces arrive.
+
+    @param clock: gives the time with C{.seconds()} (the reactor, or a
+        C{twisted.internet.task.Clock} in tests); it should not go back.
+
+    @ivar completed: frames rebuilt from several pieces.
+    @ivar expired: frames dropped because a piece was missing at timeout.
+    @ivar evicted: frames dropped to stay within the bounds.
+    """
+
+    def __init__(self, clock, timeout=2.0, max_frames_per_sender=8, max_bytes=2 * 1024 * 1024):
+        if timeout <= 0 or max_frames_per_sender < 1 or max_bytes < 1:
+            raise ValueError("the reassembly bounds must be positive")
+        self._clock = clock
+        self._timeout = timeout
+        self._max_frames_per_sender = max_frames_per_sender
+        self._max_bytes = max_bytes
+        # Every frame in progress, oldest first, by (sender, frame identity).
+        self._frames = OrderedDict()
+        # Source MAC -> that sender's frames in progress, oldest first.
+        self._by_source = {}
+        self._bytes = 0
+        self.completed = 0
+        self.expired = 0
+        self.evicted = 0
+
+    def __repr__(self):
+        return f"<Reassembler frames={len(self._frames)} bytes={self._bytes}>"
+
+    @property
+    def dropped(self) -> int:
+        """
+        Frames dropped unfinished, for any reason.
+        """
+        return self.expired + self.evicted
+
+    @property
+    def in_progress(self) -> int:
+        """
+        How many frames are waiting for pieces.
+        """
+        return len(self._frames)
+
+    @property
+    def bytes_held(self) -> int:
+        """
+        The size of the pieces held.
+        """
+        return self._bytes
+
+    def add(self, header: Header, piece: bytes):
+        """
+        Take one authentic piece (what L{Opener.open} returned for the
+        datagram with this header).
+
+        @return: the rebuilt Ethernet frame when this piece completes it (at
+            once for a whole frame), else C{None}.
+        @raise WireError: with reason C{"reassembly"} if the piece does not
+            fit the frame in progress with its identity (another piece
+            count, another destination, an index already held) or the frame
+            would be shorter than an Ethernet header; C{"limit"} if the
+            piece alone exceeds the memory budget.
+        """
+        count = header.count
+        if count == 1:
+            if len(piece) < ETHERNET_HEADER_LEN - _MACS_LEN:
+                raise WireError(DROP_REASSEMBLY)
+            return b"".join((header.dst, header.src, piece))
+        now = self._clock.seconds()
+        self._expire(now)
+        src = header.src
+        index = header.index
+        # The sender's counter space is its key's, named by these fields;
+        # a frame's identity in it is the counter of its piece 0.
+        key = (src, header.type, header.epoch, header.incarnation, header.counter - index)
+        frame = self._frames.get(key)
+        new = frame is None
+        if new:
+            mine = self._by_source.get(src)
+            if mine is not None and len(mine) >= self._max_frames_per_sender:
+                self._drop(*next(iter(mine.items())))
+                self.evicted += 1
+            frame = _Frame(header.dst, count, now)
+        elif frame.count != count or frame.dst != header.dst or frame.pieces[index] is not None:
+            raise WireError(DROP_REASSEMBLY)
+        size = len(piece)
+        if size > self._max_bytes:
+            raise WireError(DROP_LIMIT)
+        while self._bytes + size > self._max_bytes:
+            oldest_key, oldest = next(iter(self._frames.items()))
+            self._drop(oldest_key, oldest)
+            self.evicted += 1
+            if oldest is frame:
+                raise WireError(DROP_LIMIT)
+        frame.pieces[index] = piece
+        frame.missing -= 1
+        if frame.missing:
+            frame.size += size
+            self._bytes += size
+            if new:
+                self._frames[key] = frame
+                self._by_source.setdefault(src, OrderedDict())[key] = frame
+            return None
+        self._drop(key, frame)
+        if frame.size + size < ETHERNET_HEADER_LEN - _MACS_LEN:
+            raise WireError(DROP_REASSEMBLY)
+        self.completed += 1
+        return b"".join((frame.dst, src, *frame.pieces))
+
+    def expire(self) -> int:
+        """
+        Drop every frame whose first piece came C{timeout} seconds ago or
+        earlier.
+
+        @return: how many were dropped.
+        """
+        if not self._frames:
+            return 0
+        return self._expire(self._clock.seconds())
+
+    def _expire(self, now) -> int:
+        frames = self._frames
+        deadline = now - self._timeout
+        dropped = 0
+        while frames:
+            key, frame = next(iter(frames.items()))
+            if frame.started > deadline:
+                break
+            self._drop(key, frame)
+            dropped += 1
+        self.expired += dropped
+        return dropped
+
+    def _drop(self, key, frame):
+        del self._frames[key]
+        mine = self._by_source[key[0]]
+        del mine[key]
+        if not mine:
+            del self._by_source[key[0]]
+        self._bytes -= frame.size

@@ -1,0 +1,406 @@
+"""
+Tests for the agent's data plane (L{securelan.agent.dataplane}): members
+with real keys from a key server in memory, on an in-memory LAN.
+"""
+
+import os
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from securelan.addresses import parse_mac
+from securelan.agent.pending import PendingFrames
+from securelan.keys import SecretKey
+from securelan.testing import MemoryLAN, MemoryMember, MemorySubnet
+from securelan.wire import TYPE_PAIR, Opener, WireError, derive_pair_key, parse_header
+
+MAC_1 = parse_mac("02:00:00:00:00:01")
+MAC_2 = parse_mac("02:00:00:00:00:02")
+MAC_3 = parse_mac("02:00:00:00:00:03")
+BROADCAST = b"\xff" * 6
+MARKER = b"SECURELAN-PLAINTEXT-MARKER"
+
+HYPOTHESIS = settings(deadline=None, derandomize=True, max_examples=200)
+
+
+class Net:
+    """
+    alice, bob and carol on one LAN, with one key server.
+    """
+
+    def __init__(self, case, on_key_miss="queue", **queue):
+        self.subnet = MemorySubnet(case.mktemp())
+        self.lan = MemoryLAN()
+        self.members = {}
+        for name, mac, host in (("alice", MAC_1, "10.0.0.1"), ("bob", MAC_2, "10.0.0.2"),
+                                ("carol", MAC_3, "10.0.0.3")):
+            self.members[name] = MemoryMember(self.subnet, self.lan, name, mac, host,
+                                              on_key_miss=on_key_miss, **queue)
+
+    def __getitem__(self, name):
+        return self.members[name]
+
+    def settle(self):
+        """
+        Let every push, datagram and reply happen.
+        """
+        for _ in range(10):
+            self.subnet.flush()
+            if not self.lan.flush():
+                break
+
+
+class UnicastTests(SynchronousTestCase):
+    def test_frames_flow_both_ways(self):
+        """
+        A frame alice sends to bob arrives, byte for byte, and so does the
+        answer; the first frame is not lost (queued on alice's miss; bob
+        was pushed the key when it was issued).
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"hello bob " + MARKER)
+        net.settle()
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"hello bob " + MARKER)])
+        bob.send(MAC_1, b"hello alice")
+        net.settle()
+        self.assertEqual(alice.device.written, [bob.frame(MAC_1, b"hello alice")])
+        self.assertEqual(alice.keys.requests, [MAC_2])
+        self.assertEqual(bob.keys.requests, [])
+
+    def test_wire_carries_no_plaintext(self):
+        """
+        Nothing on the wire contains the planted marker or the MAC-less
+        payload.
+        """
+        net = Net(self)
+        for i in range(20):
+            net["alice"].send(MAC_2, MARKER + bytes([i]) * 50)
+            net["bob"].send(MAC_1, MARKER + bytes([i]) * 50)
+            net.settle()
+        self.assertEqual(len(net["bob"].device.written), 20)
+        self.assertTrue(net.lan.wire)
+        for _, _, datagram in net.lan.wire:
+            self.assertNotIn(MARKER, datagram)
+
+    def test_third_member_cannot_read(self):
+        """
+        carol, holding K(alice,carol) and K(bob,carol), can open nothing that
+        alice sent bob: her data plane drops it, and every key she can
+        derive fails the tag.
+        """
+        net = Net(self)
+        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        alice.send(MAC_2, MARKER)
+        net.settle()
+        carol.send(MAC_1, b"x")
+        carol.send(MAC_2, b"y")
+        net.settle()
+        to_bob = [d for src, dst, d in net.lan.wire if dst == ("10.0.0.2", 4789) and src[0] == "10.0.0.1"]
+        self.assertTrue(to_bob)
+        written = len(carol.device.written)
+        for datagram in to_bob:
+            carol.dataplane.datagram_received(datagram, ("10.0.0.1", 4789))
+        self.assertEqual(len(carol.device.written), written)
+        self.assertEqual(carol.dataplane.stats.drops.get("not_for_us"), len(to_bob))
+        header = parse_header(to_bob[0])
+        for peer in carol.dataplane.peers.values():
+            key = peer._key
+            for sender, receiver in (("alice", "bob"), ("bob", "alice"), (peer.member_id, "carol"),
+                                     ("carol", peer.member_id)):
+                opener = Opener(derive_pair_key(key, sender, receiver, header.epoch, header.incarnation),
+                                TYPE_PAIR, header.epoch, header.incarnation)
+                e = self.assertRaises(WireError, opener.open, to_bob[0], header)
+                self.assertEqual(e.reason, "auth")
+
+    def test_replayed_and_injected_datagrams_dropped(self):
+        """
+        A captured datagram sent again is dropped as a replay; a datagram
+        with a forged tag is dropped as unauthentic; counters say so and
+        nothing reaches the host.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"once")
+        net.settle()
+        captured = [d for src, dst, d in net.lan.wire if dst == ("10.0.0.2", 4789)][-1]
+        net.lan.inject(captured, ("10.0.0.66", 4789), ("10.0.0.2", 4789))
+        forged = bytearray(captured)
+        forged[-1] ^= 1
+        forged[12:20] = (10**6).to_bytes(8, "big")
+        net.lan.inject(bytes(forged), ("10.0.0.66", 4789), ("10.0.0.2", 4789))
+        net.settle()
+        self.assertEqual(len(bob.device.written), 1)
+        peer = bob.dataplane.peers[MAC_1]
+        self.assertEqual(peer.stats.drops, {"replay": 1, "auth": 1})
+        # The forged datagram moved nothing: the endpoint is still alice's.
+        self.assertEqual(peer.endpoint, ("10.0.0.1", 4789))
+
+    def test_spoofed_source_mac_dropped_at_sender(self):
+        """
+        A frame whose source MAC is not the member's own is not sent.
+        """
+        net = Net(self)
+        alice = net["alice"]
+        alice.device.send(MAC_2 + MAC_3 + b"\x08\x00" + b"pretending to be carol")
+        net.settle()
+        self.assertEqual(alice.dataplane.stats.drops, {"spoofed_src": 1})
+        self.assertEqual([d for _, _, d in net.lan.wire if d[1] == TYPE_PAIR], [])
+
+    def test_source_mac_selects_key(self):
+        """
+        A datagram from carol that claims alice's MAC is checked under
+        K(alice,bob), which carol does not hold: dropped.
+        """
+        net = Net(self)
+        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        alice.send(MAC_2, b"a")
+        carol.send(MAC_2, b"c")
+        net.settle()
+        from_carol = [d for src, dst, d in net.lan.wire if src[0] == "10.0.0.3" and dst[0] == "10.0.0.2"][-1]
+        relabelled = bytearray(from_carol)
+        relabelled[26:32] = MAC_1
+        net.lan.inject(bytes(relabelled), ("10.0.0.3", 4789), ("10.0.0.2", 4789))
+        net.settle()
+        self.assertEqual(bob.dataplane.peers[MAC_1].stats.drops, {"auth": 1})
+        self.assertEqual(len(bob.device.written), 2)
+
+    def test_same_key_twice_never_reuses_a_nonce(self):
+        """
+        A pair key granted again (pushed, then asked for) keeps its sending
+        counter and receiving window: no counter is ever sent twice under
+        one key, and replays stay refused.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"one")
+        net.settle()
+        grant = alice.conn.run(alice.keys.request_pair_key(MAC_2))
+        alice.dataplane.install_pair_key(self.successResultOf(grant))
+        bob.dataplane.install_pair_key(self.successResultOf(bob.conn.run(bob.keys.request_pair_key(MAC_1))))
+        alice.send(MAC_2, b"two")
+        net.settle()
+        counters = [parse_header(d).counter for src, dst, d in net.lan.wire
+                    if src[0] == "10.0.0.1" and d[1] == TYPE_PAIR]
+        self.assertEqual(counters, [0, 1])
+        self.assertEqual(len(bob.device.written), 2)
+        first = [d for src, dst, d in net.lan.wire if src[0] == "10.0.0.1" and d[1] == TYPE_PAIR][0]
+        net.lan.inject(first, ("10.0.0.1", 4789), ("10.0.0.2", 4789))
+        net.settle()
+        self.assertEqual(bob.dataplane.peers[MAC_1].stats.drops, {"replay": 1})
+
+    def test_roaming(self):
+        """
+        A peer's endpoint follows its authenticated datagrams.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"a")
+        net.settle()
+        # alice's address changes (a NAT rebinding): her next datagram comes
+        # from elsewhere.
+        net.lan.carriers.pop(alice.carrier.address)
+        alice.carrier.address = ("10.0.0.11", 5000)
+        net.lan.carriers[alice.carrier.address] = alice.carrier
+        alice.send(MAC_2, b"b")
+        net.settle()
+        self.assertEqual(bob.dataplane.peers[MAC_1].endpoint, ("10.0.0.11", 5000))
+        bob.send(MAC_1, b"reply")
+        net.settle()
+        self.assertEqual(alice.device.written[-1], bob.frame(MAC_1, b"reply"))
+
+    def test_restarted_peer(self):
+        """
+        A peer that restarts (new incarnation, same pair key) is accepted;
+        its old incarnation's datagrams are refused from then on.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"before")
+        net.settle()
+        old = [d for src, dst, d in net.lan.wire if dst == ("10.0.0.2", 4789)][-1]
+        alice.carrier.stop()
+        again = MemoryMember(net.subnet, net.lan, "alice", MAC_1, "10.0.0.1")
+        self.assertGreater(again.admission.incarnation, alice.admission.incarnation)
+        again.send(MAC_2, b"after")
+        net.settle()
+        self.assertEqual(bob.device.written[-1], again.frame(MAC_2, b"after"))
+        net.lan.inject(old[:12] + (99).to_bytes(8, "big") + old[20:], ("10.0.0.1", 4789), ("10.0.0.2", 4789))
+        net.settle()
+        self.assertEqual(bob.dataplane.peers[MAC_1].stats.drops.get("incarnation"), 1)
+
+
+class MissTests(SynchronousTestCase):
+    def test_drop_mode_is_the_seed(self):
+        """
+        With on_key_miss = "drop" the frame that misses is dropped and the
+        key requested; the next frame goes through.
+        """
+        net = Net(self, on_key_miss="drop")
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"first")
+        net.settle()
+        self.assertEqual(bob.device.written, [])
+        self.assertEqual(alice.dataplane.stats.drops, {"no_key": 1})
+        alice.send(MAC_2, b"second")
+        net.settle()
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"second")])
+
+    def test_receive_miss_drops_and_asks(self):
+        """
+        A receiver without the key drops the datagram and asks (seed step
+        4); later datagrams are delivered.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        bob.conn.pump.flush = lambda: None  # bob never hears the push
+        bob.conn.pump.pump = lambda *a: False
+        alice.send(MAC_2, b"lost")
+        net.lan.flush()
+        self.assertEqual(bob.device.written, [])
+        self.assertEqual(bob.dataplane.stats.drops, {"no_key": 1})
+        self.assertEqual(bob.keys.requests, [MAC_1])
+
+    def test_queue_keeps_order_and_bounds(self):
+        """
+        Frames that wait for a key are sent in order when it arrives; past
+        the per-peer bound they are dropped and counted.
+        """
+        net = Net(self, queue_per_peer=3)
+        alice, bob = net["alice"], net["bob"]
+        alice.keys.hold = True
+        for i in range(5):
+            alice.send(MAC_2, bytes([i]))
+        self.assertEqual(alice.keys.requests, [MAC_2])
+        self.assertEqual(alice.dataplane.stats.drops, {"queue_full": 2})
+        alice.keys.release()
+        net.settle()
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, bytes([i])) for i in range(3)])
+
+    def test_queue_timeout(self):
+        """
+        Frames that waited longer than the timeout are not sent.
+        """
+        net = Net(self, queue_timeout=1.0)
+        alice, bob = net["alice"], net["bob"]
+        alice.keys.hold = True
+        alice.send(MAC_2, b"old")
+        net.subnet.clock.advance(2)
+        alice.send(MAC_2, b"new")
+        alice.keys.release()
+        net.settle()
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"new")])
+        self.assertEqual(alice.dataplane.pending.dropped["queue_timeout"], 1)
+
+    def test_unknown_peer(self):
+        """
+        Frames to a MAC no member holds are dropped, and the key server is
+        not asked again for a while.
+        """
+        net = Net(self)
+        alice = net["alice"]
+        stranger = parse_mac("02:99:00:00:00:01")
+        alice.send(stranger, b"a")
+        alice.send(stranger, b"b")
+        net.settle()
+        self.assertEqual(alice.keys.requests, [stranger])
+        self.assertEqual(alice.dataplane.stats.drops.get("no_key"), 1)
+        self.assertEqual(alice.dataplane.stats.drops.get("unknown_peer"), 1)
+        net.subnet.clock.advance(10)
+        alice.send(stranger, b"c")
+        self.assertEqual(alice.keys.requests, [stranger, stranger])
+
+    def test_unknown_senders_bounded(self):
+        """
+        Datagrams from many unknown source MACs make the agent ask the key
+        server a bounded number of times.
+        """
+        net = Net(self)
+        bob = net["bob"]
+        template = bytearray(32 + 16)
+        template[0:4] = b"\x01\x01\x00\x01"
+        template[8:12] = (1).to_bytes(4, "big")
+        template[20:26] = MAC_2
+        for i in range(1000):
+            template[26:32] = b"\x02\x77" + i.to_bytes(4, "big")
+            bob.dataplane.datagram_received(bytes(template), ("10.0.0.66", 1))
+        self.assertLessEqual(len(bob.keys.requests), 40)
+        self.assertEqual(bob.dataplane.stats.drops["no_key"], 1000)
+
+
+class GroupTests(SynchronousTestCase):
+    def test_broadcast_reaches_every_member(self):
+        """
+        A broadcast (an ARP request, say) reaches every other member,
+        encrypted under the group key; none of it is plaintext on the wire.
+        """
+        net = Net(self)
+        from securelan.protocol import PeerInfo
+
+        for member in net.members.values():
+            member.dataplane.set_members([
+                PeerInfo(m.member_id, m.mac, "client", m.carrier.endpoint)
+                for m in net.members.values() if m is not member])
+        arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + MARKER
+        net["alice"].send(BROADCAST, arp, ethertype=b"\x08\x06")
+        net.settle()
+        for name in ("bob", "carol"):
+            self.assertEqual(net[name].device.written, [net["alice"].frame(BROADCAST, arp, b"\x08\x06")])
+        self.assertEqual(net["alice"].device.written, [])
+        for _, _, datagram in net.lan.wire:
+            self.assertNotIn(MARKER, datagram)
+            self.assertEqual(datagram[1], 2)
+
+    def test_group_frames_from_outsider_dropped(self):
+        """
+        A group datagram under a key that is not the group key is dropped.
+        """
+        net = Net(self)
+        bob = net["bob"]
+        net.settle()
+        from securelan.wire import TYPE_GROUP, Sealer, derive_group_key
+
+        outsider = Sealer(derive_group_key(SecretKey(os.urandom(32)), MAC_3, 1, 1), TYPE_GROUP, 1, 1)
+        for datagram in outsider.seal(BROADCAST + MAC_3 + b"\x08\x06" + b"x" * 30, 1400):
+            bob.dataplane.datagram_received(datagram, ("10.0.0.66", 1))
+        self.assertEqual(bob.device.written, [])
+        self.assertEqual(bob.dataplane.stats.drops, {"auth": 1})
+
+
+class RobustnessTests(SynchronousTestCase):
+    @HYPOTHESIS
+    @given(st.binary(max_size=200))
+    def test_garbage_never_raises(self, data):
+        """
+        Arbitrary datagrams are dropped and counted, never raised.
+        """
+        if not hasattr(self, "_net"):
+            self._net = Net(self)
+        bob = self._net["bob"]
+        before = sum(bob.dataplane.stats.drops.values())
+        bob.dataplane.datagram_received(data, ("10.0.0.66", 1))
+        self.assertEqual(sum(bob.dataplane.stats.drops.values()), before + 1)
+
+    @HYPOTHESIS
+    @given(st.binary(max_size=100))
+    def test_device_garbage_never_raises(self, data):
+        """
+        Arbitrary frames from the host never raise.
+        """
+        if not hasattr(self, "_net"):
+            self._net = Net(self)
+        self._net["alice"].device.send(data)
+
+
+class PendingFramesTests(SynchronousTestCase):
+    def test_total_bound(self):
+        """
+        The queue holds at most C{total} frames over all peers.
+        """
+        from twisted.internet.task import Clock
+
+        q = PendingFrames(per_peer=10, total=4, timeout=5, clock=Clock())
+        results = [q.add(bytes([0, 0, 0, 0, 0, i]), b"f") for i in range(6)]
+        self.assertEqual(results, [True] * 4 + [False] * 2)
+        self.assertEqual(len(q), 4)
+        self.assertEqual(q.dropped["queue_full"], 2)

@@ -1,0 +1,78 @@
+"""
+Tests for L{securelan.agent.status}: the status socket and its formatting.
+"""
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from securelan.agent.status import StatusFactory, ask_status, format_status, listen_status
+from securelan.testing import MemoryLAN, MemoryMember, MemorySubnet
+from securelan.addresses import parse_mac
+
+
+def sample_status():
+    net = MemorySubnet(os.path.abspath("status-net"))
+    lan = MemoryLAN()
+    alice = MemoryMember(net, lan, "alice", parse_mac("02:00:00:00:00:01"), "10.0.0.1")
+    bob = MemoryMember(net, lan, "bob", parse_mac("02:00:00:00:00:02"), "10.0.0.2")
+    alice.send(bob.mac, b"hello")
+    for _ in range(3):
+        net.flush()
+        lan.flush()
+    return {
+        "now": net.clock.seconds(),
+        "role_name": "client",
+        "carrier": "udp",
+        "key_servers": [{"address": "keyserver.test@127.0.0.1:7443", "connected": True}],
+        "role": {"device": "slan0", "not_ready": 0, **alice.dataplane.status()},
+    }
+
+
+class StatusProtocolTests(SynchronousTestCase):
+    def test_answers_status_as_json(self):
+        """
+        The line C{status} is answered with one line of JSON, then closed.
+        """
+        proto = StatusFactory(lambda: {"hello": 1}).buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"status\n")
+        self.assertEqual(json.loads(transport.value()), {"hello": 1})
+        self.assertTrue(transport.disconnecting)
+
+    def test_format(self):
+        """
+        The human form names the peer, its MAC, endpoint, epoch and traffic,
+        and shows no key material.
+        """
+        status = sample_status()
+        text = format_status(status)
+        self.assertIn("peer: bob", text)
+        self.assertIn("mac: 02:00:00:00:00:02", text)
+        self.assertIn("endpoint: 10.0.0.2:4789", text)
+        self.assertIn("epoch: 1", text)
+        self.assertIn("19 B sent (1 frames)", text)
+        self.assertIn("key server: keyserver.test@127.0.0.1:7443  connected", text)
+        self.assertIn("group key: epoch 1", text)
+        json.dumps(status)
+
+
+class StatusSocketTests(TestCase):
+    def test_socket_is_private_and_answers(self):
+        """
+        The socket is mode 0600 and answers C{ask_status}.
+        """
+        folder = tempfile.mkdtemp(prefix="sl-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "agent.sock")
+        port = listen_status(reactor, path, lambda: {"ok": True})
+        self.addCleanup(port.stopListening)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        return ask_status(reactor, path).addCallback(self.assertEqual, {"ok": True})
