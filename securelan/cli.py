@@ -211,20 +211,30 @@ def _text(value) -> str:
 def _add_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="run a key server and three members on loopback and show what they get",
-        description="Build a CA in a scratch folder, start a key server on 127.0.0.1, admit "
-        "three members over TLS and show that pair keys are bound to both members' IDs.",
+        help="build an encrypted LAN in network namespaces and show it working (root)",
+        description="Build a switch, a key server and three member hosts in network namespaces, "
+        "run real agents, show ping and a TCP transfer working while the wire carries only "
+        "ciphertext, then remove everything.  Needs root.  With --keyserver-only: a key server "
+        "and three members on loopback (no root), showing that pair keys are bound to both "
+        "members' IDs.",
     )
-    demo.add_argument("--dir", help="work in this folder (default: a new scratch folder)")
-    demo.add_argument("--keep", action="store_true", help="keep the scratch folder afterwards")
+    demo.add_argument("--carrier", choices=("udp", "ethernet"), default="udp",
+                      help="how the agents carry frames (default udp)")
+    demo.add_argument("--keyserver-only", action="store_true",
+                      help="only the key server and members on loopback; no root needed")
+    demo.add_argument("--dir", help="with --keyserver-only: work in this folder")
+    demo.add_argument("--keep", action="store_true", help="with --keyserver-only: keep the folder")
     demo.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from . import demo
+    if args.keyserver_only:
+        from . import demo
 
-    return demo.main(args.dir, args.keep)
+        return demo.main(args.dir, args.keep)
+    from . import lan_demo
 
+    return lan_demo.run(args.carrier)
 
 
 DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"

@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_demo -*-
 """
-``securelan demo``: a key server and three members on loopback, in a scratch
-folder, showing the seed's guarantees with real certificates and real TLS.
+``securelan demo --keyserver-only``: a key server and three members on
+loopback, in a scratch folder, showing the seed's guarantees with real
+certificates and real TLS (no root needed).  ``securelan demo`` itself, the
+whole encrypted LAN in network namespaces, is L{securelan.lan_demo}.
 
 It builds a subnet CA, starts the key server exactly as ``twistd -n
 securelan-keyserver`` would (same configuration loading and service), admits

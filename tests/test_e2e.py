@@ -19,6 +19,14 @@ from securelan.labnet import CODE_ROOT, KEYSERVER_ADDRESS, KEYSERVER_PORT, MARKE
 PING_PATTERN = MARKER[:16]
 
 
+def is_ip_fragment(frame):
+    """
+    Whether an Ethernet frame carries an IPv4 fragment (more-fragments set
+    or a fragment offset).
+    """
+    return frame[12:14] == b"\x08\x00" and int.from_bytes(frame[20:22], "big") & 0x3FFF != 0
+
+
 class E2ETestCase(SynchronousTestCase):
     def setUp(self):
         ok, reason = netns.available()
@@ -72,6 +80,10 @@ class CarrierTests(E2ETestCase):
         for payload in payloads:
             self.assertEqual(payload[0], 1, "not a securelan datagram")
         self.assertNotIn(0x88B5, capture.ethertypes())
+        # Every datagram fits the 1500-byte underlay: no IP fragments.
+        self.assertLessEqual(max(map(len, payloads)), 1472)
+        self.assertGreater(max(map(len, payloads)), 1400, "the TCP transfer used full-size frames")
+        self.assertEqual([f for f in capture.packets() if is_ip_fragment(f)], [])
 
     def test_ethernet(self):
         """
@@ -100,7 +112,8 @@ class AttackerTests(E2ETestCase):
             self.assertTrue(lan.tcp_exchange(alice, bob))
         capture.stop()
         self.assertNoPlaintext(capture, lan)
-        to_bob = [d.payload for d in capture.udp_datagrams(4789) if d.dst == bob.underlay and d.payload[1] == 1]
+        to_bob = [d.payload for d in capture.udp_datagrams(4789)
+                  if (d.src, d.dst) == (alice.underlay, bob.underlay) and d.payload[1] == 1]
         self.assertTrue(to_bob)
 
         replays = to_bob[:20]
@@ -203,6 +216,8 @@ class KeyServerLossTests(E2ETestCase):
         self.assertTrue(lan.tcp_exchange(alice, bob))
         lan.start_keyserver()
         bob.stop()
+        # A stopped agent removes its TAP device.
+        self.assertNotEqual(bob.host.run(["ip", "link", "show", "slan0"], check=False).returncode, 0)
         bob.start()
         bob.wait_registered()
         self.assertTrue(alice.ping(bob, count=3, timeout=8))
