@@ -136,6 +136,9 @@ class IDevice(Interface):
     """
     The host side of an agent: a TAP (or, later, TUN) device that the
     protocol stack sends frames into and receives frames from.
+
+    Frames may carry TAP offload metadata: a 10-byte virtio-net header
+    (a TSO super-frame's segment size, a checksum left for the kernel).
     """
 
     name = Attribute("The interface name, e.g. slan0.")
@@ -144,14 +147,16 @@ class IDevice(Interface):
 
     def start(receiver):
         """
-        Create and configure the device, then call C{receiver(frame)} with
-        every frame the host sends.
+        Create and configure the device, then call C{receiver(frame,
+        offload)} with every frame the host sends, where C{offload} is the
+        frame's virtio-net header, or None when it has none (all zero).
         """
 
-    def write(frame):
+    def write(frame, offload=False):
         """
-        Hand C{frame} to the host.  Return False if the device could not
-        take it (it is full): the caller counts the drop.
+        Hand C{frame} to the host; with C{offload}, C{frame} begins with its
+        virtio-net header.  Return False if the device could not take it
+        (it is full): the caller counts the drop.
         """
 
     def stop():
@@ -177,9 +182,10 @@ class ICarrier(Interface):
 
     def start(receiver):
         """
-        Start; call C{receiver(datagram, source)} for every datagram that
-        arrives, where C{source} is the sender's endpoint in the form
-        L{parse_endpoint} returns.
+        Start; call C{receiver(datagrams, source)} with the datagrams that
+        arrive (a sequence: several when the kernel delivered several at
+        once, as UDP GRO does), where C{source} is the sender's endpoint in
+        the form L{parse_endpoint} returns.
         """
 
     def stop():
@@ -193,15 +199,16 @@ class ICarrier(Interface):
         peer has none this carrier can use.
         """
 
-    def send(datagram, endpoint):
+    def send(datagrams, endpoint):
         """
-        Send one datagram to a parsed endpoint.
+        Send the datagrams of one frame (a list, in order) to a parsed
+        endpoint; several go out in one system call where the carrier can.
         """
 
-    def broadcast(datagram, endpoints):
+    def broadcast(datagrams, endpoints):
         """
-        Send one datagram to every member: to each of C{endpoints}, or in
-        one send when C{can_broadcast}.
+        Send the datagrams of one frame to every member: to each of
+        C{endpoints}, or in one send when C{can_broadcast}.
         """
 
 

@@ -365,7 +365,7 @@ class MemoryLAN:
             source, destination, datagram = self.queue.pop(0)
             carrier = self.carriers.get(destination)
             if carrier is not None and carrier.receiver is not None:
-                carrier.receiver(datagram, source)
+                carrier.receiver((datagram,), source)
             delivered += 1
         return delivered
 
@@ -399,18 +399,20 @@ class MemoryCarrier:
 
         return _parse_host_port(text)
 
-    def send(self, datagram, endpoint):
-        self.lan.transmit(datagram, self.address, endpoint)
+    def send(self, datagrams, endpoint):
+        for datagram in datagrams:
+            self.lan.transmit(datagram, self.address, endpoint)
 
-    def broadcast(self, datagram, endpoints):
+    def broadcast(self, datagrams, endpoints):
         for endpoint in endpoints:
-            self.send(datagram, endpoint)
+            self.send(datagrams, endpoint)
 
 
 @implementer(IDevice)
 class MemoryDevice:
     """
-    A TAP device in memory: C{written} holds what the host received;
+    A TAP device in memory: C{written} holds what the host received
+    (frames; C{offloads} the virtio-net headers of those that had one);
     L{send} is the host sending a frame.
     """
 
@@ -422,18 +424,22 @@ class MemoryDevice:
         self.mtu = mtu
         self.addresses = addresses
         self.written = []
+        self.offloads = []
         self.receiver = None
         self.full = False
 
     def start(self, receiver):
         self.receiver = receiver
 
-    def send(self, frame):
-        self.receiver(frame)
+    def send(self, frame, offload=None):
+        self.receiver(frame, offload)
 
-    def write(self, frame):
+    def write(self, frame, offload=False):
         if self.full:
             return False
+        if offload:
+            self.offloads.append(bytes(frame[:10]))
+            frame = frame[10:]
         self.written.append(bytes(frame))
         return True
 
@@ -506,7 +512,7 @@ class MemoryMember:
         self.keys = MemoryKeys(self.conn)
         self.dataplane = DataPlane(member_id, mac, self.admission.incarnation, self.keys, self.carrier,
                                    self.device, net.clock, on_key_miss=on_key_miss, **queue)
-        self.carrier.start(self.dataplane.datagram_received)
+        self.carrier.start(self.dataplane.datagrams_received)
         self.device.start(self.dataplane.frame_from_device)
         self.dataplane.start()
 

@@ -128,6 +128,13 @@ TYPE_GROUP = 2
 #: Reserved for keepalives and other agent-to-agent messages.
 TYPE_CONTROL = 3
 
+#: Set in the type byte when the plaintext begins with the sender's
+#: 10-byte virtio-net header (TAP offloads: a TSO super-frame's segment size,
+#: a checksum the kernel has yet to fill in); see "Offload metadata".
+FLAG_OFFLOAD = 0x80
+_TYPE_MASK = 0x7F
+VNET_HDR_LEN = 10
+
 _TYPE_NAMES = {TYPE_PAIR: "pair", TYPE_GROUP: "group", TYPE_CONTROL: "control"}
 
 HEADER_LEN = 32
@@ -248,7 +255,7 @@ def parse_header(datagram) -> Header:
     fields = _HEADER.unpack_from(datagram)
     if fields[0] != VERSION:
         raise WireError(DROP_VERSION)
-    if fields[1] not in _KNOWN_TYPES:
+    if fields[1] & _TYPE_MASK not in _KNOWN_TYPES or fields[1] & ~(_TYPE_MASK | FLAG_OFFLOAD):
         raise WireError(DROP_TYPE)
     index = fields[2]
     if not 0 < fields[3] <= MAX_FRAGMENTS or index >= fields[3] or fields[6] < index:
@@ -392,23 +399,37 @@ class Sealer:
         """
         return self._counter
 
-    def seal(self, frame, max_datagram: int) -> list:
+    def seal(self, frame, max_datagram: int, offload=None) -> list:
         """
         Encrypt one Ethernet frame into datagrams of at most C{max_datagram}
         bytes: one datagram when it fits, else up to L{MAX_FRAGMENTS} pieces
-        of near-equal size with consecutive counters.
+        with consecutive counters, every piece but the last exactly
+        C{max_datagram} bytes long (so the datagrams can leave in one UDP
+        GSO send).
 
         @param frame: the whole frame, destination MAC, source MAC,
             EtherType, payload (bytes-like).
+        @param offload: the frame's 10-byte virtio-net header, when the TAP
+            device gave one that is not all zero: it travels encrypted in
+            front of the EtherType and the type byte carries
+            L{FLAG_OFFLOAD}.
         @return: the datagrams (C{bytes}), in order.
         @raise ValueError: if the frame is shorter than an Ethernet header,
             or would need more than L{MAX_FRAGMENTS} pieces.
         @raise CounterExhausted: if the key may not protect that many more
             messages; nothing is sealed then.
         """
-        body = len(frame) - _MACS_LEN
-        if body < ETHERNET_HEADER_LEN - _MACS_LEN:
+        if len(frame) < ETHERNET_HEADER_LEN:
             raise ValueError("an Ethernet frame is at least 14 bytes")
+        type = self._type
+        if offload:
+            if len(offload) != VNET_HDR_LEN:
+                raise ValueError(f"a virtio-net header is {VNET_HDR_LEN} bytes")
+            plaintext = bytes(offload) + frame[_MACS_LEN:]
+            type |= FLAG_OFFLOAD
+        else:
+            plaintext = frame[_MACS_LEN:]
+        body = len(plaintext)
         room = max_datagram - OVERHEAD
         counter = self._counter
         macs = bytes(frame[:_MACS_LEN])
@@ -417,9 +438,9 @@ class Sealer:
                 raise CounterExhausted()
             self._counter = counter + 1
             header = _HEADER_OUT.pack(
-                VERSION, self._type, 0, 1, self._epoch, self._incarnation, counter, macs
+                VERSION, type, 0, 1, self._epoch, self._incarnation, counter, macs
             )
-            return [header + self._encrypt(_NONCE.pack(counter), frame[_MACS_LEN:], header)]
+            return [header + self._encrypt(_NONCE.pack(counter), plaintext, header)]
         if room < 1:
             raise ValueError(f"a datagram of {max_datagram} bytes has no room for data")
         count = -(-body // room)
@@ -431,20 +452,17 @@ class Sealer:
         if counter > REJECT_AFTER_MESSAGES - count:
             raise CounterExhausted()
         self._counter = counter + count
-        # Near-equal pieces: the first `extra` carry one byte more.  Slices,
-        # not memoryviews: AESGCM takes bytes faster than a view, and the
-        # copy is cheaper than the difference (measured).
-        share, extra = divmod(body, count)
+        # Slices, not memoryviews: AESGCM takes bytes faster than a view,
+        # and the copy is cheaper than the difference (measured).
         pack, encrypt, nonce = _HEADER_OUT.pack, self._encrypt, _NONCE.pack
-        type, epoch, incarnation = self._type, self._epoch, self._incarnation
+        epoch, incarnation = self._epoch, self._incarnation
         datagrams = []
-        start = _MACS_LEN
+        start = 0
         for index in range(count):
-            end = start + share + (index < extra)
             header = pack(VERSION, type, index, count, epoch, incarnation, counter, macs)
-            datagrams.append(header + encrypt(nonce(counter), frame[start:end], header))
+            datagrams.append(header + encrypt(nonce(counter), plaintext[start:start + room], header))
             counter += 1
-            start = end
+            start += room
         return datagrams
 
 
@@ -501,13 +519,22 @@ class Opener:
         """
         if header is None:
             header = parse_header(datagram)
-        if header.type != self._type:
+        if header.type & _TYPE_MASK != self._type:
             raise WireError(DROP_TYPE)
         if header.epoch != self._epoch:
             raise WireError(DROP_EPOCH)
         if header.incarnation != self._incarnation:
             raise WireError(DROP_INCARNATION)
-        counter = header.counter
+        return self.open_counter(datagram, header.counter)
+
+    def open_counter(self, datagram, counter: int) -> bytes:
+        """
+        L{open} for a caller that has already checked that the header names
+        this key (type, epoch, incarnation): the tag, then the replay window.
+        A header that names another key fails the tag anyway (the header is
+        the associated data and the epoch and incarnation are in the key);
+        L{open} only tells that case apart.
+        """
         try:
             plaintext = self._decrypt(
                 _NONCE.pack(counter), datagram[HEADER_LEN:], datagram[:HEADER_LEN]
@@ -517,6 +544,32 @@ class Opener:
         if not self._window.check(counter):
             raise WireError(DROP_REPLAY)
         return plaintext
+
+
+def join_frame(header: Header, pieces) -> bytes:
+    """
+    The frame that C{pieces} (authentic, all of them, in order) make, as
+    L{Reassembler.add} returns it: with the virtio-net header in front for a
+    frame sent with L{FLAG_OFFLOAD}.
+
+    @raise WireError: C{"reassembly"} if the frame is shorter than an
+        Ethernet header (and, with the flag, a virtio-net header).
+    """
+    first = pieces[0]
+    if header.type & FLAG_OFFLOAD:
+        if len(first) < VNET_HDR_LEN or sum(map(len, pieces)) < _MIN_BODY + VNET_HDR_LEN:
+            raise WireError(DROP_REASSEMBLY)
+        return b"".join((first[:VNET_HDR_LEN], header.dst, header.src, first[VNET_HDR_LEN:], *pieces[1:]))
+    if len(pieces) == 1:
+        if len(first) < _MIN_BODY:
+            raise WireError(DROP_REASSEMBLY)
+        return header.dst + header.src + first
+    if sum(map(len, pieces)) < _MIN_BODY:
+        raise WireError(DROP_REASSEMBLY)
+    return b"".join((header.dst, header.src, *pieces))
+
+
+_MIN_BODY = ETHERNET_HEADER_LEN - _MACS_LEN
 
 
 class _Frame:
@@ -601,7 +654,9 @@ class Reassembler:
         datagram with this header).
 
         @return: the rebuilt Ethernet frame when this piece completes it (at
-            once for a whole frame), else C{None}.
+            once for a whole frame), else C{None}.  A frame sent with
+            L{FLAG_OFFLOAD} comes back with its 10-byte virtio-net header in
+            front, as a TAP device opened with C{IFF_VNET_HDR} takes it.
         @raise WireError: with reason C{"reassembly"} if the piece does not
             fit the frame in progress with its identity (another piece
             count, another destination, an index already held) or the frame
@@ -610,11 +665,7 @@ class Reassembler:
         """
         count = header.count
         if count == 1:
-            if len(piece) < ETHERNET_HEADER_LEN - _MACS_LEN:
-                raise WireError(DROP_REASSEMBLY)
-            return b"".join((header.dst, header.src, piece))
-        now = self._clock.seconds()
-        self._expire(now)
+            return join_frame(header, (piece,))
         src = header.src
         index = header.index
         # The sender's counter space is its key's, named by these fields;
@@ -623,6 +674,10 @@ class Reassembler:
         frame = self._frames.get(key)
         new = frame is None
         if new:
+            # Expiry runs as frames start (and from the agent's timer), not
+            # for every piece: the frames in progress are few.
+            now = self._clock.seconds()
+            self._expire(now)
             mine = self._by_source.get(src)
             if mine is not None and len(mine) >= self._max_frames_per_sender:
                 self._drop(*next(iter(mine.items())))
@@ -649,10 +704,17 @@ class Reassembler:
                 self._by_source.setdefault(src, OrderedDict())[key] = frame
             return None
         self._drop(key, frame)
-        if frame.size + size < ETHERNET_HEADER_LEN - _MACS_LEN:
-            raise WireError(DROP_REASSEMBLY)
+        result = join_frame(header, frame.pieces)
         self.completed += 1
-        return b"".join((frame.dst, src, *frame.pieces))
+        return result
+
+    def holds(self, header: Header) -> bool:
+        """
+        Whether pieces of the frame that C{header}'s piece belongs to are
+        already held.
+        """
+        return (header.src, header.type, header.epoch, header.incarnation,
+                header.counter - header.index) in self._frames
 
     def expire(self) -> int:
         """

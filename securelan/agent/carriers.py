@@ -17,8 +17,9 @@ fragmentation.
 import errno
 import ipaddress
 import socket
+import struct
 
-from twisted.internet import abstract, protocol
+from twisted.internet import abstract
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -31,6 +32,7 @@ log = Logger(namespace="securelan.agent")
 ETHERTYPE = 0x88B5
 
 _ETHERNET_HEADER = 14
+_ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
 
 
 def _parse_host_port(text: str):
@@ -47,60 +49,166 @@ def _parse_host_port(text: str):
     return (str(address), int(port))
 
 
-class _UDPProtocol(protocol.DatagramProtocol):
-    def __init__(self, receiver):
-        self.receiver = receiver
+#: Linux socket options for UDP segmentation and receive offload.
+UDP_SEGMENT = 103
+UDP_GRO = 104
+_SO_SNDBUFFORCE = 32
+_SO_RCVBUFFORCE = 33
+_GSO_MAX_SEGMENTS = 64
+_GSO_MAX_BYTES = 65507
+_U16 = struct.Struct("=H")
+_GRO_SPACE = socket.CMSG_SPACE(4)
 
-    def datagramReceived(self, datagram, addr):
-        self.receiver(datagram, addr[:2])
+
+class _SocketReader(abstract.FileDescriptor):
+    """
+    Calls C{read()} of its owner when the socket is readable.
+    """
+
+    def __init__(self, sock, read, reactor):
+        super().__init__(reactor)
+        self.socket = sock
+        self._read = read
+        self.connected = 1
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def doRead(self):
+        self._read()
+
+    def connectionLost(self, reason=None):
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self.socket.close()
 
 
 @implementer(ICarrier)
 class UDPCarrier:
     """
-    Datagrams over UDP.
+    Datagrams over UDP.  The datagrams of one super-frame leave in one
+    C{sendmsg} with UDP GSO (the kernel cuts them apart, each its own UDP
+    datagram of at most the path MTU), and arrive in one C{recvmsg} with UDP
+    GRO; either falls back to one datagram per call where the kernel lacks
+    it.
     """
 
     name = "udp"
     can_broadcast = False
 
+    #: Receive calls per reactor turn at most.
+    BATCH = 64
+    #: Socket buffer sizes asked for (as root beyond the sysctl limits), so
+    #: bursts of super-frames are not dropped by the socket.
+    BUFFER = 4 * 1024 * 1024
+
     def __init__(self, listen: str, port: int, underlay_mtu: int, advertise: str, reactor):
         self.listen = listen
         self.port = port
         self.reactor = reactor
-        ipv6 = ipaddress.ip_address(listen).version == 6
-        self.max_datagram = max_datagram(underlay_mtu, ipv6=ipv6)
+        self.family = socket.AF_INET6 if ipaddress.ip_address(listen).version == 6 else socket.AF_INET
+        self.max_datagram = max_datagram(underlay_mtu, ipv6=self.family == socket.AF_INET6)
         self.endpoint = advertise or f":{port}"
-        self._port = None
         self.errors = 0
+        self.gso = self.gro = False
+        self._socket = None
+        self._reader = None
+        self._receiver = None
 
     def start(self, receiver):
-        self._port = self.reactor.listenUDP(self.port, _UDPProtocol(receiver), interface=self.listen,
-                                            maxPacketSize=65535)
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, self.BUFFER)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, plain, self.BUFFER)
+            try:
+                sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                self.gro = False
+            self.gso = True
+            sock.bind((self.listen, self.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         if not self.port:
-            self.port = self._port.getHost().port
+            self.port = sock.getsockname()[1]
             if self.endpoint == ":0":
                 self.endpoint = f":{self.port}"
+        self._socket = sock
+        self._receiver = receiver
+        self._reader = _SocketReader(sock, self._read, self.reactor)
+        self._reader.startReading()
 
     def stop(self):
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.stopReading()
+            reader.connectionLost()
+
+    def _read(self):
+        recvmsg, receiver = self._socket.recvmsg, self._receiver
+        for _ in range(self.BATCH):
+            try:
+                data, ancillary, _, source = recvmsg(65535, _GRO_SPACE)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                # An ICMP error queued for an earlier send: not fatal.
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EINTR):
+                    continue
+                raise
+            segment = 0
+            for level, kind, value in ancillary:
+                if level == socket.IPPROTO_UDP and kind == UDP_GRO:
+                    segment = int.from_bytes(value[:4], "little")
+            if segment and len(data) > segment:
+                receiver([data[offset:offset + segment] for offset in range(0, len(data), segment)],
+                         source[:2])
+            else:
+                receiver((data,), source[:2])
 
     def parse_endpoint(self, text):
         return _parse_host_port(text)
 
-    def send(self, datagram, endpoint):
+    def send(self, datagrams, endpoint):
+        sock = self._socket
         try:
-            self._port.write(datagram, endpoint)
+            if len(datagrams) == 1:
+                sock.sendto(datagrams[0], endpoint)
+                return
+            if self.gso:
+                size = len(datagrams[0])
+                # One GSO send is one UDP datagram to the kernel: at most
+                # 64 KiB of payload, so a super-frame may take two.
+                step = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
+                segment = [(socket.IPPROTO_UDP, UDP_SEGMENT, _U16.pack(size))]
+                try:
+                    for start in range(0, len(datagrams), step):
+                        chunk = datagrams[start:start + step]
+                        if len(chunk) == 1:
+                            sock.sendto(chunk[0], endpoint)
+                        else:
+                            sock.sendmsg(chunk, segment, 0, endpoint)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                        raise
+                    # No UDP GSO on this path (or device): one by one.
+                    self.gso = False
+                    datagrams = datagrams[start:]
+            for datagram in datagrams:
+                sock.sendto(datagram, endpoint)
         except OSError:
-            # A full socket buffer or an unreachable peer: count, never raise
-            # into the frame path.
+            # A full socket buffer or an unreachable peer: counted, never
+            # raised into the frame path.
             self.errors += 1
 
-    def broadcast(self, datagram, endpoints):
+    def broadcast(self, datagrams, endpoints):
         for endpoint in endpoints:
-            self.send(datagram, endpoint)
+            self.send(datagrams, endpoint)
 
 
 class _PacketReader(abstract.FileDescriptor):
@@ -129,7 +237,7 @@ class _PacketReader(abstract.FileDescriptor):
                     return
                 raise
             if len(frame) > _ETHERNET_HEADER:
-                self.receiver(frame[_ETHERNET_HEADER:], "lan")
+                self.receiver((frame[_ETHERNET_HEADER:],), "lan")
 
     def connectionLost(self, reason=None):
         abstract.FileDescriptor.connectionLost(self, reason)
@@ -183,15 +291,17 @@ class EthernetCarrier:
         # segment is reachable without an endpoint.
         return "lan"
 
-    def send(self, datagram, endpoint):
+    def send(self, datagrams, endpoint):
         # Outer addresses are the carried frame's (header bytes 20..32).
-        try:
-            self._socket.send(b"".join((datagram[20:26], datagram[26:32], ETHERTYPE.to_bytes(2, "big"), datagram)))
-        except OSError:
-            self.errors += 1
+        send = self._socket.send
+        for datagram in datagrams:
+            try:
+                send(b"".join((datagram[20:32], _ETHERTYPE_BYTES, datagram)))
+            except OSError:
+                self.errors += 1
 
-    def broadcast(self, datagram, endpoints):
-        self.send(datagram, None)
+    def broadcast(self, datagrams, endpoints):
+        self.send(datagrams, None)
 
 
 def make_carrier(config, reactor):

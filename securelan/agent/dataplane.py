@@ -44,17 +44,22 @@ from ..errors import UnknownPeer
 from ..ratelimit import TokenBucket
 from ..wire import (
     ETHERNET_HEADER_LEN,
+    FLAG_OFFLOAD,
     TYPE_GROUP,
     TYPE_PAIR,
+    VNET_HDR_LEN,
     CounterExhausted,
     Reassembler,
     WireError,
+    join_frame,
     parse_header,
 )
 from .pending import PendingFrames
 from .peers import GroupState, Peer, Stats
 
 log = Logger(namespace="securelan.agent")
+
+_KIND_MASK = ~FLAG_OFFLOAD & 0xFF
 
 #: The pending queue's name for frames that wait for the group key.
 _GROUP_QUEUE = b"group"
@@ -104,6 +109,11 @@ class DataPlane:
         self._max_datagram = carrier.max_datagram
         self._members_asked = None
         self._members_known = False
+        # The frame being joined from in-order pieces (datagrams_received).
+        self._run = []
+        self._run_header = None
+        self._run_peer = None
+        self._run_started = 0.0
         self._announce_due = False
         self._inflight: set[bytes] = set()
         self._group_inflight = False
@@ -141,6 +151,8 @@ class DataPlane:
         reassembled for too long are dropped (and counted).
         """
         self.pending.expire()
+        if self._run and self.clock.seconds() - self._run_started > 0.5:
+            self._flush_run()
         self.reassembler.expire()
 
     def _drop(self, reason: str, peer=None, n: int = 1):
@@ -150,59 +162,55 @@ class DataPlane:
 
     # Outbound ----------------------------------------------------------------
 
-    def frame_from_device(self, frame):
+    def frame_from_device(self, frame, offload=None):
         if len(frame) < ETHERNET_HEADER_LEN:
             return self._drop("runt")
         if frame[6:12] != self.my_mac:
             return self._drop("spoofed_src")
         dst = bytes(frame[:6])
         if is_group_mac(dst):
-            return self._send_group(frame)
+            return self._send_group(frame, offload)
         peer = self.peers.get(dst)
         if peer is not None:
-            return self._send_pair(peer, frame)
+            return self._send_pair(peer, frame, offload)
         if self.queue_on_miss:
-            if not self.pending.add(dst, frame):
+            if not self.pending.add(dst, (frame, offload)):
                 self._drop("queue_full")
         else:
             self._drop("no_key")
         self._request_pair_key(dst)
 
-    def _send_pair(self, peer: Peer, frame):
+    def _send_pair(self, peer: Peer, frame, offload=None):
         if peer.endpoint is None:
             return self._drop("no_endpoint", peer)
         try:
-            datagrams = peer.sealer.seal(frame, self._max_datagram)
+            datagrams = peer.sealer.seal(frame, self._max_datagram, offload)
         except (CounterExhausted, ValueError):
             return self._drop("too_big" if len(frame) > self._max_datagram else "counter", peer)
-        send = self.carrier.send
-        endpoint = peer.endpoint
-        for datagram in datagrams:
-            send(datagram, endpoint)
+        self.carrier.send(datagrams, peer.endpoint)
         stats = peer.stats
         stats.tx_frames += 1
         stats.tx_bytes += len(frame)
         stats.last_tx = self.clock.seconds()
 
-    def _send_group(self, frame):
+    def _send_group(self, frame, offload=None):
         group = self.group
         if group is None:
             if self.queue_on_miss:
-                if not self.pending.add(_GROUP_QUEUE, frame):
+                if not self.pending.add(_GROUP_QUEUE, (frame, offload)):
                     self._drop("queue_full")
             else:
                 self._drop("no_group_key")
             self._request_group_key()
             return
         try:
-            datagrams = group.sealer.seal(frame, self._max_datagram)
+            datagrams = group.sealer.seal(frame, self._max_datagram, offload)
         except (CounterExhausted, ValueError):
             return self._drop("too_big")
         if not self.carrier.can_broadcast:
             self._refresh_members_if_stale()
         endpoints = [endpoint for endpoint in self.members.values() if endpoint is not None]
-        for datagram in datagrams:
-            self.carrier.broadcast(datagram, endpoints)
+        self.carrier.broadcast(datagrams, endpoints)
         group.stats.tx_frames += 1
         group.stats.tx_bytes += len(frame)
         group.stats.last_tx = self.clock.seconds()
@@ -264,8 +272,8 @@ class DataPlane:
                     peer.endpoint = old.endpoint
         self.peers[grant.peer_mac] = peer
         self.members[grant.peer_mac] = peer.endpoint
-        for frame in self.pending.take(grant.peer_mac):
-            self._send_pair(peer, frame)
+        for frame, offload in self.pending.take(grant.peer_mac):
+            self._send_pair(peer, frame, offload)
         return peer
 
     def _request_group_key(self):
@@ -293,8 +301,8 @@ class DataPlane:
             self.group = GroupState(grant, self.my_mac, self.incarnation, self.clock)
             if old is not None:
                 self.group.stats = old.stats
-        for frame in self.pending.take(_GROUP_QUEUE):
-            self._send_group(frame)
+        for frame, offload in self.pending.take(_GROUP_QUEUE):
+            self._send_group(frame, offload)
         self._maybe_announce()
         return self.group
 
@@ -340,6 +348,8 @@ class DataPlane:
         """
         Forget every key held with C{peer_id} (revocation).
         """
+        if self._run and self._run_peer.member_id == peer_id:
+            self._run = []
         for mac, peer in list(self.peers.items()):
             if peer.member_id == peer_id:
                 del self.peers[mac]
@@ -348,41 +358,122 @@ class DataPlane:
     # Inbound ---------------------------------------------------------------------
 
     def datagram_received(self, datagram, source):
-        try:
-            header = parse_header(datagram)
-        except WireError as e:
-            return self._drop(e.reason)
-        if header.type == TYPE_PAIR:
-            return self._receive_pair(datagram, header, source)
-        if header.type == TYPE_GROUP:
-            return self._receive_group(datagram, header, source)
-        self._drop("type")
+        self.datagrams_received((datagram,), source)
 
-    def _receive_pair(self, datagram, header, source):
-        if header.dst != self.my_mac:
-            return self._drop("not_for_us")
+    def datagrams_received(self, datagrams, source):
+        """
+        Datagrams that arrived together from C{source} (one UDP GRO read:
+        usually the pieces of one super-frame from one peer).  The peer and
+        its receiving direction are looked up once per run of datagrams
+        that name the same sender, epoch and incarnation; every datagram is
+        still authenticated and replay-checked on its own.
+        """
+        my_mac = self.my_mac
+        cached = None
+        peer = opener = None
+        moved = False
+        # The pieces of one frame usually arrive in order (though a frame
+        # may straddle two reads): they are joined here; anything else goes
+        # through the reassembler.
+        run = self._run
+        run_header = self._run_header
+        for datagram in datagrams:
+            try:
+                header = parse_header(datagram)
+            except WireError as e:
+                self._drop(e.reason)
+                continue
+            kind = header.type & _KIND_MASK
+            if kind != TYPE_PAIR:
+                if kind == TYPE_GROUP:
+                    self._receive_group(datagram, header, source)
+                else:
+                    self._drop("type")
+                continue
+            if header.dst != my_mac:
+                self._drop("not_for_us")
+                continue
+            key = (header.src, header.epoch, header.incarnation)
+            if key != cached:
+                peer, opener = self._pair_opener(header)
+                if opener is None:
+                    cached = None
+                    continue
+                cached = key
+                moved = False
+            try:
+                piece = opener.open_counter(datagram, header.counter)
+            except WireError as e:
+                self._drop(e.reason, peer)
+                continue
+            if not moved:
+                # First authentic datagram of this run: adopt a restarted
+                # peer's new incarnation, follow a roaming peer.
+                moved = True
+                peer.accept(opener, header.incarnation)
+                if source != peer.endpoint and source is not None:
+                    log.info("peer {peer_id} moved to {endpoint}", peer_id=peer.member_id, endpoint=source)
+                    peer.endpoint = source
+                    self.members[peer.mac] = source
+            count = header.count
+            if count == 1:
+                self._deliver(header, piece, peer.stats, peer)
+                continue
+            index = header.index
+            if run and (index != len(run) or header.counter - index != run_header.counter
+                        or header.src != run_header.src or count != run_header.count
+                        or header.type != run_header.type or header.epoch != run_header.epoch
+                        or header.incarnation != run_header.incarnation):
+                self._flush_run()
+                run = self._run
+            if run or (index == 0 and not self.reassembler.holds(header)):
+                if index == 0:
+                    self._run_header = run_header = header
+                    self._run_peer = peer
+                    self._run_started = self.clock.seconds()
+                run.append(piece)
+                if len(run) == count:
+                    pieces = run
+                    self._run = run = []
+                    try:
+                        frame = join_frame(run_header, pieces)
+                    except WireError as e:
+                        self._drop(e.reason, peer)
+                    else:
+                        self._write(frame, run_header.type & FLAG_OFFLOAD, peer.stats, peer)
+            else:
+                self._deliver(header, piece, peer.stats, peer)
+
+    def _flush_run(self):
+        """
+        Hand the pieces of an unfinished run (indexes 0, 1, ...) to the
+        reassembler, where the rest of their frame will find them.
+        """
+        header, pieces, peer = self._run_header, self._run, self._run_peer
+        self._run = []
+        counter = header.counter
+        for index, piece in enumerate(pieces):
+            self._deliver(header._replace(index=index, counter=counter + index), piece, peer.stats, peer)
+
+    def _pair_opener(self, header):
+        """
+        The peer whose key the header names and the receiving direction to
+        try; (peer or None, None) after counting why there is none.
+        """
         src = header.src
         peer = self.peers.get(src)
         if peer is None:
             self._drop("no_key")
             if self._inbound_requests.take():
                 self._request_pair_key(src)
-            return
+            return None, None
         if header.epoch != peer.epoch:
-            return self._drop("epoch", peer)
+            self._drop("epoch", peer)
+            return peer, None
         opener = peer.opener_for(header.incarnation)
         if opener is None:
-            return self._drop("incarnation", peer)
-        try:
-            piece = opener.open(datagram, header)
-        except WireError as e:
-            return self._drop(e.reason, peer)
-        peer.accept(opener, header.incarnation)
-        if source != peer.endpoint and source is not None:
-            log.info("peer {peer_id} moved to {endpoint}", peer_id=peer.member_id, endpoint=source)
-            peer.endpoint = source
-            self.members[peer.mac] = source
-        self._deliver(header, piece, peer.stats, peer)
+            self._drop("incarnation", peer)
+        return peer, opener
 
     def _receive_group(self, datagram, header, source):
         group = self.group
@@ -413,15 +504,17 @@ class DataPlane:
             frame = self.reassembler.add(header, piece)
         except WireError as e:
             return self._drop(e.reason, peer)
-        if frame is None:
-            return
-        if peer is None and frame[12:14] == ANNOUNCE_ETHERTYPE:
+        if frame is not None:
+            self._write(frame, header.type & FLAG_OFFLOAD, stats, peer)
+
+    def _write(self, frame, offload, stats, peer):
+        if peer is None and not offload and frame[12:14] == ANNOUNCE_ETHERTYPE:
             stats.rx_frames += 1
             return
-        if not self.device.write(frame):
+        if not self.device.write(frame, offload):
             return self._drop("device_full", peer)
         stats.rx_frames += 1
-        stats.rx_bytes += len(frame)
+        stats.rx_bytes += len(frame) - (VNET_HDR_LEN if offload else 0)
         stats.last_rx = self.clock.seconds()
 
     # Status ----------------------------------------------------------------------

@@ -32,9 +32,10 @@ class PendingFrames:
         queue = self._queues.get(mac)
         return len(queue) if queue else 0
 
-    def add(self, mac: bytes, frame: bytes) -> bool:
+    def add(self, mac: bytes, frame) -> bool:
         """
-        Queue C{frame} for C{mac}; False (and counted) if a bound is reached.
+        Queue C{frame} (whatever the caller needs to send it later) for
+        C{mac}; False (and counted) if a bound is reached.
         """
         queue = self._queues.get(mac)
         if self._count >= self.total:
@@ -48,7 +49,7 @@ class PendingFrames:
         self._count += 1
         return True
 
-    def take(self, mac: bytes) -> list[bytes]:
+    def take(self, mac: bytes) -> list:
         """
         Remove and return C{mac}'s frames that have not timed out, in order.
         """

@@ -61,17 +61,17 @@ class ClientRole:
         if self.device is not None:
             self.device.stop()
 
-    def _frame(self, frame):
+    def _frame(self, frame, offload):
         if self.dataplane is None:
             self.not_ready += 1
             return
-        self.dataplane.frame_from_device(frame)
+        self.dataplane.frame_from_device(frame, offload)
 
-    def datagram_received(self, datagram, source):
+    def datagrams_received(self, datagrams, source):
         if self.dataplane is None:
-            self.not_ready += 1
+            self.not_ready += len(datagrams)
             return
-        self.dataplane.datagram_received(datagram, source)
+        self.dataplane.datagrams_received(datagrams, source)
 
     # IKeyListener -------------------------------------------------------------
 

@@ -50,7 +50,7 @@ class AgentService(service.Service):
 
     def startService(self):
         super().startService()
-        self.carrier.start(self.role.datagram_received)
+        self.carrier.start(self.role.datagrams_received)
         try:
             self.role.start(self)
         except DeviceError as e:
@@ -81,6 +81,7 @@ class AgentService(service.Service):
             "now": self.reactor.seconds(),
             "role_name": self.role.name,
             "carrier": self.carrier.name,
+            "carrier_errors": self.carrier.errors,
             "key_servers": [{"address": str(a), "connected": a == current}
                             for a in self.config.key_servers],
             "role": self.role.status(),
