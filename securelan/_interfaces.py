@@ -36,6 +36,11 @@ class IStore(Interface):
         is released.  Fails with L{MacInUse} when another member holds the
         MAC, and with L{TableFull} when the member is new and the registry
         already holds C{max_members} members.  Fires with the stored record.
+
+        C{member.incarnation} is the incarnation the registering agent
+        already uses (0 for a new agent): kept when it is not below the
+        stored one, else the stored one plus one is assigned, so an
+        incarnation never goes back.
         """
 
     def member(member_id):
@@ -57,6 +62,11 @@ class IStore(Interface):
         """
         Fires with the current L{securelan.records.PairKey} of the unordered
         pair, or None.
+        """
+
+    def pairs_of(member_id):
+        """
+        Fires with the list of current L{PairKey}s that C{member_id} holds.
         """
 
     def issue_pair_key(candidate, max_pair_keys):

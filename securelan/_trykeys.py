@@ -38,14 +38,16 @@ def main(reactor, ca, cert, key, keyserver, mac, datagram_file, *peer_macs):
         tried += 1
         for grant in grants:
             for sender, receiver in permutations(sorted(ids), 2):
-                opener = Opener(derive_pair_key(grant.key, sender, receiver, header.epoch,
-                                                header.incarnation),
-                                TYPE_PAIR, header.epoch, header.incarnation)
-                try:
-                    opener.open(datagram, header)
-                    opened += 1
-                except WireError:
-                    pass
+                # Every receiver incarnation the members can have had.
+                for receiver_incarnation in range(1, 9):
+                    opener = Opener(derive_pair_key(grant.key, sender, receiver, header.epoch,
+                                                    header.incarnation, receiver_incarnation),
+                                    TYPE_PAIR, header.epoch, header.incarnation)
+                    try:
+                        opener.open(datagram, header)
+                        opened += 1
+                    except WireError:
+                        pass
     print(json.dumps({"member": admission.member_id, "keys": len(grants), "tried": tried,
                       "opened": opened}))
 

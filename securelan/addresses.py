@@ -7,6 +7,7 @@ path); they are parsed from and formatted to the usual colon form only at the
 edges (configs, logs, the store, the CLI).
 """
 
+import ipaddress
 import re
 
 import attrs
@@ -76,6 +77,42 @@ def pair_of(id_1: str, id_2: str) -> tuple[str, str]:
     of the pair-key table, so K(1,2) and K(2,1) are one key.
     """
     return (id_1, id_2) if id_1 <= id_2 else (id_2, id_1)
+
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]*\]|[0-9.]*):(?P<port>[0-9]{1,5})$")
+
+
+def parse_host_port(text: str, default_host=None):
+    """
+    Parse an underlay endpoint ``address:port`` (``[v6]:port`` for IPv6);
+    with C{default_host}, a bare ``:port`` takes that host.  An IPv4 address
+    mapped into IPv6 comes back as IPv4; scoped IPv6 addresses are refused.
+
+    @return: C{(address, port)} with C{address} an C{ipaddress} object.
+    @raise AddressError: if C{text} is not such an endpoint.
+    """
+    m = _HOST_PORT.match(text) if isinstance(text, str) else None
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise AddressError(f"endpoint {text!r} is not address:port")
+    host = m["host"].strip("[]")
+    if not host:
+        if default_host is None:
+            raise AddressError(f"endpoint {text!r} has no address")
+        host = default_host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise AddressError(f"endpoint host {host!r} is not an IP address") from None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address, int(m["port"])
+
+
+def format_host_port(address, port: int) -> str:
+    """
+    The text form of an endpoint: ``a.b.c.d:port`` or ``[v6]:port``.
+    """
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 _KEYSERVER_ADDRESS = re.compile(r"^(?:(?P<name>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:.]+\]|[^:@\s\[\]]+):(?P<port>\d+)$")

@@ -237,10 +237,9 @@ def _run_demo(args) -> int:
     return lan_demo.run(args.carrier)
 
 
-DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"
-
-
 def _add_status(subparsers) -> None:
+    from .config import DEFAULT_STATUS_SOCKET
+
     status = subparsers.add_parser(
         "status",
         help="show a running agent's key servers, peers, keys and counters",
@@ -268,6 +267,8 @@ def _run_status(args) -> int:
         except ConfigError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return EXIT_ERROR
+    from .config import DEFAULT_STATUS_SOCKET
+
     path = path or DEFAULT_STATUS_SOCKET
     result = []
 

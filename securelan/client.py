@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 from zope.interface import implementer
@@ -28,6 +29,7 @@ from .protocol import (
     Admission,
     ListPeers,
     PeerInfo,
+    Ping,
     GroupKeyGrant,
     PairKeyGrant,
     PushGroupKey,
@@ -61,6 +63,8 @@ class FailoverEndpoint:
             index = (self._preferred + step) % count
             try:
                 protocol = yield self.endpoints[index].connect(protocolFactory)
+            except defer.CancelledError:
+                raise
             except Exception as e:
                 last = e
                 log.info("key server {index} unreachable: {reason}", index=index, reason=str(e))
@@ -81,9 +85,11 @@ class AgentProtocol(amp.AMP):
         self._on_lost = on_lost
 
     def connectionLost(self, reason):
-        super().connectionLost(reason)
+        # Forget this connection before its pending requests fail, so that
+        # what their errbacks ask goes to the next connection.
         if self._on_lost is not None:
             self._on_lost(self)
+        super().connectionLost(reason)
 
     @PushPairKey.responder
     def pair_key_pushed(self, **fields):
@@ -104,11 +110,13 @@ class AgentProtocol(amp.AMP):
         return {}
 
 
-def register(protocol, mac: bytes, role: str, endpoint: str):
+def register(protocol, mac: bytes, role: str, endpoint: str, incarnation=None):
     """
     Send C{Register} on C{protocol}; fires with an L{Admission}.
+    C{incarnation}: the one this agent already uses, when it reconnects.
     """
-    d = protocol.callRemote(Register, version=PROTOCOL_VERSION, mac=mac, role=role, endpoint=endpoint)
+    kw = {} if incarnation is None else {"incarnation": incarnation}
+    d = protocol.callRemote(Register, version=PROTOCOL_VERSION, mac=mac, role=role, endpoint=endpoint, **kw)
     return d.addCallback(lambda response: Admission(**response))
 
 
@@ -150,8 +158,15 @@ class KeyServerClient(service.Service):
     """
     A member's connection to its subnet's key servers.
 
+    It pings the key server every L{PING_INTERVAL} seconds and drops a
+    connection on which a ping or a request is not answered within
+    L{REQUEST_TIMEOUT}, so a key server that hangs is failed over from.
+
     @ivar admission: the last L{Admission}, or None before the first.
     """
+
+    PING_INTERVAL = 30.0
+    REQUEST_TIMEOUT = 10.0
 
     def __init__(self, addresses, credentials, mac: bytes, role: str = "client",
                  endpoint: str = "", listener=None, reactor=None, retry_policy=None):
@@ -217,14 +232,50 @@ class KeyServerClient(service.Service):
             protocol.transport.loseConnection()
             return failure
 
-        return register(protocol, self.mac, self.role, self.endpoint).addCallbacks(admitted, refused)
+        # Keep the incarnation of the first admission for the agent's life:
+        # its keys are derived with it.
+        incarnation = self.admission.incarnation if self.admission is not None else None
+        d = register(protocol, self.mac, self.role, self.endpoint, incarnation)
+        self._timeout(d, protocol)
+        return d.addCallbacks(admitted, refused)
+
+    def _timeout(self, d, protocol):
+        """
+        Drop C{protocol}'s connection if C{d} is not answered in time.
+        """
+        timer = self._reactor.callLater(self.REQUEST_TIMEOUT, self._give_up, protocol)
+
+        def answered(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(answered)
+
+    def _give_up(self, protocol):
+        log.warn("key server did not answer in {timeout:g} s: dropping the connection",
+                 timeout=self.REQUEST_TIMEOUT)
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    def _ping(self):
+        protocol = self._protocol
+        if protocol is None:
+            return
+        self._timeout(protocol.callRemote(Ping), protocol).addErrback(
+            lambda f: log.info("ping failed: {reason}", reason=f.getErrorMessage()))
 
     def startService(self):
         super().startService()
         self._client.startService()
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self._reactor
+        self._pinger.start(self.PING_INTERVAL, now=False)
 
     def stopService(self):
         super().stopService()
+        if self._pinger.running:
+            self._pinger.stop()
         return self._client.stopService()
 
     def connected(self, fail_after_failures=None):
@@ -250,15 +301,21 @@ class KeyServerClient(service.Service):
         """
         return self.connected().addCallback(lambda _: self.admission)
 
+    def _ask(self, request, *args):
+        def send(protocol):
+            return self._timeout(request(protocol, *args), protocol)
+
+        return self.connected(1).addCallback(send)
+
     def request_pair_key(self, peer_mac: bytes, epoch=None):
         """
         The seed's ``(ID, MAC_2, ?)``; fails at once if no key server can be
         reached now.
         """
-        return self.connected(1).addCallback(request_pair_key, peer_mac, epoch)
+        return self._ask(request_pair_key, peer_mac, epoch)
 
     def request_group_key(self):
-        return self.connected(1).addCallback(request_group_key)
+        return self._ask(request_group_key)
 
     def list_peers(self):
-        return self.connected(1).addCallback(list_peers)
+        return self._ask(list_peers)

@@ -152,6 +152,10 @@ class Limits:
     max_request_bytes: int = 4096
     requests_per_second: float = 200.0
     request_burst: int = 400
+    #: Seconds a connection may take to complete TLS and register.
+    register_timeout: float = 15.0
+    #: Seconds a registered session may stay silent (agents ping every 30).
+    idle_timeout: float = 120.0
 
 
 @attrs.frozen
@@ -212,6 +216,8 @@ def _limits(t: _Table) -> Limits:
         max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=512, maximum=65536),
         requests_per_second=t.number("requests_per_second", d.requests_per_second, minimum=0.001),
         request_burst=t.integer("request_burst", d.request_burst, minimum=1),
+        register_timeout=t.number("register_timeout", d.register_timeout, minimum=1),
+        idle_timeout=t.number("idle_timeout", d.idle_timeout, minimum=10),
     )
     t.done()
     return limits
@@ -219,8 +225,10 @@ def _limits(t: _Table) -> Limits:
 
 # The agent ------------------------------------------------------------------
 
-ROLE_NAMES = ("client", "gateway", "border")
+#: The roles an agent can take today (gateway and border are coming).
+AGENT_ROLES = ("client",)
 CARRIER_NAMES = ("udp", "ethernet")
+DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"
 
 
 @attrs.frozen
@@ -246,7 +254,7 @@ class CarrierConfig:
     type: str = "udp"
     #: udp: the address and port to listen on.
     listen: str = "0.0.0.0"
-    port: int = 4789
+    port: int = 51871
     #: udp: the endpoint to register; ":port" lets the key server fill in
     #: the address it sees the agent connect from.
     advertise: str = ""
@@ -369,13 +377,13 @@ def load_agent_config(path: str) -> AgentConfig:
 
     config = AgentConfig(
         path=path,
-        role=ag.choice("role", ROLE_NAMES, "client"),
+        role=ag.choice("role", AGENT_ROLES, "client"),
         ca=ag.path_value("ca"),
         certificate=ag.path_value("certificate"),
         private_key=ag.path_value("private_key"),
         key_servers=tuple(parsed),
         on_key_miss=ag.choice("on_key_miss", ("queue", "drop"), "queue"),
-        status_socket=ag.path_value("status_socket", "/run/securelan/agent.sock"),
+        status_socket=ag.path_value("status_socket", DEFAULT_STATUS_SOCKET),
         device=device,
         carrier=carrier,
         queue=queue,

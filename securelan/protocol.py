@@ -46,7 +46,8 @@ class Register(amp.Command):
     """
     Admission (seed step 1): record this member's MAC, role and underlay
     endpoint.  C{endpoint} is ``host:port``; a bare ``:port`` means "the
-    address you see me connect from".  Answers with the subnet's facts.
+    address you see me connect from".  C{incarnation} is the one the agent
+    already uses, when it reconnects.  Answers with the subnet's facts.
     """
 
     arguments = [
@@ -54,6 +55,7 @@ class Register(amp.Command):
         (b"mac", amp.String()),
         (b"role", amp.Unicode()),
         (b"endpoint", amp.Unicode()),
+        (b"incarnation", amp.Integer(optional=True)),
     ]
     response = [
         (b"member_id", amp.Unicode()),
@@ -72,6 +74,7 @@ _PAIR_KEY_FIELDS = [
     (b"peer_mac", amp.String()),
     (b"peer_role", amp.Unicode()),
     (b"peer_endpoint", amp.Unicode()),
+    (b"peer_incarnation", amp.Integer()),
     (b"key", SecretKeyArgument()),
     (b"epoch", amp.Integer()),
     (b"lifetime", amp.Integer()),
@@ -132,6 +135,18 @@ class ListPeers(amp.Command):
     PAGE = 200
 
 
+class Ping(amp.Command):
+    """
+    Member to key server: nothing but proof that the connection is alive,
+    which keeps the key server from closing an idle session and lets the
+    member notice a key server that no longer answers.
+    """
+
+    arguments = []
+    response = []
+    errors = ERRORS
+
+
 class PushPairKey(amp.Command):
     """
     Key server to member: a pair key was issued or replaced (rekey).
@@ -187,6 +202,9 @@ class PairKeyGrant:
     peer_mac: bytes
     peer_role: str
     peer_endpoint: str
+    #: The peer's incarnation as the key server knows it: part of the key
+    #: this member sends to it with.
+    peer_incarnation: int
     key: SecretKey
     epoch: int
     lifetime: int

@@ -68,6 +68,17 @@ class ReplayWindow:
         self._last = 0
         self._ring = [0] * RING_BLOCKS
 
+    def reject_through(self, counter: int):
+        """
+        Count every counter up to and including C{counter} as accepted: for
+        a receiving key that is taken up again (the same key granted after a
+        purge), so nothing it accepted before can be replayed.
+        """
+        full = (1 << _BLOCK_BITS) - 1
+        self._ring = [full] * RING_BLOCKS
+        self._ring[(counter >> _BLOCK_BIT_LOG) & _BLOCK_MASK] = (1 << ((counter & _BIT_MASK) + 1)) - 1
+        self._last = counter
+
     def check(self, counter: int) -> bool:
         """
         Whether a message with this counter may be accepted; if so, remember

@@ -395,9 +395,9 @@ class MemoryCarrier:
         self.lan.carriers.pop(self.address, None)
 
     def parse_endpoint(self, text):
-        from .agent.carriers import _parse_host_port
+        from .agent.carriers import parse_udp_endpoint
 
-        return _parse_host_port(text)
+        return parse_udp_endpoint(text)
 
     def send(self, datagrams, endpoint):
         for datagram in datagrams:
@@ -505,6 +505,9 @@ class MemoryMember:
         self.member_id = member_id
         self.mac = mac
         self.listener = RecordingListener()
+        self.dataplane = None
+        # Pushes that arrive while joining, before the data plane exists.
+        self._early = []
         self.carrier = lan.carrier(host)
         self.device = MemoryDevice(mac=mac)
         self.conn, self.admission = net.join(member_id, mac, endpoint=self.carrier.endpoint,
@@ -515,22 +518,31 @@ class MemoryMember:
         self.carrier.start(self.dataplane.datagrams_received)
         self.device.start(self.dataplane.frame_from_device)
         self.dataplane.start()
+        for install, grant in self._early:
+            getattr(self.dataplane, install)(grant)
 
     # Pushes from the key server go to the data plane, as ClientRole does.
     def registered(self, admission):
         pass
 
+    def _install(self, how, grant):
+        if self.dataplane is None:
+            self._early.append((how, grant))
+        else:
+            getattr(self.dataplane, how)(grant)
+
     def pair_key_pushed(self, grant):
         self.listener.pair_key_pushed(grant)
-        self.dataplane.install_pair_key(grant)
+        self._install("install_pair_key", grant)
 
     def group_key_pushed(self, grant):
         self.listener.group_key_pushed(grant)
-        self.dataplane.install_group_key(grant)
+        self._install("install_group_key", grant)
 
     def purged(self, peer_id, reason):
         self.listener.purged(peer_id, reason)
-        self.dataplane.purge(peer_id)
+        if self.dataplane is not None:
+            self.dataplane.purge(peer_id)
 
     def frame(self, dst, payload, ethertype=b"\x08\x00"):
         return dst + self.mac + ethertype + payload

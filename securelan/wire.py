@@ -272,6 +272,15 @@ def max_datagram(underlay_mtu: int, ipv6: bool = False) -> int:
     return underlay_mtu - (_IPV6_HEADER_LEN if ipv6 else _IPV4_HEADER_LEN) - _UDP_HEADER_LEN
 
 
+def frame_mtu(max_datagram: int) -> int:
+    """
+    The largest device MTU (Ethernet payload) whose frames fit one datagram
+    of C{max_datagram} bytes: the header, the tag and the EtherType (which
+    travels inside the ciphertext) take the rest.
+    """
+    return max_datagram - OVERHEAD - (ETHERNET_HEADER_LEN - _MACS_LEN)
+
+
 def tap_mtu(underlay_mtu: int, ipv6: bool = False) -> int:
     """
     The largest TAP MTU (Ethernet payload) for which every frame travels as
@@ -282,7 +291,7 @@ def tap_mtu(underlay_mtu: int, ipv6: bool = False) -> int:
 
     @raise ValueError: if the underlay MTU leaves no room for a payload.
     """
-    mtu = max_datagram(underlay_mtu, ipv6) - OVERHEAD - (ETHERNET_HEADER_LEN - _MACS_LEN)
+    mtu = frame_mtu(max_datagram(underlay_mtu, ipv6))
     if mtu < 1:
         raise ValueError(f"an underlay MTU of {underlay_mtu} is too small")
     return mtu
@@ -308,16 +317,24 @@ def _hkdf(ikm: SecretKey, info: bytes) -> SecretKey:
 
 
 def derive_pair_key(
-    pair_key: SecretKey, sender_id: str, receiver_id: str, epoch: int, incarnation: int
+    pair_key: SecretKey,
+    sender_id: str,
+    receiver_id: str,
+    epoch: int,
+    sender_incarnation: int,
+    receiver_incarnation: int,
 ) -> SecretKey:
     """
     The key of the direction C{sender_id} -> C{receiver_id} of a pair key,
-    for one incarnation of the sender.  The sender derives it with its own
-    incarnation; the receiver with the incarnation the header carries.
+    for one incarnation of each end.  The sender's incarnation (in every
+    header) keeps a restarted sender from reusing a nonce; the receiver's
+    (which the key server hands out with the key, and which a receiver's own
+    datagrams carry) keeps datagrams recorded before a receiver restarted
+    from being replayed into it.
 
     HKDF-SHA-256, salt C{b"securelan v1"}, info C{b"pair" + lp(sender_id) +
-    lp(receiver_id) + epoch + incarnation} (C{lp}: one length byte, then
-    UTF-8; both numbers 4 bytes big-endian).
+    lp(receiver_id) + epoch + sender_incarnation + receiver_incarnation}
+    (C{lp}: one length byte, then UTF-8; the numbers 4 bytes big-endian).
     """
     info = b"".join(
         (
@@ -325,7 +342,8 @@ def derive_pair_key(
             _length_prefixed(sender_id),
             _length_prefixed(receiver_id),
             _U32.pack(_check_u32("epoch", epoch)),
-            _U32.pack(_check_u32("incarnation", incarnation, 1)),
+            _U32.pack(_check_u32("incarnation", sender_incarnation, 1)),
+            _U32.pack(_check_u32("incarnation", receiver_incarnation, 1)),
         )
     )
     return _hkdf(pair_key, info)
@@ -378,13 +396,14 @@ class Sealer:
 
     __slots__ = ("_encrypt", "_type", "_epoch", "_incarnation", "_counter")
 
-    def __init__(self, key: SecretKey, type: int, epoch: int, incarnation: int):
+    def __init__(self, key: SecretKey, type: int, epoch: int, incarnation: int, counter: int = 0):
         _check_direction(key, type, epoch, incarnation)
         self._encrypt = AESGCM(key.material).encrypt
         self._type = type
         self._epoch = epoch
         self._incarnation = incarnation
-        self._counter = 0
+        # Not 0 when a key is taken up again: its counter goes on.
+        self._counter = counter
 
     def __repr__(self):
         return (
@@ -501,6 +520,12 @@ class Opener:
         The highest counter accepted so far (0 when none was).
         """
         return self._window.last
+
+    def reject_through(self, counter: int):
+        """
+        Refuse every counter up to C{counter}: this key was in use before.
+        """
+        self._window.reject_through(counter)
 
     def open(self, datagram, header: Header = None) -> bytes:
         """

@@ -108,10 +108,12 @@ class UnicastTests(SynchronousTestCase):
             key = peer._key
             for sender, receiver in (("alice", "bob"), ("bob", "alice"), (peer.member_id, "carol"),
                                      ("carol", peer.member_id)):
-                opener = Opener(derive_pair_key(key, sender, receiver, header.epoch, header.incarnation),
-                                TYPE_PAIR, header.epoch, header.incarnation)
-                e = self.assertRaises(WireError, opener.open, to_bob[0], header)
-                self.assertEqual(e.reason, "auth")
+                for receiver_incarnation in range(1, 4):
+                    opener = Opener(derive_pair_key(key, sender, receiver, header.epoch, header.incarnation,
+                                                    receiver_incarnation),
+                                    TYPE_PAIR, header.epoch, header.incarnation)
+                    e = self.assertRaises(WireError, opener.open, to_bob[0], header)
+                    self.assertEqual(e.reason, "auth")
 
     def test_replayed_and_injected_datagrams_dropped(self):
         """
@@ -248,18 +250,41 @@ class MissTests(SynchronousTestCase):
 
     def test_receive_miss_drops_and_asks(self):
         """
-        A receiver without the key drops the datagram and asks (seed step
-        4); later datagrams are delivered.
+        With on_key_miss = "drop", a receiver without the key drops the
+        datagram and asks (the seed's step 4).
         """
-        net = Net(self)
+        net = Net(self, on_key_miss="drop")
         alice, bob = net["alice"], net["bob"]
         bob.conn.pump.flush = lambda: None  # bob never hears the push
         bob.conn.pump.pump = lambda *a: False
-        alice.send(MAC_2, b"lost")
+        alice.send(MAC_2, b"dropped by alice: she had no key")
+        alice.send(MAC_2, b"dropped by bob: he has none")
         net.lan.flush()
         self.assertEqual(bob.device.written, [])
+        self.assertEqual(alice.dataplane.stats.drops, {"no_key": 1})
         self.assertEqual(bob.dataplane.stats.drops, {"no_key": 1})
         self.assertEqual(bob.keys.requests, [MAC_1])
+
+    def test_receive_miss_holds_in_queue_mode(self):
+        """
+        With on_key_miss = "queue", the datagram waits for the key and is
+        delivered when it arrives.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        bob.keys.hold = True
+        flush, pump = bob.conn.pump.flush, bob.conn.pump.pump
+        bob.conn.pump.flush = lambda: None  # bob does not hear the push yet
+        bob.conn.pump.pump = lambda *a: False
+        alice.send(MAC_2, b"first")
+        net.lan.flush()
+        self.assertEqual(bob.device.written, [])
+        self.assertEqual(bob.keys.requests, [MAC_1])
+        bob.conn.pump.flush, bob.conn.pump.pump = flush, pump
+        bob.keys.release()
+        net.settle()
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"first")])
+        self.assertEqual(bob.dataplane.stats.drops, {})
 
     def test_queue_keeps_order_and_bounds(self):
         """
@@ -325,7 +350,9 @@ class MissTests(SynchronousTestCase):
             template[26:32] = b"\x02\x77" + i.to_bytes(4, "big")
             bob.dataplane.datagram_received(bytes(template), ("10.0.0.66", 1))
         self.assertLessEqual(len(bob.keys.requests), 40)
-        self.assertEqual(bob.dataplane.stats.drops["no_key"], 1000)
+        held = bob.dataplane._held_count
+        self.assertLessEqual(held, bob.dataplane.HOLD_TOTAL)
+        self.assertEqual(bob.dataplane.stats.drops["no_key"] + held, 1000)
 
 
 class GroupTests(SynchronousTestCase):
@@ -503,3 +530,96 @@ class BatchTests(SynchronousTestCase):
         self.net.subnet.clock.advance(5)
         self.bob.dataplane.tick()
         self.assertEqual(self.bob.dataplane.reassembler.expired, 1)
+
+
+class KeyCacheTests(SynchronousTestCase):
+    """
+    The key cache holds one entry per peer, follows the peer's MAC,
+    endpoint and incarnation, and never restarts a counter under a key.
+    """
+
+    def pair_datagrams(self, net, src_host, dst_host):
+        return [d for s, t, d in net.lan.wire if s[0] == src_host and t[0] == dst_host and d[1] & 0x7F == TYPE_PAIR]
+
+    def test_purge_then_same_key_goes_on(self):
+        """
+        A key purged and granted again keeps its counters: nothing is sent
+        twice under one nonce, and what was accepted before stays refused.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"one")
+        net.settle()
+        first = self.pair_datagrams(net, "10.0.0.1", "10.0.0.2")[0]
+        alice.dataplane.purge("bob")
+        bob.dataplane.purge("alice")
+        alice.send(MAC_2, b"two")
+        net.settle()
+        # bob dropped "two" (he had purged the key: the seed's receive miss)
+        # and asked for the key again.
+        alice.send(MAC_2, b"three")
+        net.settle()
+        counters = [parse_header(d).counter for d in self.pair_datagrams(net, "10.0.0.1", "10.0.0.2")]
+        self.assertEqual(counters, sorted(set(counters)))
+        self.assertEqual(bob.device.written[-1], alice.frame(MAC_2, b"three"))
+        written = len(bob.device.written)
+        net.lan.inject(first, ("10.0.0.1", 4789), ("10.0.0.2", 4789))
+        net.settle()
+        self.assertEqual(len(bob.device.written), written)
+        self.assertEqual(bob.dataplane.peers[MAC_1].stats.drops.get("replay"), 1)
+
+    def test_peer_moves_to_another_mac(self):
+        """
+        bob moves to a new MAC and carol takes his old one: alice's frames
+        for the old MAC go to carol (under K(alice, carol)), bob's counters
+        under K(alice, bob) go on, and bob can no longer send as the old MAC.
+        """
+        net = Net(self)
+        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        alice.send(MAC_2, b"to bob")
+        net.settle()
+        before = [parse_header(d).counter for d in self.pair_datagrams(net, "10.0.0.1", "10.0.0.2")]
+        new_bob_mac = parse_mac("02:00:00:00:00:22")
+        # bob re-registers with a new MAC (same agent: same incarnation)...
+        bob.conn.run(__import__("securelan.client", fromlist=["register"]).register(
+            bob.conn.client, new_bob_mac, "client", bob.carrier.endpoint, bob.admission.incarnation))
+        net.settle()
+        self.assertNotIn(MAC_2, alice.dataplane.peers)
+        self.assertIs(alice.dataplane.peers[new_bob_mac], alice.dataplane.peers_by_id["bob"])
+        # ... and carol takes bob's old MAC.
+        carol.conn.run(__import__("securelan.client", fromlist=["register"]).register(
+            carol.conn.client, MAC_2, "client", carol.carrier.endpoint, carol.admission.incarnation))
+        net.settle()
+        alice.send(MAC_2, b"to whoever has MAC_2")
+        net.settle()
+        self.assertEqual(alice.dataplane.peers[MAC_2].member_id, "carol")
+        alice.send(new_bob_mac, b"to bob again")
+        net.settle()
+        after = [parse_header(d).counter for d in self.pair_datagrams(net, "10.0.0.1", "10.0.0.2")]
+        self.assertEqual(after[:len(before)], before)
+        self.assertEqual(len(set(after)), len(after))
+
+    def test_restarted_receiver_refuses_old_recordings(self):
+        """
+        Datagrams recorded before bob restarted are not accepted by the new
+        bob; alice's traffic reaches the new bob (she is told his new
+        incarnation).
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"PAY ME 100")
+        net.settle()
+        recorded = self.pair_datagrams(net, "10.0.0.1", "10.0.0.2")
+        bob.carrier.stop()
+        new_bob = MemoryMember(net.subnet, net.lan, "bob", MAC_2, "10.0.0.2")
+        net.settle()
+        for _ in range(3):
+            for datagram in recorded:
+                net.lan.inject(datagram, ("10.0.0.66", 4789), ("10.0.0.2", 4789))
+            net.settle()
+        self.assertEqual(new_bob.device.written, [])
+        alice.send(MAC_2, b"hello new bob")
+        net.settle()
+        self.assertEqual(new_bob.device.written, [alice.frame(MAC_2, b"hello new bob")])
+        # The replays moved nothing: bob still sends to alice's own address.
+        self.assertEqual(new_bob.dataplane.peers[MAC_1].endpoint, ("10.0.0.1", 4789))

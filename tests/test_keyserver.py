@@ -5,7 +5,7 @@ in memory (L{securelan.testing.MemorySubnet}).
 
 import base64
 
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -584,7 +584,7 @@ class PushOnIssueTests(SubnetTestCase):
     def test_peer_hears_of_new_key(self):
         """
         When alice's request creates K(alice, bob), bob is pushed the key,
-        with alice as peer; a second request pushes nothing.
+        with alice as peer (and again on each request).
         """
         net = self.subnet()
         heard = RecordingListener()
@@ -595,6 +595,115 @@ class PushOnIssueTests(SubnetTestCase):
         (kind, pushed), = heard.events
         self.assertEqual((kind, pushed.peer_id, pushed.peer_mac), ("pair_key", "alice", MAC_1))
         self.assertEqual(pushed.key, grant.key)
+        # Asking again refreshes the peer (it may have missed a change).
         self.pair_key(alice, MAC_2)
         net.flush()
-        self.assertEqual(len(heard.events), 1)
+        self.assertEqual([g.key for _, g in heard.events], [grant.key, grant.key])
+
+
+class SessionLifeTests(SubnetTestCase):
+    """
+    Sessions that stall or fall silent are closed; one that goes away
+    while registering leaves nothing behind.
+    """
+
+    def test_register_timeout(self):
+        """
+        A connection that does not register in time is closed.
+        """
+        net = self.subnet(limits=Limits(register_timeout=5))
+        conn = net.connect("alice")
+        net.clock.advance(4)
+        self.assertTrue(conn.connected)
+        net.clock.advance(2)
+        conn.pump.flush()
+        self.assertFalse(conn.connected)
+
+    def test_idle_timeout_and_ping(self):
+        """
+        A registered session that pings stays; a silent one is closed.
+        """
+        from securelan.protocol import Ping
+
+        net = self.subnet(limits=Limits(idle_timeout=60))
+        conn, _ = net.join("alice", MAC_1)
+        for _ in range(5):
+            net.clock.advance(40)
+            self.successResultOf(conn.call(Ping))
+        self.assertTrue(conn.connected)
+        net.clock.advance(61)
+        conn.pump.flush()
+        self.assertFalse(conn.connected)
+        self.assertNotIn("alice", net.server.sessions)
+
+    def test_closed_while_registering(self):
+        """
+        A registration that completes after its connection closed does not
+        leave a session behind.
+        """
+        from securelan.protocol import Register
+
+        held = []
+        holding = [False]
+
+        def runner(f, *args):
+            if holding[0]:
+                d = defer.Deferred()
+                held.append((d, f, args))
+                return d
+            return run_synchronously(f, *args)
+
+        store = SQLiteStore(":memory:", None, runner=runner)
+        self.successResultOf(store.open())
+        net = self.subnet(store=store)
+        conn = net.connect("alice")
+        holding[0] = True
+        conn.client.callRemote(Register, version=PROTOCOL_VERSION, mac=MAC_1, role="client",
+                               endpoint="").addErrback(lambda f: None)
+        conn.pump.flush()
+        self.assertEqual(len(held), 1)
+        conn.client_tls.transport.loseConnection()
+        conn.pump.flush()
+        holding[0] = False
+        d, f, args = held[0]
+        run_synchronously(f, *args).chainDeferred(d)
+        self.assertEqual(net.server.sessions, {})
+
+    def test_incarnation_kept_on_reconnect(self):
+        """
+        An agent that reconnects with the incarnation it uses keeps it; one
+        that claims an older one gets a new, higher one.
+        """
+        net = self.subnet()
+        conn, first = net.join("alice", MAC_1)
+        again = self.successResultOf(net.connect("alice").run(
+            register(net.connections[-1].client, MAC_1, "client", ":4789", first.incarnation)))
+        self.assertEqual(again.incarnation, first.incarnation)
+        net.join("alice", MAC_1)  # a new agent: incarnation + 1
+        stale = self.successResultOf(net.connect("alice").run(
+            register(net.connections[-1].client, MAC_1, "client", ":4789", first.incarnation)))
+        self.assertEqual(stale.incarnation, first.incarnation + 2)
+
+    def test_classical_key_exchange_refused(self):
+        """
+        A member whose TLS offers only a classical key exchange is refused:
+        keys never travel without the post-quantum hybrid.
+        """
+        from OpenSSL._util import lib
+        from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+        from zope.interface import implementer
+
+        net = self.subnet()
+        inner = net.member_credentials("alice").client_options("keyserver.test")
+
+        @implementer(IOpenSSLClientConnectionCreator)
+        class ClassicalOnly:
+            def clientConnectionForTLS(self, tls):
+                connection = inner.clientConnectionForTLS(tls)
+                lib.SSL_set1_curves_list(connection._ssl, b"X25519")
+                return connection
+
+        with LogCapture() as logs:
+            conn = net.connect(client_options=ClassicalOnly())
+        self.assertFalse(conn.connected)
+        self.assertTrue(any("is not X25519MLKEM768" in line for line in logs.lines()))

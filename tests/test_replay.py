@@ -297,3 +297,25 @@ class ReplayWindowTests(SynchronousTestCase):
                 counter = min(counter, 2**64 - 1)
                 self.assertEqual(window.check(counter), reference.check(counter), counter)
                 self.assertEqual(window.last, reference.highest)
+
+
+class RejectThroughTests(SynchronousTestCase):
+    """
+    L{ReplayWindow.reject_through}: a window taken up again refuses what the
+    key accepted before.
+    """
+
+    @settings(deadline=None, derandomize=True)
+    @given(st.integers(0, 2**40), st.integers(1, 200))
+    def test_refuses_old_accepts_new(self, last, ahead):
+        """
+        Every counter up to C{last} (within the window) is refused; the next
+        ones are accepted once.
+        """
+        window = ReplayWindow()
+        window.reject_through(last)
+        for counter in range(max(0, last - 200), last + 1):
+            self.assertFalse(window.check(counter))
+        for counter in range(last + 1, last + 1 + ahead):
+            self.assertTrue(window.check(counter))
+            self.assertFalse(window.check(counter))

@@ -66,17 +66,21 @@ def big_payload(size):
     return bytes(itertools.islice(itertools.cycle(range(251)), size))
 
 
+#: The receiving member's incarnation in the pair keys of these tests.
+RECEIVER_INCARNATION = 9
+
+
 def pair(incarnation=7, epoch=EPOCH, receiver=BOB, receiver_incarnation=None):
     """
     A Sealer for alice -> bob and the Opener that bob (or C{receiver}) makes
     for it.
     """
     sealer = Sealer(
-        derive_pair_key(PAIR_KEY, ALICE, BOB, epoch, incarnation), TYPE_PAIR, epoch, incarnation
+        derive_pair_key(PAIR_KEY, ALICE, BOB, epoch, incarnation, RECEIVER_INCARNATION), TYPE_PAIR, epoch, incarnation
     )
     seen = incarnation if receiver_incarnation is None else receiver_incarnation
     opener = Opener(
-        derive_pair_key(PAIR_KEY, ALICE, receiver, epoch, seen), TYPE_PAIR, epoch, seen
+        derive_pair_key(PAIR_KEY, ALICE, receiver, epoch, seen, RECEIVER_INCARNATION), TYPE_PAIR, epoch, seen
     )
     return sealer, opener
 
@@ -187,11 +191,11 @@ class KeyDerivationTests(SynchronousTestCase):
         """
         The pair traffic key is HKDF-SHA-256 of the pair key, salt
         C{securelan v1}, info C{pair}, length-prefixed sender and receiver
-        IDs, epoch and incarnation.
+        IDs, epoch, sender incarnation and receiver incarnation.
         """
-        info = b"pair\x05alice\x03bob" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x07"
+        info = b"pair\x05alice\x03bob" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x07" + b"\x00\x00\x00\x09"
         self.assertEqual(
-            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7),
+            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION),
             SecretKey(hkdf(PAIR_KEY.material, info)),
         )
 
@@ -212,15 +216,16 @@ class KeyDerivationTests(SynchronousTestCase):
         so does each sender MAC of the group key.
         """
         keys = [
-            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7),
-            derive_pair_key(PAIR_KEY, BOB, ALICE, 3, 7),
-            derive_pair_key(PAIR_KEY, ALICE, "carol", 3, 7),
-            derive_pair_key(PAIR_KEY, ALICE, BOB, 4, 7),
-            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 8),
-            derive_pair_key(GROUP_KEY, ALICE, BOB, 3, 7),
+            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION),
+            derive_pair_key(PAIR_KEY, BOB, ALICE, 3, 7, RECEIVER_INCARNATION),
+            derive_pair_key(PAIR_KEY, ALICE, "carol", 3, 7, RECEIVER_INCARNATION),
+            derive_pair_key(PAIR_KEY, ALICE, BOB, 4, 7, RECEIVER_INCARNATION),
+            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 8, RECEIVER_INCARNATION),
+            derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION + 1),
+            derive_pair_key(GROUP_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION),
             # The length prefixes keep "ab"+"c" apart from "a"+"bc".
-            derive_pair_key(PAIR_KEY, "ab", "c", 3, 7),
-            derive_pair_key(PAIR_KEY, "a", "bc", 3, 7),
+            derive_pair_key(PAIR_KEY, "ab", "c", 3, 7, RECEIVER_INCARNATION),
+            derive_pair_key(PAIR_KEY, "a", "bc", 3, 7, RECEIVER_INCARNATION),
             derive_group_key(GROUP_KEY, A_MAC, 3, 7),
             derive_group_key(GROUP_KEY, B_MAC, 3, 7),
             derive_group_key(GROUP_KEY, A_MAC, 4, 7),
@@ -233,12 +238,13 @@ class KeyDerivationTests(SynchronousTestCase):
         Incarnation 0, numbers outside 32 bits, empty IDs, malformed MACs and
         raw bytes for a key are refused.
         """
-        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, 3, 0)
-        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, 2**32, 1)
-        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, -1, 1)
-        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, "", BOB, 3, 1)
-        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, "x" * 256, BOB, 3, 1)
-        self.assertRaises(TypeError, derive_pair_key, PAIR_KEY.material, ALICE, BOB, 3, 1)
+        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, 3, 0, 1)
+        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, 3, 1, 0)
+        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, 2**32, 1, 1)
+        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, ALICE, BOB, -1, 1, 1)
+        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, "", BOB, 3, 1, 1)
+        self.assertRaises(ValueError, derive_pair_key, PAIR_KEY, "x" * 256, BOB, 3, 1, 1)
+        self.assertRaises(TypeError, derive_pair_key, PAIR_KEY.material, ALICE, BOB, 3, 1, 1)
         self.assertRaises(ValueError, derive_group_key, GROUP_KEY, b"\x01" * 5, 3, 1)
         self.assertRaises(ValueError, derive_group_key, GROUP_KEY, A_MAC, 3, 2**32)
 
@@ -247,7 +253,7 @@ class KeyDerivationTests(SynchronousTestCase):
         A Sealer or Opener needs a SecretKey, a known type, a 32-bit epoch
         and a non-zero 32-bit incarnation.
         """
-        key = derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7)
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION)
         for cls in (Sealer, Opener):
             self.assertRaises(TypeError, cls, key.material, TYPE_PAIR, 3, 7)
             self.assertRaises(ValueError, cls, key, 4, 3, 7)
@@ -258,7 +264,7 @@ class KeyDerivationTests(SynchronousTestCase):
         """
         Neither a Sealer, an Opener nor a drop shows key bytes.
         """
-        key = derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7)
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION)
         sealer, opener = Sealer(key, TYPE_PAIR, 3, 7), Opener(key, TYPE_PAIR, 3, 7)
         [datagram] = sealer.seal(frame(), 1500)
         try:
@@ -296,7 +302,7 @@ class SealOpenTests(SynchronousTestCase):
             + B_MAC
             + A_MAC,
         )
-        key = derive_pair_key(PAIR_KEY, ALICE, BOB, 0x0A0B0C0D, 0x01020304)
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, 0x0A0B0C0D, 0x01020304, RECEIVER_INCARNATION)
         nonce = bytes(4) + (1).to_bytes(8, "big")
         self.assertEqual(
             datagram[HEADER_LEN:],
@@ -355,7 +361,7 @@ class SealOpenTests(SynchronousTestCase):
         what alice seals does not open under the key bob sends with.
         """
         sealer, _ = pair()
-        bob_sends = Opener(derive_pair_key(PAIR_KEY, BOB, ALICE, EPOCH, 7), TYPE_PAIR, EPOCH, 7)
+        bob_sends = Opener(derive_pair_key(PAIR_KEY, BOB, ALICE, EPOCH, 7, RECEIVER_INCARNATION), TYPE_PAIR, EPOCH, 7)
         [datagram] = sealer.seal(frame(), 1500)
         error = self.assertRaises(WireError, bob_sends.open, datagram)
         self.assertEqual(error.reason, "auth")
@@ -379,7 +385,7 @@ class SealOpenTests(SynchronousTestCase):
         """
         sealer, _ = pair()
         [datagram] = sealer.seal(frame(), 1500)
-        key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7)
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7, RECEIVER_INCARNATION)
         for opener, reason in [
             (Opener(key, TYPE_GROUP, EPOCH, 7), "type"),
             (Opener(key, TYPE_PAIR, EPOCH + 1, 7), "epoch"),
@@ -410,7 +416,7 @@ class SealOpenTests(SynchronousTestCase):
         except WireError:
             return
         same_key = Opener(
-            derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7),
+            derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7, RECEIVER_INCARNATION),
             header.type,
             header.epoch,
             header.incarnation,
@@ -502,7 +508,7 @@ class SealOpenTests(SynchronousTestCase):
         An authentic datagram with a counter at or past the limit (which no
         Sealer makes) is dropped as a replay.
         """
-        key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7)
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7, RECEIVER_INCARNATION)
         opener = Opener(key, TYPE_PAIR, EPOCH, 7)
         for counter in (REJECT_AFTER_MESSAGES, 2**64 - 1):
             header = struct.pack("!BBBBIIQ", 1, 1, 0, 1, EPOCH, 7, counter) + B_MAC + A_MAC

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .._interfaces import ICarrier
+from ..addresses import AddressError, parse_host_port
 from ..wire import max_datagram
 
 log = Logger(namespace="securelan.agent")
@@ -35,18 +36,19 @@ _ETHERNET_HEADER = 14
 _ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
 
 
-def _parse_host_port(text: str):
-    if not text:
-        return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    host = host.strip("[]")
+def parse_udp_endpoint(text: str, family=None):
+    """
+    A peer's endpoint as the key server reported it, as a socket address
+    C{(host, port)}; None when it has none, or none this socket can reach
+    (another address family).
+    """
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+        address, port = parse_host_port(text)
+    except AddressError:
         return None
-    return (str(address), int(port))
+    if family is not None and (address.version == 6) != (family == socket.AF_INET6):
+        return None
+    return (str(address), port)
 
 
 #: Linux socket options for UDP segmentation and receive offload.
@@ -171,7 +173,7 @@ class UDPCarrier:
                 receiver((data,), source[:2])
 
     def parse_endpoint(self, text):
-        return _parse_host_port(text)
+        return parse_udp_endpoint(text, self.family)
 
     def send(self, datagrams, endpoint):
         sock = self._socket
@@ -201,9 +203,9 @@ class UDPCarrier:
                     datagrams = datagrams[start:]
             for datagram in datagrams:
                 sock.sendto(datagram, endpoint)
-        except OSError:
-            # A full socket buffer or an unreachable peer: counted, never
-            # raised into the frame path.
+        except Exception:
+            # A full socket buffer, an unreachable peer, an address the
+            # socket cannot use: counted, never raised into the frame path.
             self.errors += 1
 
     def broadcast(self, datagrams, endpoints):
@@ -248,8 +250,9 @@ class _PacketReader(abstract.FileDescriptor):
 class EthernetCarrier:
     """
     Datagrams as raw Ethernet frames with securelan's EtherType on one LAN
-    segment.  The LAN interface is put in promiscuous mode for our EtherType's
-    frames, because they are addressed to the members' TAP MACs.
+    segment.  The LAN interface is put in promiscuous mode (the socket takes
+    only our EtherType's frames), because they are addressed to the members'
+    TAP MACs, not to the interface's own.
     """
 
     name = "ethernet"

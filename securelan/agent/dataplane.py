@@ -38,6 +38,7 @@ peer or an attacker sends can raise out of here.
 from collections import OrderedDict
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..addresses import format_mac, is_group_mac
 from ..errors import UnknownPeer
@@ -55,7 +56,7 @@ from ..wire import (
     parse_header,
 )
 from .pending import PendingFrames
-from .peers import GroupState, Peer, Stats
+from .peers import GroupState, Peer, Retired, Stats
 
 log = Logger(namespace="securelan.agent")
 
@@ -69,6 +70,7 @@ _GROUP_QUEUE = b"group"
 #: its endpoint before it ever needs them to.
 ANNOUNCE_ETHERTYPE = b"\x88\xb5"
 _ANNOUNCE_BODY = b"securelan announce"
+_ANNOUNCE_PAYLOAD = ANNOUNCE_ETHERTYPE + _ANNOUNCE_BODY
 
 #: How long a MAC the key server does not know is not asked about again.
 NEGATIVE_CACHE_SECONDS = 5.0
@@ -100,7 +102,14 @@ class DataPlane:
         self.pending = PendingFrames(queue_per_peer, queue_total, queue_timeout, clock)
         self.reassembler = Reassembler(clock)
         self.stats = Stats()
+        #: The key cache (the seed's MAC-KEY list), by the peer's MAC...
         self.peers: dict[bytes, Peer] = {}
+        #: ... and by its member ID: one entry per peer.
+        self.peers_by_id: dict[str, Peer] = {}
+        self._retired = Retired()
+        # A forged header naming a new incarnation costs a key derivation:
+        # bound how often anyone can make us pay it, whatever peer it names.
+        self._derivations = TokenBucket(20.0, 40, clock)
         self.group: GroupState | None = None
         #: Other members' endpoints by MAC, for broadcast over carriers that
         #: cannot: from the key server's list, from keys, and from the group
@@ -121,6 +130,8 @@ class DataPlane:
         # Datagrams from senders we hold no key for make us ask the key
         # server; an attacker must not be able to make us ask without limit.
         self._inbound_requests = TokenBucket(20.0, 40, clock)
+        self._held: OrderedDict[bytes, list] = OrderedDict()
+        self._held_count = 0
 
     def start(self):
         """
@@ -151,6 +162,9 @@ class DataPlane:
         reassembled for too long are dropped (and counted).
         """
         self.pending.expire()
+        oldest = self.clock.seconds() - self.pending.timeout
+        for mac in [mac for mac, held in self._held.items() if held[0][0] < oldest]:
+            self._release_held(mac, False)
         if self._run and self.clock.seconds() - self._run_started > 0.5:
             self._flush_run()
         self.reassembler.expire()
@@ -239,9 +253,12 @@ class DataPlane:
 
     def _request_done(self, result, mac):
         self._inflight.discard(mac)
+        if isinstance(result, Failure):
+            log.failure("installing the key for {mac} failed", result, mac=format_mac(mac))
 
     def _pair_key_refused(self, failure, mac):
         self.pending.discard(mac, self.stats.drops, "no_key")
+        self._release_held(mac, False)
         if failure.check(UnknownPeer):
             self._unknown[mac] = self.clock.seconds() + NEGATIVE_CACHE_SECONDS
             while len(self._unknown) > _NEGATIVE_CACHE_SIZE:
@@ -251,30 +268,47 @@ class DataPlane:
     def install_pair_key(self, grant):
         """
         Put a pair key the key server granted (or pushed) in the key cache
-        and send what waited for it.
+        and send what waited for it.  The cache holds one entry per peer:
+        a grant with new facts for a key in use (the peer's MAC, endpoint,
+        incarnation) updates it; an older epoch is ignored.
         """
         endpoint = self.carrier.parse_endpoint(grant.peer_endpoint)
-        old = self.peers.get(grant.peer_mac)
+        old = self.peers_by_id.get(grant.peer_id)
+        if old is not None and grant.epoch < old.epoch:
+            log.debug("ignored a grant of epoch {epoch} for {peer_id}: epoch {held} is held",
+                      epoch=grant.epoch, peer_id=grant.peer_id, held=old.epoch)
+            return old
         if old is not None and old.holds(grant):
-            # The same key again (pushed, then asked for): a new Sealer would
-            # start its counter at 0 and reuse nonces under this key.
             peer = old
-            peer.lifetime = grant.lifetime
-            if grant.peer_endpoint != peer.endpoint_text:
-                peer.endpoint_text = grant.peer_endpoint
-                peer.endpoint = endpoint
+            if peer.mac != grant.peer_mac:
+                self._unindex(peer)
+            peer.update(grant, endpoint)
         else:
-            peer = Peer(grant, self.my_id, self.incarnation, endpoint, self.clock)
-            if old is not None and old.member_id == peer.member_id:
+            peer = Peer(grant, self.my_id, self.incarnation, endpoint, self.clock, self._derivations,
+                        resume=self._retired.take(grant))
+            if old is not None:
+                self._unindex(old)
+                self._retired.put(old)
                 peer.stats = old.stats
                 if old.endpoint is not None and old.endpoint_text == grant.peer_endpoint:
                     # Keep an endpoint learnt from authenticated traffic (roaming).
                     peer.endpoint = old.endpoint
-        self.peers[grant.peer_mac] = peer
-        self.members[grant.peer_mac] = peer.endpoint
+        self.peers_by_id[peer.member_id] = peer
+        displaced = self.peers.get(peer.mac)
+        if displaced is not None and displaced is not peer:
+            # The MAC moved to this member: the old holder no longer has it.
+            del self.peers[peer.mac]
+        self.peers[peer.mac] = peer
+        self.members[peer.mac] = peer.endpoint
         for frame, offload in self.pending.take(grant.peer_mac):
             self._send_pair(peer, frame, offload)
+        self._release_held(grant.peer_mac, True)
         return peer
+
+    def _unindex(self, peer):
+        if self.peers.get(peer.mac) is peer:
+            del self.peers[peer.mac]
+            self.members.pop(peer.mac, None)
 
     def _request_group_key(self):
         if self._group_inflight:
@@ -350,10 +384,10 @@ class DataPlane:
         """
         if self._run and self._run_peer.member_id == peer_id:
             self._run = []
-        for mac, peer in list(self.peers.items()):
-            if peer.member_id == peer_id:
-                del self.peers[mac]
-                self.members.pop(mac, None)
+        peer = self.peers_by_id.pop(peer_id, None)
+        if peer is not None:
+            self._unindex(peer)
+            self._retired.put(peer)
 
     # Inbound ---------------------------------------------------------------------
 
@@ -395,6 +429,9 @@ class DataPlane:
                 continue
             key = (header.src, header.epoch, header.incarnation)
             if key != cached:
+                if header.src not in self.peers and self._hold(datagram, header.src, source):
+                    cached = None
+                    continue
                 peer, opener = self._pair_opener(header)
                 if opener is None:
                     cached = None
@@ -455,6 +492,46 @@ class DataPlane:
         for index, piece in enumerate(pieces):
             self._deliver(header._replace(index=index, counter=counter + index), piece, peer.stats, peer)
 
+    #: Datagrams from a sender whose key is on its way, held at most: per
+    #: sender and in all (they are not authenticated yet).
+    HOLD_PER_SENDER = 16
+    HOLD_TOTAL = 256
+
+    def _hold(self, datagram, src, source) -> bool:
+        """
+        In queue mode, keep a datagram from a sender whose key is not here
+        yet (and ask for it), to open it when the key arrives instead of
+        dropping it as the seed does.  False when it cannot be held.
+        """
+        if not self.queue_on_miss or self._known_unknown(src):
+            return False
+        held = self._held.get(src)
+        if held is None:
+            if len(self._held) >= self.HOLD_TOTAL or not self._inbound_requests.take():
+                return False
+            held = self._held[src] = []
+            self._request_pair_key(src)
+        if len(held) >= self.HOLD_PER_SENDER or self._held_count >= self.HOLD_TOTAL:
+            return False
+        held.append((self.clock.seconds(), datagram, source))
+        self._held_count += 1
+        return True
+
+    def _release_held(self, mac, deliver: bool):
+        held = self._held.pop(mac, None)
+        if not held:
+            return
+        self._held_count -= len(held)
+        oldest = self.clock.seconds() - self.pending.timeout
+        fresh = [(datagram, source) for stamp, datagram, source in held if stamp >= oldest]
+        if len(fresh) < len(held):
+            self._drop("held_timeout", n=len(held) - len(fresh))
+        if not deliver:
+            self._drop("no_key", n=len(fresh))
+            return
+        for datagram, source in fresh:
+            self.datagrams_received((datagram,), source)
+
     def _pair_opener(self, header):
         """
         The peer whose key the header names and the receiving direction to
@@ -508,7 +585,7 @@ class DataPlane:
             self._write(frame, header.type & FLAG_OFFLOAD, stats, peer)
 
     def _write(self, frame, offload, stats, peer):
-        if peer is None and not offload and frame[12:14] == ANNOUNCE_ETHERTYPE:
+        if peer is None and not offload and frame[12:] == _ANNOUNCE_PAYLOAD:
             stats.rx_frames += 1
             return
         if not self.device.write(frame, offload):

@@ -7,6 +7,8 @@ counters for C{securelan status}.
 Keys are derived here once per key, epoch and incarnation, never per frame.
 """
 
+from collections import OrderedDict
+
 from ..ratelimit import TokenBucket
 from ..wire import TYPE_GROUP, TYPE_PAIR, Opener, Sealer, derive_group_key, derive_pair_key
 
@@ -37,15 +39,22 @@ class Stats:
 
 class Peer:
     """
-    One entry of the key cache: the pair key shared with the member that
-    holds C{mac}, as the key server granted it.
+    One entry of the key cache: the pair key shared with one member, as the
+    key server granted it.
+
+    The sending direction is derived from the pair key, the epoch, this
+    agent's incarnation and the peer's; the receiving direction from the
+    peer's incarnation in each header and this agent's.  The peer's
+    incarnation only goes up: learnt from grants and from its authenticated
+    datagrams (a peer that restarted).
     """
 
     __slots__ = ("member_id", "mac", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
-                 "granted_at", "sealer", "stats", "_key", "_my_id", "_opener", "_rx_incarnation",
-                 "_derivations")
+                 "granted_at", "sealer", "stats", "_key", "_my_id", "_my_incarnation",
+                 "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations", "_resume")
 
-    def __init__(self, grant, my_id: str, my_incarnation: int, endpoint, clock):
+    def __init__(self, grant, my_id: str, my_incarnation: int, endpoint, clock, derivations,
+                 resume=None):
         self.member_id = grant.peer_id
         self.mac = grant.peer_mac
         self.role = grant.peer_role
@@ -57,24 +66,51 @@ class Peer:
         self.stats = Stats()
         self._key = grant.key
         self._my_id = my_id
-        self.sealer = Sealer(derive_pair_key(grant.key, my_id, grant.peer_id, grant.epoch, my_incarnation),
-                             TYPE_PAIR, grant.epoch, my_incarnation)
+        self._my_incarnation = my_incarnation
+        self._peer_incarnation = 0
         self._opener = None
         self._rx_incarnation = 0
         # A forged header naming a new incarnation costs a key derivation;
-        # bound how often an attacker can make us pay it.
-        self._derivations = TokenBucket(10.0, 10, clock)
+        # the agent bounds how often anyone can make it pay that.
+        self._derivations = derivations
+        #: Counters this key reached before (see L{Retired}).
+        self._resume = resume or {}
+        self.sealer = None
+        self._send_to(max(1, grant.peer_incarnation))
 
     def __repr__(self):
         return f"<Peer {self.member_id} epoch {self.epoch}>"
 
+    def _send_to(self, peer_incarnation: int):
+        if peer_incarnation <= self._peer_incarnation:
+            return
+        if self.sealer is not None:
+            self._resume[("tx", self._peer_incarnation)] = self.sealer.counter
+        self._peer_incarnation = peer_incarnation
+        key = derive_pair_key(self._key, self._my_id, self.member_id, self.epoch,
+                              self._my_incarnation, peer_incarnation)
+        self.sealer = Sealer(key, TYPE_PAIR, self.epoch, self._my_incarnation,
+                             counter=self._resume.get(("tx", peer_incarnation), 0))
+
     def holds(self, grant) -> bool:
         """
         Whether C{grant} is the key this entry already uses (same peer,
-        epoch and key): then its sending counter must go on, not restart.
+        epoch and key): then its counters must go on, not restart.
         """
         return (grant.peer_id == self.member_id and grant.epoch == self.epoch
                 and grant.key == self._key)
+
+    def update(self, grant, endpoint):
+        """
+        The same key granted again, with the peer's current facts.
+        """
+        self.mac = grant.peer_mac
+        self.role = grant.peer_role
+        self.lifetime = grant.lifetime
+        if grant.peer_endpoint != self.endpoint_text:
+            self.endpoint_text = grant.peer_endpoint
+            self.endpoint = endpoint
+        self._send_to(grant.peer_incarnation)
 
     def opener_for(self, incarnation: int):
         """
@@ -87,20 +123,71 @@ class Peer:
             return self._opener
         if incarnation < self._rx_incarnation or not self._derivations.take():
             return None
-        key = derive_pair_key(self._key, self.member_id, self._my_id, self.epoch, incarnation)
-        return Opener(key, TYPE_PAIR, self.epoch, incarnation)
+        key = derive_pair_key(self._key, self.member_id, self._my_id, self.epoch, incarnation,
+                              self._my_incarnation)
+        opener = Opener(key, TYPE_PAIR, self.epoch, incarnation)
+        last = self._resume.get(("rx", incarnation))
+        if last is not None:
+            opener.reject_through(last)
+        return opener
 
     def accept(self, opener, incarnation: int):
         """
-        C{opener} authenticated a datagram: it is now the receiving direction.
+        C{opener} authenticated a datagram: it is now the receiving
+        direction, and the peer is known to run as C{incarnation}.
         """
         if incarnation != self._rx_incarnation:
+            if self._opener is not None:
+                self._resume[("rx", self._rx_incarnation)] = self._opener.last_counter
             self._opener = opener
             self._rx_incarnation = incarnation
+            self._send_to(incarnation)
+
+    def retire(self):
+        """
+        Where this key's counters stand, to go on from if the same key is
+        granted again (after a purge, or a MAC change of the peer).
+        """
+        resume = dict(self._resume)
+        if self.sealer is not None:
+            resume[("tx", self._peer_incarnation)] = self.sealer.counter
+        if self._opener is not None:
+            resume[("rx", self._rx_incarnation)] = self._opener.last_counter
+        return resume
 
     @property
     def rx_incarnation(self):
         return self._rx_incarnation
+
+    @property
+    def peer_incarnation(self):
+        return self._peer_incarnation
+
+
+class Retired:
+    """
+    Where the counters of keys no longer in the cache stand, by peer, epoch
+    and key fingerprint (never the key itself), so that the same key granted
+    again goes on from there: a sending counter never restarts under a key
+    (no nonce is used twice) and a receiving window never forgets what it
+    accepted (no replay).  Bounded: the oldest entries go first; a key
+    granted again after its entry went is a key server bug, not an attack.
+    """
+
+    MAX = 16384
+
+    def __init__(self):
+        self._entries = OrderedDict()
+
+    def put(self, peer: Peer):
+        key = (peer.member_id, peer.epoch, peer._key.fingerprint)
+        self._entries[key] = peer.retire()
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.MAX:
+            self._entries.popitem(last=False)
+
+    def take(self, grant):
+        return self._entries.pop((grant.peer_id, grant.epoch, grant.key.fingerprint), None)
 
 
 class GroupState:

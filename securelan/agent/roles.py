@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .._interfaces import IKeyListener, IRole
-from ..wire import OVERHEAD
+from ..wire import frame_mtu
 from .dataplane import DataPlane
 from .device import TapDevice
 
@@ -18,14 +18,6 @@ log = Logger(namespace="securelan.agent")
 
 #: How often the member list (for broadcast fan-out) is refreshed.
 MEMBER_REFRESH_SECONDS = 30.0
-
-
-def frame_mtu(max_datagram: int) -> int:
-    """
-    The largest device MTU whose frames fit one datagram: the datagram less
-    securelan's header and tag and the EtherType carried inside.
-    """
-    return max_datagram - OVERHEAD - 2
 
 
 @implementer(IRole, IKeyListener)
@@ -110,7 +102,8 @@ class ClientRole:
             self.dataplane.purge(peer_id)
 
     def status(self):
-        base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready}
+        base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready,
+                "device_write_errors": getattr(self.device, "write_errors", 0)}
         if self.dataplane is not None:
             base.update(self.dataplane.status())
         return base

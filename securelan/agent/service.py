@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from ..client import KeyServerClient
 from .carriers import make_carrier
+from .._startup import fail_startup
 from .device import DeviceError
 from .roles import ROLES
 from .status import listen_status
@@ -50,21 +51,27 @@ class AgentService(service.Service):
 
     def startService(self):
         super().startService()
-        self.carrier.start(self.role.datagrams_received)
+        try:
+            self.carrier.start(self.role.datagrams_received)
+        except OSError as e:
+            return fail_startup(self.reactor, "securelan-agent",
+                                f"{self.carrier.name} carrier: {e.strerror or e}")
         try:
             self.role.start(self)
         except DeviceError as e:
             self.carrier.stop()
-            log.critical("cannot start: {reason}", reason=str(e))
-            self.reactor.callWhenRunning(self.reactor.stop)
-            raise
+            return fail_startup(self.reactor, "securelan-agent", str(e))
         self.keys = KeyServerClient(self.config.key_servers, self._credentials, mac=self.mac,
                                     role=self.config.role, endpoint=self.carrier.endpoint,
                                     listener=self.role, reactor=self.reactor,
                                     retry_policy=self._retry_policy)
         self.keys.startService()
         if self.config.status_socket:
-            self._status_port = listen_status(self.reactor, self.config.status_socket, self.status)
+            try:
+                self._status_port = listen_status(self.reactor, self.config.status_socket, self.status)
+            except OSError as e:
+                return fail_startup(self.reactor, "securelan-agent",
+                                    f"status socket {self.config.status_socket}: {e}")
 
     def stopService(self):
         super().stopService()

@@ -102,6 +102,10 @@ def format_status(status: dict) -> str:
     else:
         out.append("group key: none yet")
     out.append(f"pending frames: {role.get('pending', 0)}  drops: {_drops(role.get('drops', {}))}")
+    out.append(f"queue drops: {_drops(role.get('pending_drops', {}))}  "
+               f"reassembly drops: {role.get('reassembly_drops', 0)}  "
+               f"carrier errors: {status.get('carrier_errors', 0)}  "
+               f"device write errors: {role.get('device_write_errors', 0)}")
     for peer in role.get("peers", []):
         out.append("")
         out.append(f"peer: {peer['member_id']}")

@@ -14,21 +14,28 @@ declared failures into logged refusals.  The server pushes key updates and
 purges over the same connection.
 """
 
-import ipaddress
-
 import attrs
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.protocols.policies import WrappingFactory
-from twisted.internet.protocol import Factory
+from twisted.protocols.policies import TimeoutMixin, WrappingFactory
 from zope.interface import implementer
 
 from .. import PROTOCOL_VERSION
 from .._interfaces import IMemberConnection, IStore
 from .._validators import provides
-from ..addresses import AddressError, check_mac, format_mac, is_group_mac, pair_of
+from ..addresses import (
+    AddressError,
+    check_mac,
+    format_host_port,
+    format_mac,
+    is_group_mac,
+    pair_of,
+    parse_host_port,
+)
 from ..config import Limits
 from ..errors import (
     BadRequest,
@@ -43,6 +50,7 @@ from ..keys import SecretKey
 from ..pki import CertificateError, member_identity
 from ..protocol import (
     ListPeers,
+    Ping,
     PairKeyGrant,
     PushGroupKey,
     PushPairKey,
@@ -53,31 +61,22 @@ from ..protocol import (
 )
 from ..ratelimit import TokenBucket
 from ..records import GROUP_ID, ROLES, GroupKey, Member, PairKey
-from ..tls import describe_tls_failure, peer_certificate
+from ..tls import EXPECTED_GROUP, describe_tls_failure, negotiated_group, peer_certificate
 
 log = Logger(namespace="securelan.keyserver")
 
 
 def _check_endpoint(endpoint: str, seen_host: str | None) -> str:
     """
-    Check a member's underlay endpoint ``host:port`` (``[v6]:port`` for
-    IPv6).  An empty host means the address the member connected from.
+    Check a member's underlay endpoint ``address:port`` (``[v6]:port`` for
+    IPv6).  An empty address means the one the member connected from.
     """
     if endpoint == "":
         return ""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadRequest(f"endpoint {endpoint!r} is not host:port")
-    if host == "":
-        if seen_host is None:
-            raise BadRequest("endpoint has no host and the connection has no address")
-        host = seen_host
-    host = host.removeprefix("[").removesuffix("]")
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise BadRequest(f"endpoint host {host!r} is not an IP address") from None
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        return format_host_port(*parse_host_port(endpoint, default_host=seen_host))
+    except AddressError as e:
+        raise BadRequest(str(e)) from None
 
 
 @attrs.define(eq=False)
@@ -141,10 +140,13 @@ class KeyServer:
 
     # The seed's steps ----------------------------------------------------
 
-    def register(self, identity, seen_host, version, mac, role, endpoint):
+    @defer.inlineCallbacks
+    def register(self, identity, seen_host, version, mac, role, endpoint, incarnation=None):
         """
         Step 1, admission: record (ID, MAC) for the authenticated member.
-        Fires with the stored L{Member}.
+        Fires with the stored L{Member}.  When its MAC, endpoint or
+        incarnation changed, every connected member that holds a pair key
+        with it is sent the key again with the new facts.
         """
         if version != PROTOCOL_VERSION:
             raise VersionMismatch(
@@ -165,14 +167,38 @@ class KeyServer:
             raise NotPermitted(
                 f"the certificate of {identity.member_id} pins its MAC; {format_mac(mac)} is not it"
             )
+        if incarnation is not None and not 0 < incarnation < 2**31:
+            raise BadRequest(f"incarnation {incarnation} is out of range")
         member = Member(
             member_id=identity.member_id,
             role=role,
             mac=mac,
             endpoint=_check_endpoint(endpoint, seen_host),
             registered_at=self.clock.seconds(),
+            incarnation=incarnation or 0,
         )
-        return self.store.register(member, self.limits.max_members)
+        previous = yield self.store.member(member.member_id)
+        member = yield self.store.register(member, self.limits.max_members)
+        changed = previous is not None and (previous.mac, previous.endpoint, previous.incarnation) != (
+            member.mac, member.endpoint, member.incarnation)
+        if changed:
+            pairs = yield self.store.pairs_of(member.member_id)
+            for pair_key in pairs:
+                self._push_to(pair_key.peer_of(member.member_id), self._grant(pair_key, member))
+        return member
+
+    @defer.inlineCallbacks
+    def sync(self, member_id: str):
+        """
+        Push to C{member_id} every pair key it holds, with each peer's
+        current facts: a member that was away (or a key server that was)
+        learns what changed meanwhile.
+        """
+        pairs = yield self.store.pairs_of(member_id)
+        for pair_key in pairs:
+            peer = yield self.store.member(pair_key.peer_of(member_id))
+            if peer is not None:
+                self._push_to(member_id, self._grant(pair_key, peer))
 
     @defer.inlineCallbacks
     def pair_key_for(self, member: Member, peer_mac: bytes, epoch):
@@ -194,9 +220,14 @@ class KeyServer:
         pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
         if pair_key is None:
             pair_key = yield self._issue(member.member_id, peer.member_id)
-            # The peer will hear from the requester at once: hand it the key
-            # now, so the seed's receive-side miss (drop and ask) is rare.
-            self._push_to(peer.member_id, self._grant(pair_key, member))
+        # The peer will hear from the requester at once: hand it the key (and
+        # the requester's current facts: its MAC, endpoint and incarnation,
+        # from the store, not the session's older copy) now, so the seed's
+        # receive-side miss is rare and a peer that missed a change learns
+        # it.  Bounded by the requester's rate limit.
+        me = yield self.store.member(member.member_id)
+        if me is not None:
+            self._push_to(peer.member_id, self._grant(pair_key, me))
         return self._grant(pair_key, peer)
 
     def _issue(self, id_1, id_2):
@@ -231,6 +262,7 @@ class KeyServer:
             peer_mac=peer.mac,
             peer_role=peer.role,
             peer_endpoint=peer.endpoint,
+            peer_incarnation=peer.incarnation,
             key=pair_key.key,
             epoch=pair_key.epoch,
             lifetime=lifetime,
@@ -294,10 +326,13 @@ class KeyServer:
 
 
 @implementer(IHandshakeListener, IMemberConnection)
-class MemberSession(amp.AMP):
+class MemberSession(TimeoutMixin, amp.AMP):
     """
     One member's control connection.  Nothing member-specific exists until
-    the TLS handshake has authenticated a member certificate.
+    the TLS handshake has authenticated a member certificate.  A connection
+    that has not registered within C{limits.register_timeout}, or a session
+    silent for C{limits.idle_timeout}, is closed: neither a stalled client nor
+    a vanished one holds a connection slot for long.
     """
 
     identity = None
@@ -306,8 +341,10 @@ class MemberSession(amp.AMP):
     def __init__(self, server: KeyServer):
         super().__init__()
         self.server = server
+        self.callLater = server.clock.callLater
         self._box_bytes = 0
         self._rejected = False
+        self._closed = False
         self._peer = "?"
         self._peer_host = None
 
@@ -323,24 +360,45 @@ class MemberSession(amp.AMP):
         self._peer_host = getattr(peer, "host", None)
         port = getattr(peer, "port", None)
         self._peer = f"{self._peer_host}:{port}" if self._peer_host is not None else str(peer)
+        self.setTimeout(self.server.limits.register_timeout)
         super().makeConnection(transport)
+
+    def timeoutConnection(self):
+        log.info("closed connection from {peer} ({member_id}): {what}", peer=self._peer,
+                 member_id=self.member_id or "unauthenticated",
+                 what="idle" if self.member is not None else "did not register in time")
+        self._rejected = True
+        self.transport.abortConnection()
 
     def handshakeCompleted(self):
         cert = peer_certificate(self.transport)
         try:
             if cert is None:
                 raise CertificateError("no client certificate")
-            self.identity = member_identity(cert)
+            identity = member_identity(cert)
+            group = negotiated_group(self.transport)
+            if group != EXPECTED_GROUP:
+                # Keys recorded today must not be readable with a quantum
+                # computer tomorrow: no classical-only key exchange.
+                raise CertificateError(f"key exchange {group} is not {EXPECTED_GROUP}")
         except CertificateError as e:
             log.warn("refused connection from {peer}: {reason}", peer=self._peer, reason=str(e))
+            self._rejected = True
             self.transport.abortConnection()
             return
+        self.identity = identity
         log.debug("member {member_id} connected from {peer}", member_id=self.member_id, peer=self._peer)
 
     def connectionLost(self, reason):
+        self._closed = True
+        self.setTimeout(None)
         if self.identity is None and not self._rejected:
-            log.warn("TLS handshake from {peer} refused: {reason}",
-                     peer=self._peer, reason=describe_tls_failure(reason))
+            if reason.check(ConnectionDone):
+                # A probe (a health check, a port scan) that sent nothing.
+                log.debug("connection from {peer} closed before TLS", peer=self._peer)
+            else:
+                log.warn("TLS handshake from {peer} refused: {reason}",
+                         peer=self._peer, reason=describe_tls_failure(reason))
         elif self.identity is not None:
             self.server.session_closed(self)
         super().connectionLost(reason)
@@ -362,6 +420,7 @@ class MemberSession(amp.AMP):
 
     def ampBoxReceived(self, box):
         self._box_bytes = 0
+        self.resetTimeout()
         if self.identity is None:
             # Data before an accepted certificate cannot happen over TLS;
             # refuse rather than trust that.
@@ -373,9 +432,11 @@ class MemberSession(amp.AMP):
     def _refusals(self, d, what):
         def refused(failure):
             failure.trap(SecurelanError)
-            log.info("refused {what} from {member_id} at {peer}: {reason}",
-                     what=what, member_id=self.member_id, peer=self._peer,
-                     reason=failure.getErrorMessage())
+            # A flood of refused requests must not flood the log as well.
+            emit = log.debug if failure.check(RateLimited) else log.info
+            emit("refused {what} from {member_id} at {peer}: {reason}",
+                 what=what, member_id=self.member_id, peer=self._peer,
+                 reason=failure.getErrorMessage())
             return failure
 
         return d.addErrback(refused)
@@ -391,13 +452,21 @@ class MemberSession(amp.AMP):
     # Responders ----------------------------------------------------------
 
     @Register.responder
-    def register(self, version, mac, role, endpoint):
+    def register(self, version, mac, role, endpoint, incarnation=None):
         d = self._charged("register", self.server.register,
-                          self.identity, self._peer_host, version, mac, role, endpoint)
+                          self.identity, self._peer_host, version, mac, role, endpoint, incarnation)
 
         def registered(member):
             self.member = member
+            if self._closed:
+                # The connection went away while the store was writing: no
+                # session to keep, no one to answer.
+                raise NotRegistered("the connection closed while registering")
+            self.setTimeout(self.server.limits.idle_timeout)
             self.server.session_registered(self)
+            # After the answer: the member must know it is registered before
+            # the pushes arrive.
+            self.server.clock.callLater(0, self.server.sync, member.member_id)
             log.info("member {member_id} registered {mac} as {role} (endpoint {endpoint!r}) from {peer}",
                      member_id=member.member_id, mac=format_mac(member.mac), role=member.role,
                      endpoint=member.endpoint, peer=self._peer)
@@ -429,6 +498,10 @@ class MemberSession(amp.AMP):
     @ListPeers.responder
     def list_peers(self, after):
         return self._charged("peer list", lambda: self.server.list_peers(self._registered_member(), after))
+
+    @Ping.responder
+    def ping(self):
+        return self._charged("ping", lambda: {})
 
     @RequestGroupKey.responder
     def request_group_key(self):

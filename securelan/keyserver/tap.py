@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from .._startup import fail_startup
 from ..config import ConfigError, load_keyserver_config
 from ..keys import MasterKeyError
 from ..pki import PKIError
@@ -76,8 +77,7 @@ class KeyServerService(service.Service):
 
     def _failed(self, failure):
         log.failure("key server failed to start", failure)
-        print(f"securelan-keyserver: cannot start: {failure.getErrorMessage()}", file=sys.stderr)
-        self.reactor.stop()
+        fail_startup(self.reactor, "securelan-keyserver", failure.getErrorMessage())
 
     def stopService(self):
         super().stopService()

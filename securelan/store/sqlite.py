@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from .._interfaces import IStore
 from ..addresses import check_mac, format_mac, pair_of, parse_mac
-from ..errors import MacInUse, StoreUnavailable, TableFull
+from ..errors import BadRequest, MacInUse, StoreUnavailable, TableFull
 from ..keys import KEY_BYTES, MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
@@ -355,6 +355,10 @@ def _transact(conn, path, work, *args):
     return result
 
 
+#: Incarnations stay below this, so they fit the wire's 32 bits with room.
+MAX_INCARNATION = 2**31
+
+
 def _register_txn(conn, member, max_members):
     mac = format_mac(check_mac(member.mac))
     holder = conn.execute("SELECT member_id FROM members WHERE mac = ?", (mac,)).fetchone()
@@ -367,7 +371,15 @@ def _register_txn(conn, member, max_members):
         (count,) = conn.execute("SELECT COUNT(*) FROM members").fetchone()
         if count >= max_members:
             raise TableFull(f"the member registry is full ({max_members} members)")
-    member = evolve(member, incarnation=(known[0] if known else 0) + 1)
+    stored = known[0] if known else 0
+    claimed = member.incarnation
+    # An agent that reconnects keeps the incarnation it is using (it is the
+    # latest, or the store was restored from a backup behind it); anything
+    # else gets a new, higher one.
+    incarnation = claimed if claimed and claimed >= stored else stored + 1
+    if incarnation >= MAX_INCARNATION:
+        raise BadRequest(f"incarnation {incarnation} is out of range")
+    member = evolve(member, incarnation=incarnation)
     conn.execute(
         "INSERT INTO members (member_id, role, mac, endpoint, registered_at, last_seen, incarnation)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -448,6 +460,8 @@ class SQLiteStore:
     _members: dict = field(init=False, factory=dict, repr=False)
     _by_mac: dict = field(init=False, factory=dict, repr=False)
     _pair_keys: dict = field(init=False, factory=dict, repr=False)
+    #: member ID -> the pairs (id_a, id_b) it is part of.
+    _pairs_of: dict = field(init=False, factory=dict, repr=False)
     _group_key: GroupKey | None = field(init=False, default=None, repr=False)
     #: Writes under way that later callers join rather than repeat.
     _in_flight: dict = field(init=False, factory=dict, repr=False)
@@ -485,7 +499,10 @@ class SQLiteStore:
         self._master = opened.master
         self._members = {m.member_id: m for m in opened.members}
         self._by_mac = {m.mac: m for m in opened.members}
-        self._pair_keys = {(k.id_a, k.id_b): k for k in opened.pair_keys}
+        self._pair_keys = {}
+        self._pairs_of = {}
+        for pair_key in opened.pair_keys:
+            self._remember_pair(pair_key)
         self._group_key = opened.group_key
         _log.info(
             "opened store {path} (schema v{version}, {members} members, {pair_keys} pair keys)",
@@ -591,8 +608,14 @@ class SQLiteStore:
         )
 
     def _pair_issued(self, pair_key):
-        self._pair_keys[(pair_key.id_a, pair_key.id_b)] = pair_key
+        self._remember_pair(pair_key)
         return pair_key
+
+    def _remember_pair(self, pair_key):
+        pair = (pair_key.id_a, pair_key.id_b)
+        self._pair_keys[pair] = pair_key
+        self._pairs_of.setdefault(pair_key.id_a, set()).add(pair)
+        self._pairs_of.setdefault(pair_key.id_b, set()).add(pair)
 
     def issue_group_key(self, candidate):
         if self._group_key is not None:
@@ -616,6 +639,9 @@ class SQLiteStore:
 
     def pair_key(self, id_1, id_2):
         return defer.succeed(self._pair_keys.get(pair_of(id_1, id_2)))
+
+    def pairs_of(self, member_id):
+        return defer.succeed([self._pair_keys[pair] for pair in self._pairs_of.get(member_id, ())])
 
     def group_key(self):
         return defer.succeed(self._group_key)
