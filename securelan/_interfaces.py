@@ -102,10 +102,15 @@ class IMemberConnection(Interface):
 
     member_id = Attribute("The authenticated member ID (from the certificate).")
 
-    def push_pair_key(pair_key, peer):
+    def push_pair_key(grant):
         """
-        Push a pair key (and the peer L{Member} it leads to) to this member.
-        Fires when the member acknowledges.
+        Push a L{securelan.protocol.PairKeyGrant} to this member.  Fires when
+        the member acknowledges.
+        """
+
+    def push_group_key(group):
+        """
+        Push the L{securelan.records.GroupKey} to this member.
         """
 
     def push_purge(peer_id, reason):

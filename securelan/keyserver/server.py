@@ -14,6 +14,8 @@ declared failures into logged refusals.  The server pushes key updates and
 purges over the same connection.
 """
 
+import bisect
+
 import attrs
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -94,6 +96,8 @@ class KeyServer:
     keygen: object = SecretKey.generate
     sessions: dict = attrs.Factory(dict)
     _buckets: dict = attrs.Factory(dict)
+    #: Member IDs in order, for paging ListPeers (rebuilt when members join).
+    _sorted_ids: list | None = None
     _group_key: GroupKey | None = None
 
     @defer.inlineCallbacks
@@ -179,6 +183,8 @@ class KeyServer:
         )
         previous = yield self.store.member(member.member_id)
         member = yield self.store.register(member, self.limits.max_members)
+        if previous is None:
+            self._sorted_ids = None
         changed = previous is not None and (previous.mac, previous.endpoint, previous.incarnation) != (
             member.mac, member.endpoint, member.incarnation)
         if changed:
@@ -274,13 +280,20 @@ class KeyServer:
         """
 
         def page(members):
-            others = sorted((m for m in members if m.member_id != member.member_id and m.member_id > after),
-                            key=lambda m: m.member_id)
-            chosen = others[:ListPeers.PAGE]
+            if self._sorted_ids is None or len(self._sorted_ids) != len(members):
+                self._sorted_ids = sorted(m.member_id for m in members)
+            ids = self._sorted_ids
+            start = bisect.bisect_right(ids, after)
+            chosen, index = [], start
+            while index < len(ids) and len(chosen) < ListPeers.PAGE:
+                if ids[index] != member.member_id:
+                    chosen.append(ids[index])
+                index += 1
+            by_id = {m.member_id: m for m in members} if chosen else {}
             return {
                 "peers": [{"member_id": m.member_id, "mac": m.mac, "role": m.role, "endpoint": m.endpoint}
-                          for m in chosen],
-                "more": len(others) > len(chosen),
+                          for m in (by_id[i] for i in chosen)],
+                "more": index < len(ids),
             }
 
         return self.store.members().addCallback(page)

@@ -4,8 +4,15 @@ The key server's durable state, behind L{securelan._interfaces.IStore}.
 
 A store spec names where the state lives: ``sqlite:///abs/path``,
 ``sqlite:relative/path``, a bare path, or ``:memory:`` (tests).  SQLite (in
-L{securelan.store.sqlite}) serves one key server, or several on one host;
-PostgreSQL, for a cascade spread over hosts, comes later.
+L{securelan.store.sqlite}) serves one key server process: each process
+answers reads from the copy it loaded, so two processes on one file would
+not see each other's registrations.  A cascade of key servers shares a
+PostgreSQL store (coming with the key-lifecycle work).
+
+Never restore a store from a backup while agents run on keys it handed out
+since: the restored incarnations and keys would be handed out again.  Until
+the key-lifecycle work brings a rekey of everything on restore, restore only
+with every agent stopped and a fresh master key and store instead.
 """
 
 import re
