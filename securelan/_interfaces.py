@@ -88,6 +88,25 @@ class IStore(Interface):
         with the stored one.
         """
 
+    def rekey_group(candidate):
+        """
+        Replace the group key with C{candidate} (a L{GroupKey} of a higher
+        epoch) unless the store already holds that epoch or a higher one;
+        fire with the stored group key.
+        """
+
+    def revoke(member_id, reason, now):
+        """
+        Revoke C{member_id} for good: record it, destroy every pair key it
+        holds and release its MAC.  Fires with the destroyed L{PairKey}s
+        (their peers must be told).
+        """
+
+    def is_revoked(member_id):
+        """
+        Fires with whether C{member_id} was revoked.
+        """
+
     def counts():
         """
         Fires with a dict of table sizes: ``members``, ``pair_keys``.

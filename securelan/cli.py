@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pki(subparsers)
     _add_demo(subparsers)
     _add_status(subparsers)
+    _add_keyserver_commands(subparsers)
     return parser
 
 
@@ -255,39 +256,141 @@ def _add_status(subparsers) -> None:
 
 
 def _run_status(args) -> int:
-    from twisted.internet import task
-
-    from .agent.status import ask_status, format_status
-    from .config import ConfigError, load_agent_config
+    from .agent.status import format_status
+    from .config import DEFAULT_STATUS_SOCKET, ConfigError, load_agent_config
 
     path = args.socket
-    if path is None and args.config:
-        try:
-            path = load_agent_config(args.config).status_socket
-        except ConfigError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-    from .config import DEFAULT_STATUS_SOCKET
+    try:
+        if path is None and args.config:
+            try:
+                path = load_agent_config(args.config).status_socket
+            except ConfigError as e:
+                raise _CLIError(str(e)) from None
+        status = _ask(path or DEFAULT_STATUS_SOCKET, "status")
+    except _CLIError as e:
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+    return 0
 
-    path = path or DEFAULT_STATUS_SOCKET
-    result = []
+
+def _keyserver_socket(args):
+    from .config import DEFAULT_ADMIN_SOCKET, ConfigError, load_keyserver_config
+
+    if args.socket:
+        return args.socket
+    if args.config:
+        try:
+            return load_keyserver_config(args.config).admin_socket or DEFAULT_ADMIN_SOCKET
+        except ConfigError as e:
+            raise _CLIError(str(e)) from None
+    return DEFAULT_ADMIN_SOCKET
+
+
+class _CLIError(Exception):
+    """
+    A command failed for a reason it reports in one line.
+    """
+
+
+def _ask(path, command, **arguments):
+    """
+    One control request, run to completion; the result, or L{_CLIError}.
+    """
+    from twisted.internet import task
+
+    from .control import ask_control
+
+    outcome = []
 
     def ask(reactor):
-        return ask_status(reactor, path).addCallbacks(result.append, lambda f: result.append(f))
+        return ask_control(reactor, path, command, **arguments).addBoth(outcome.append)
 
     try:
         task.react(ask)
     except SystemExit:
         pass
-    if not result or not isinstance(result[0], dict):
-        reason = result[0].getErrorMessage() if result else "no answer"
-        print(f"{PROG}: error: no agent answers at {path}: {reason}", file=sys.stderr)
+    if not outcome:
+        raise _CLIError(f"no answer from {path}")
+    if hasattr(outcome[0], "getErrorMessage"):
+        raise _CLIError(f"{path}: {outcome[0].getErrorMessage()}")
+    return outcome[0]
+
+
+def _add_keyserver_commands(subparsers) -> None:
+    from .config import DEFAULT_ADMIN_SOCKET
+
+    def common(parser):
+        parser.add_argument("--socket", help=f"the key server's admin socket (default {DEFAULT_ADMIN_SOCKET}, "
+                            "or the one in --config)")
+        parser.add_argument("--config", help="read the admin socket's path from this key server config")
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+    members = subparsers.add_parser("members", help="list the members a key server knows",
+                                    description="Every registered member: ID, MAC, role, endpoint, "
+                                    "incarnation, and whether it is connected now.")
+    common(members)
+    members.set_defaults(func=_run_members)
+    keys = subparsers.add_parser("keys", help="list the keys a key server holds (metadata only)",
+                                 description="The group key's epoch and every pair key's members, epoch, "
+                                 "age and fingerprint. Never key material.")
+    common(keys)
+    keys.set_defaults(func=_run_keys)
+    revoke = subparsers.add_parser("revoke", help="revoke a member for good",
+                                   description="Refuse the member's certificate from now on, close its "
+                                   "sessions, destroy its pair keys, tell its peers to purge them and "
+                                   "replace the group key.")
+    revoke.add_argument("member", help="the member ID to revoke")
+    revoke.add_argument("--reason", default="", help="recorded with the revocation")
+    common(revoke)
+    revoke.set_defaults(func=_run_revoke)
+
+
+def _run_admin(args, command, show, **arguments):
+    try:
+        result = _ask(_keyserver_socket(args), command, **arguments)
+    except _CLIError as e:
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_ERROR
-    if args.json:
-        print(json.dumps(result[0], indent=2, sort_keys=True))
-    else:
-        print(format_status(result[0]))
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else show(result))
     return 0
+
+
+def _run_members(args) -> int:
+    def show(members):
+        lines = [f"{'member':<20} {'mac':<17} {'role':<8} {'incarnation':>11}  {'connected':<9} endpoint"]
+        for m in members:
+            lines.append(f"{m['member_id']:<20} {m['mac']:<17} {m['role']:<8} {m['incarnation']:>11}  "
+                         f"{'yes' if m['connected'] else 'no':<9} {m['endpoint']}")
+        return "\n".join(lines)
+
+    return _run_admin(args, "members", show)
+
+
+def _run_keys(args) -> int:
+    def show(keys):
+        now = keys["now"]
+        group = keys["group"]
+        lines = [f"group key: epoch {group['epoch']}, {now - group['created_at']:.0f} s old, "
+                 f"fingerprint {group['fingerprint']}",
+                 f"{'pair':<40} {'epoch':>5} {'age':>10} {'next rekey':>12}  fingerprint"]
+        for pair in keys["pairs"]:
+            expires = pair["expires_at"]
+            due = f"{expires - now:.0f} s" if expires else "never"
+            lines.append(f"{' - '.join(pair['members']):<40} {pair['epoch']:>5} "
+                         f"{now - pair['created_at']:>8.0f} s {due:>12}  {pair['fingerprint']}")
+        return "\n".join(lines)
+
+    return _run_admin(args, "keys", show)
+
+
+def _run_revoke(args) -> int:
+    def show(result):
+        return (f"revoked {result['member_id']}: {result['pair_keys_destroyed']} pair keys destroyed, "
+                f"peers told: {', '.join(result['peers_told']) or 'none'}; "
+                f"group key now epoch {result['group_epoch']}")
+
+    return _run_admin(args, "revoke", show, member=args.member, reason=args.reason)
 
 if __name__ == "__main__":
     raise SystemExit(main())

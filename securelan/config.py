@@ -140,6 +140,16 @@ def _store_spec(table: _Table, key: str, default: str) -> str:
     return value
 
 
+def _optional_path(table: _Table, key: str, default: str) -> str:
+    """
+    A path, or "" to turn the feature off.
+    """
+    if table.data.get(key) == "":
+        table.used.add(key)
+        return ""
+    return table.path_value(key, default)
+
+
 @attrs.frozen
 class Limits:
     """
@@ -174,6 +184,8 @@ class KeyServerConfig:
     master_key: str
     pair_key_lifetime: int
     limits: Limits
+    #: The control socket of `securelan members|keys|revoke` ("" for none).
+    admin_socket: str = "/run/securelan/keyserver.sock"
 
 
 def load_keyserver_config(path: str) -> KeyServerConfig:
@@ -201,6 +213,7 @@ def load_keyserver_config(path: str) -> KeyServerConfig:
         master_key=ks.path_value("master_key", os.path.join(state_dir, "master.key")),
         pair_key_lifetime=ks.integer("pair_key_lifetime", 86400, minimum=0),
         limits=_limits(top.table("limits")),
+        admin_socket=_optional_path(ks, "admin_socket", DEFAULT_ADMIN_SOCKET),
     )
     ks.done()
     top.done()
@@ -224,6 +237,8 @@ def _limits(t: _Table) -> Limits:
 
 
 # The agent ------------------------------------------------------------------
+
+DEFAULT_ADMIN_SOCKET = "/run/securelan/keyserver.sock"
 
 #: The roles an agent can take today (gateway and border are coming).
 AGENT_ROLES = ("client",)

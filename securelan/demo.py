@@ -40,6 +40,7 @@ ca = "pki/ca.pem"
 certificate = "pki/keyserver.demo.pem"
 private_key = "pki/keyserver.demo.key"
 state_dir = "state"
+admin_socket = "admin.sock"
 """
 
 

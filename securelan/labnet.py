@@ -59,15 +59,16 @@ def status_of(path, timeout=2.0):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            s.sendall(b"status\n")
+            s.sendall(b'{"command": "status"}\n')
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data)
-    except (OSError, ValueError):
+        answer = json.loads(data)
+        return answer["result"] if answer.get("ok") else None
+    except (OSError, ValueError, KeyError):
         return None
 
 
@@ -207,6 +208,7 @@ class EncryptedLAN:
         for i, name in enumerate(self.names, start=1):
             self.members[name] = Member(self, name, i)
         self.ks_config = os.path.join(self.workdir, "keyserver.toml")
+        self.admin_socket = os.path.join(self.workdir, "ks.sock")
         os.makedirs(os.path.join(self.workdir, "state"), exist_ok=True)
         with open(self.ks_config, "w") as f:
             f.write(f"""
@@ -217,6 +219,7 @@ ca = "{self.ca}"
 certificate = "{os.path.join(self.pki_dir, 'keyserver.test.pem')}"
 private_key = "{os.path.join(self.pki_dir, 'keyserver.test.key')}"
 state_dir = "{os.path.join(self.workdir, 'state')}"
+admin_socket = "{self.admin_socket}"
 """)
         self.ks_log = os.path.join(self.workdir, "keyserver.log")
 

@@ -623,3 +623,35 @@ class KeyCacheTests(SynchronousTestCase):
         self.assertEqual(new_bob.device.written, [alice.frame(MAC_2, b"hello new bob")])
         # The replays moved nothing: bob still sends to alice's own address.
         self.assertEqual(new_bob.dataplane.peers[MAC_1].endpoint, ("10.0.0.1", 4789))
+
+
+class RevocationTests(SynchronousTestCase):
+    def test_revoked_member_cut_off(self):
+        """
+        Once carol is revoked, she can neither send to alice nor read new
+        group frames; alice and bob go on talking, broadcasts included.
+        """
+        net = Net(self)
+        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        from securelan.protocol import PeerInfo
+
+        for member in net.members.values():
+            member.dataplane.set_members([PeerInfo(m.member_id, m.mac, "client", m.carrier.endpoint)
+                                          for m in net.members.values() if m is not member])
+        carol.send(MAC_1, b"hi alice")
+        alice.send(MAC_2, b"hi bob")
+        net.settle()
+        self.assertEqual(alice.device.written[-1], carol.frame(MAC_1, b"hi alice"))
+        self.successResultOf(net.subnet.server.revoke("carol"))
+        net.settle()
+        written = {name: len(m.device.written) for name, m in net.members.items()}
+        carol.send(MAC_1, b"still there?")
+        carol.send(BROADCAST, b"who has", ethertype=b"\x08\x06")
+        alice.send(BROADCAST, b"ARP after revocation", ethertype=b"\x08\x06")
+        alice.send(MAC_2, b"hi again bob")
+        net.settle()
+        self.assertEqual(len(alice.device.written), written["alice"])
+        self.assertEqual(len(carol.device.written), written["carol"])
+        self.assertEqual(bob.device.written[-2:], [alice.frame(BROADCAST, b"ARP after revocation", b"\x08\x06"),
+                                                   alice.frame(MAC_2, b"hi again bob")])
+        self.assertNotIn("carol", alice.dataplane.peers_by_id)

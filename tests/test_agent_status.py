@@ -9,10 +9,9 @@ import stat
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from securelan.agent.status import StatusFactory, ask_status, format_status, listen_status
+from securelan.agent.status import ask_status, format_status, listen_status
 from securelan.testing import MemoryLAN, MemoryMember, MemorySubnet
 from securelan.addresses import parse_mac
 
@@ -35,18 +34,7 @@ def sample_status():
     }
 
 
-class StatusProtocolTests(SynchronousTestCase):
-    def test_answers_status_as_json(self):
-        """
-        The line C{status} is answered with one line of JSON, then closed.
-        """
-        proto = StatusFactory(lambda: {"hello": 1}).buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        proto.dataReceived(b"status\n")
-        self.assertEqual(json.loads(transport.value()), {"hello": 1})
-        self.assertTrue(transport.disconnecting)
-
+class StatusFormatTests(SynchronousTestCase):
     def test_format(self):
         """
         The human form names the peer, its MAC, endpoint, epoch and traffic,

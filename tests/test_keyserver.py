@@ -707,3 +707,69 @@ class SessionLifeTests(SubnetTestCase):
             conn = net.connect(client_options=ClassicalOnly())
         self.assertFalse(conn.connected)
         self.assertTrue(any("is not X25519MLKEM768" in line for line in logs.lines()))
+
+
+class RevocationTests(SubnetTestCase):
+    """
+    A revoked member is refused, its keys destroyed, its peers told, and the
+    group key replaced.
+    """
+
+    def test_revoke(self):
+        """
+        Revoking carol closes her session, refuses her certificate from then
+        on, destroys K(alice, carol) and K(bob, carol), tells alice and bob
+        to purge them, and pushes everyone else a new group key.
+        """
+        heard = {m: RecordingListener() for m in ("alice", "bob")}
+        net = self.subnet()
+        alice, _ = net.join("alice", MAC_1, listener=heard["alice"])
+        bob, _ = net.join("bob", MAC_2, listener=heard["bob"])
+        carol, _ = net.join("carol", MAC_3)
+        self.pair_key(carol, MAC_1)
+        self.pair_key(carol, MAC_2)
+        self.pair_key(alice, MAC_2)
+        net.flush()
+        for listener in heard.values():
+            listener.events.clear()
+        old_group = net.server.group_key()
+        with LogCapture() as logs:
+            summary = self.successResultOf(net.server.revoke("carol", "laptop stolen"))
+            net.flush()
+        self.assertEqual(summary["pair_keys_destroyed"], 2)
+        self.assertEqual(summary["peers_told"], ["alice", "bob"])
+        self.assertFalse(carol.connected)
+        self.assertIsNone(self.successResultOf(net.store.pair_key("alice", "carol")))
+        self.assertIsNotNone(self.successResultOf(net.store.pair_key("alice", "bob")))
+        for name in ("alice", "bob"):
+            kinds = [e[0] for e in heard[name].events]
+            self.assertIn(("purge", "carol", "carol was revoked"), heard[name].events)
+            self.assertIn("group_key", kinds)
+            group = [e[1] for e in heard[name].events if e[0] == "group_key"][0]
+            self.assertEqual(group.epoch, old_group.epoch + 1)
+            self.assertNotEqual(group.key, old_group.key)
+        self.assertTrue(any("revoked member carol" in line for line in logs.lines()))
+        # From now on: refused at once, and nobody can reach her MAC.
+        with LogCapture() as logs:
+            again = net.connect("carol")
+        self.assertFalse(again.connected)
+        self.assertTrue(any("carol is revoked" in line for line in logs.lines()))
+        self.failureResultOf(alice.run(request_pair_key(alice.client, MAC_3)), UnknownPeer)
+
+    def test_revocation_survives_restart(self):
+        """
+        A restarted key server still refuses a revoked member.
+        """
+        path, master = self.mktemp(), self.mktemp()
+        store = SQLiteStore(path, master, runner=run_synchronously)
+        self.successResultOf(store.open())
+        net = self.subnet(store=store)
+        net.join("carol", MAC_3)
+        self.successResultOf(net.server.revoke("carol"))
+        self.successResultOf(store.close())
+        again = SQLiteStore(path, master, runner=run_synchronously)
+        self.successResultOf(again.open())
+        net.restart(again)
+        self.assertFalse(net.connect("carol").connected)
+        self.assertEqual(net.server.group_key().epoch, 2)
+        self.successResultOf(again.close())

@@ -5,6 +5,8 @@ spoken to as an agent would (L{securelan.client.KeyServerClient}).
 
 import os
 import re
+import shutil
+import tempfile
 import signal
 import sys
 
@@ -66,6 +68,9 @@ class KeyServerProcessTests(TestCase):
         os.makedirs(self.folder)
         self.pki = make_pki(os.path.join(self.folder, "pki"))
         self.config = os.path.join(self.folder, "keyserver.toml")
+        self.sockets = tempfile.mkdtemp(prefix="sl-")
+        self.addCleanup(shutil.rmtree, self.sockets, True)
+        self.admin_socket = os.path.join(self.sockets, "ks.sock")
         with open(self.config, "w") as f:
             f.write(f"""
 [keyserver]
@@ -75,6 +80,7 @@ ca = "{self.pki.ca_cert}"
 certificate = "{self.pki.keyserver_cert}"
 private_key = "{self.pki.keyserver_key}"
 state_dir = "state"
+admin_socket = "{self.admin_socket}"
 """)
         os.makedirs(os.path.join(self.folder, "state"))
 
@@ -189,3 +195,56 @@ state_dir = "state"
         out, err, code = yield self.run_twistd(self.config)
         self.assertNotEqual(code, 0)
         self.assertIn(b"does not match", err)
+
+    @defer.inlineCallbacks
+    def cli(self, *args):
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "securelan.cli", *args, "--socket", self.admin_socket],
+            env=child_env(), path=self.folder)
+        return out.decode(), err.decode(), code
+
+    @defer.inlineCallbacks
+    def test_admin_commands(self):
+        """
+        C{securelan members}, C{keys} and C{revoke} against a running key
+        server: members listed, keys shown by fingerprint only, and a
+        revoked member cut off and refused from then on.
+        """
+        import json
+
+        proc, stop = self.start()
+        port = yield proc.listening
+        alice = self.client("alice", MAC_1, port)
+        bob = self.client("bob", MAC_2, port)
+        yield alice.whenRegistered()
+        yield bob.whenRegistered()
+        k12 = yield alice.request_pair_key(MAC_2)
+
+        out, err, code = yield self.cli("members", "--json")
+        self.assertEqual(code, 0, err)
+        members = {m["member_id"]: m for m in json.loads(out)}
+        self.assertEqual(set(members), {"alice", "bob"})
+        self.assertTrue(members["bob"]["connected"])
+
+        out, err, code = yield self.cli("keys")
+        self.assertEqual(code, 0, err)
+        self.assertIn("alice - bob", out)
+        self.assertIn(k12.key.fingerprint, out)
+        self.assertNotIn(k12.key.material.hex(), out)
+
+        out, err, code = yield self.cli("revoke", "bob", "--reason", "test")
+        self.assertEqual(code, 0, err)
+        self.assertIn("revoked bob: 1 pair keys destroyed, peers told: alice", out)
+        out, err, code = yield self.cli("revoke", "nobody")
+        self.assertEqual(code, 2)
+        self.assertIn("no member nobody", err)
+        # bob's agent is cut off and cannot come back.
+        yield bob.stopService()
+        again = self.client("bob", MAC_2, port)
+        try:
+            yield again.connected(fail_after_failures=1)
+        except Exception:
+            pass
+        else:
+            self.fail("a revoked member registered again")
+        self.assertIn(b"member bob is revoked", proc.output)

@@ -1,86 +1,25 @@
 # -*- test-case-name: tests.test_agent_status -*-
 """
-The agent's local status socket: a UNIX stream socket (mode 0600) on which
-the agent answers one line, ``status``, with one line of JSON.
-C{securelan status} is its client.
+The agent's status: served on its control socket (L{securelan.control}) as
+the C{status} command, and formatted as C{securelan status} prints it.
 """
 
-import json
-import os
-
-from twisted.internet import defer, protocol
-from twisted.protocols.basic import LineOnlyReceiver
-
-
-class StatusProtocol(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 1024
-
-    def lineReceived(self, line):
-        if line.strip() == b"status":
-            self.sendLine(json.dumps(self.factory.status(), sort_keys=True).encode())
-        else:
-            self.sendLine(json.dumps({"error": "unknown request; send 'status'"}).encode())
-        self.transport.loseConnection()
-
-    def lineLengthExceeded(self, line):
-        self.transport.loseConnection()
-
-
-class StatusFactory(protocol.ServerFactory):
-    protocol = StatusProtocol
-
-    def __init__(self, status):
-        self.status = status
+from ..control import ask_control, listen_control
 
 
 def listen_status(reactor, path, status):
     """
-    Serve C{status()} on a UNIX socket at C{path}, readable by its owner
-    only.  A stale socket file from a dead agent is replaced.
+    Serve C{status()} as the C{status} command on the control socket at
+    C{path}.
     """
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-    if os.path.exists(path):
-        os.unlink(path)
-    old = os.umask(0o177)
-    try:
-        return reactor.listenUNIX(path, StatusFactory(status), mode=0o600)
-    finally:
-        os.umask(old)
-
-
-class _Ask(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 16 * 1024 * 1024
-
-    def __init__(self):
-        self.answer = defer.Deferred()
-        self.lines = []
-
-    def connectionMade(self):
-        self.sendLine(b"status")
-
-    def lineReceived(self, line):
-        self.lines.append(line)
-
-    def connectionLost(self, reason):
-        if self.lines:
-            self.answer.callback(json.loads(self.lines[0]))
-        else:
-            self.answer.errback(reason)
+    return listen_control(reactor, path, {"status": status})
 
 
 def ask_status(reactor, path):
     """
     Ask the agent listening at C{path}; fires with its status dict.
     """
-    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-
-    proto = _Ask()
-    d = connectProtocol(UNIXClientEndpoint(reactor, path, timeout=5), proto)
-    return d.addCallback(lambda _: proto.answer)
+    return ask_control(reactor, path, "status")
 
 
 def format_status(status: dict) -> str:

@@ -181,6 +181,8 @@ class KeyServer:
             registered_at=self.clock.seconds(),
             incarnation=incarnation or 0,
         )
+        if (yield self.store.is_revoked(member.member_id)):
+            raise NotPermitted(f"member {member.member_id} is revoked")
         previous = yield self.store.member(member.member_id)
         member = yield self.store.register(member, self.limits.max_members)
         if previous is None:
@@ -303,6 +305,46 @@ class KeyServer:
             raise NotRegistered("the key server is still starting")
         return self._group_key
 
+    # Revocation and group rekey -------------------------------------------
+
+    @defer.inlineCallbacks
+    def revoke(self, member_id: str, reason: str = ""):
+        """
+        Revoke C{member_id}: its sessions are closed and refused from now on,
+        its pair keys destroyed and its peers told to purge them, and the
+        group key replaced (pushed to everyone else), so it can neither send
+        to nor read anything new from the others.  Fires with a summary.
+        """
+        destroyed = yield self.store.revoke(member_id, reason, self.clock.seconds())
+        self._sorted_ids = None
+        for session in list(self.sessions.pop(member_id, ())):
+            session.close("revoked")
+        peers = sorted({pair_key.peer_of(member_id) for pair_key in destroyed})
+        for peer_id in peers:
+            self.purge(peer_id, member_id, f"{member_id} was revoked")
+        group = yield self.rekey_group()
+        log.warn("revoked member {member_id} ({reason}): {keys} pair keys destroyed, "
+                 "group key now epoch {epoch}", member_id=member_id, reason=reason or "no reason given",
+                 keys=len(destroyed), epoch=group.epoch)
+        return {"member_id": member_id, "pair_keys_destroyed": len(destroyed), "peers_told": peers,
+                "group_epoch": group.epoch}
+
+    @defer.inlineCallbacks
+    def rekey_group(self):
+        """
+        Replace the group key (the next epoch) and push it to every session.
+        """
+        current = self.group_key()
+        candidate = GroupKey(epoch=current.epoch + 1, key=self.keygen(), created_at=self.clock.seconds())
+        group = yield self.store.rekey_group(candidate)
+        self._group_key = group
+        for sessions in list(self.sessions.values()):
+            for session in list(sessions):
+                session.push_group_key(group).addErrback(
+                    lambda f, s=session: log.debug("group key push to {session} failed: {reason}",
+                                                   session=s, reason=f.getErrorMessage()))
+        return group
+
     # Pushes --------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -358,6 +400,7 @@ class MemberSession(TimeoutMixin, amp.AMP):
         self._box_bytes = 0
         self._rejected = False
         self._closed = False
+        self._checking = False
         self._peer = "?"
         self._peer_host = None
 
@@ -375,6 +418,16 @@ class MemberSession(TimeoutMixin, amp.AMP):
         self._peer = f"{self._peer_host}:{port}" if self._peer_host is not None else str(peer)
         self.setTimeout(self.server.limits.register_timeout)
         super().makeConnection(transport)
+
+    def close(self, why: str):
+        """
+        Close this session at once (revocation).
+        """
+        log.info("closing the session of {member_id} from {peer}: {why}",
+                 member_id=self.member_id, peer=self._peer, why=why)
+        self._rejected = True
+        self.member = None
+        self.transport.abortConnection()
 
     def timeoutConnection(self):
         log.info("closed connection from {peer} ({member_id}): {what}", peer=self._peer,
@@ -399,7 +452,19 @@ class MemberSession(TimeoutMixin, amp.AMP):
             self._rejected = True
             self.transport.abortConnection()
             return
-        self.identity = identity
+        self._checking = True
+
+        def checked(revoked):
+            self._checking = False
+            if revoked:
+                log.warn("refused connection from {peer}: member {member_id} is revoked",
+                         peer=self._peer, member_id=identity.member_id)
+                self._rejected = True
+                self.transport.abortConnection()
+            else:
+                self.identity = identity
+
+        self.server.store.is_revoked(identity.member_id).addCallback(checked)
         log.debug("member {member_id} connected from {peer}", member_id=self.member_id, peer=self._peer)
 
     def connectionLost(self, reason):

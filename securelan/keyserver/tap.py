@@ -23,6 +23,8 @@ from ..keys import MasterKeyError
 from ..pki import PKIError
 from ..store import StoreOpenError, open_store, run_synchronously
 from ..tls import Credentials, TLSConfigError
+from ..control import listen_control
+from .admin import admin_handlers
 from .server import ConnectionLimit, KeyServer, KeyServerFactory
 
 log = Logger(namespace="securelan.keyserver")
@@ -60,6 +62,7 @@ class KeyServerService(service.Service):
         tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
         self.factory = ConnectionLimit(tls, config.limits.max_connections)
         self.port = None
+        self.admin_port = None
         self.ready = None
 
     def startService(self):
@@ -71,6 +74,14 @@ class KeyServerService(service.Service):
 
     def _listening(self, port):
         self.port = port
+        if self.config.admin_socket:
+            try:
+                self.admin_port = listen_control(self.reactor, self.config.admin_socket,
+                                                 admin_handlers(self.server))
+            except OSError as e:
+                fail_startup(self.reactor, "securelan-keyserver",
+                             f"admin socket {self.config.admin_socket}: {e}")
+                return port
         log.info("key server for subnet {subnet} listening on {address}",
                  subnet=self.config.subnet, address=port.getHost())
         return port
@@ -82,6 +93,9 @@ class KeyServerService(service.Service):
     def stopService(self):
         super().stopService()
         d = self.ready
+        if self.admin_port is not None:
+            self.admin_port.stopListening()
+            self.admin_port = None
         if self.port is not None:
             d = self.port.stopListening()
             self.port = None

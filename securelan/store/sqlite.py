@@ -268,6 +268,7 @@ class _Opened:
     members: list
     pair_keys: list
     group_key: GroupKey | None
+    revoked: set
 
 
 def _load(conn, path, master, version):
@@ -283,7 +284,8 @@ def _load(conn, path, master, version):
     ]
     row = conn.execute(_SELECT_GROUP, (GROUP_ID,)).fetchone()
     group_key = None if row is None else _group_key_from_row(master, path, *row)
-    return _Opened(conn, master, version, members, pair_keys, group_key)
+    revoked = {member_id for (member_id,) in conn.execute("SELECT DISTINCT member_id FROM revoked")}
+    return _Opened(conn, master, version, members, pair_keys, group_key, revoked)
 
 
 def _open_database(path, master_key_path, now, busy_timeout):
@@ -422,6 +424,39 @@ def _issue_group_txn(conn, path, master, candidate):
     return _group_key_from_row(master, path, *row)
 
 
+def _revoke_txn(conn, path, master, member_id, reason, now):
+    conn.execute(
+        "INSERT INTO revoked (member_id, serial, revoked_at, reason) VALUES (?, '', ?, ?)"
+        " ON CONFLICT (member_id, serial) DO NOTHING",
+        (member_id, now, reason),
+    )
+    rows = conn.execute(
+        "SELECT id_a, id_b, epoch, wrapped_key, created_at, expires_at FROM pair_keys"
+        " WHERE id_a = ? OR id_b = ?",
+        (member_id, member_id),
+    ).fetchall()
+    destroyed = [_pair_key_from_row(master, path, *row) for row in rows]
+    conn.execute("DELETE FROM pair_keys WHERE id_a = ? OR id_b = ?", (member_id, member_id))
+    conn.execute("DELETE FROM foreign_macs WHERE gateway_id = ?", (member_id,))
+    conn.execute("DELETE FROM members WHERE member_id = ?", (member_id,))
+    return destroyed
+
+
+def _rekey_group_txn(conn, path, master, candidate):
+    row = conn.execute(_SELECT_GROUP, (GROUP_ID,)).fetchone()
+    if row is not None and row[1] >= candidate.epoch:
+        # Another key server rekeyed first: keep its key.
+        return _group_key_from_row(master, path, *row)
+    wrapped = master.wrap(candidate.key, _group_context(GROUP_ID, candidate.epoch))
+    conn.execute(
+        "INSERT INTO group_keys (group_id, epoch, wrapped_key, created_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (group_id) DO UPDATE SET epoch = excluded.epoch,"
+        " wrapped_key = excluded.wrapped_key, created_at = excluded.created_at",
+        (GROUP_ID, candidate.epoch, wrapped, candidate.created_at),
+    )
+    return candidate
+
+
 @implementer(IStore)
 @define(eq=False)
 class SQLiteStore:
@@ -463,6 +498,7 @@ class SQLiteStore:
     #: member ID -> the pairs (id_a, id_b) it is part of.
     _pairs_of: dict = field(init=False, factory=dict, repr=False)
     _group_key: GroupKey | None = field(init=False, default=None, repr=False)
+    _revoked: set = field(init=False, factory=set, repr=False)
     #: Writes under way that later callers join rather than repeat.
     _in_flight: dict = field(init=False, factory=dict, repr=False)
 
@@ -504,6 +540,7 @@ class SQLiteStore:
         for pair_key in opened.pair_keys:
             self._remember_pair(pair_key)
         self._group_key = opened.group_key
+        self._revoked = set(opened.revoked)
         _log.info(
             "opened store {path} (schema v{version}, {members} members, {pair_keys} pair keys)",
             path=self.path,
@@ -625,6 +662,28 @@ class SQLiteStore:
     def _group_issued(self, group_key):
         self._group_key = group_key
         return group_key
+
+    def rekey_group(self, candidate):
+        return self._write(_rekey_group_txn, self.path, self._master, candidate).addCallback(self._group_issued)
+
+    def revoke(self, member_id, reason, now):
+        d = self._write(_revoke_txn, self.path, self._master, member_id, reason, now)
+
+        def revoked(destroyed):
+            self._revoked.add(member_id)
+            member = self._members.pop(member_id, None)
+            if member is not None and self._by_mac.get(member.mac) is member:
+                del self._by_mac[member.mac]
+            for pair in self._pairs_of.pop(member_id, set()):
+                self._pair_keys.pop(pair, None)
+                other = pair[1] if pair[0] == member_id else pair[0]
+                self._pairs_of.get(other, set()).discard(pair)
+            return destroyed
+
+        return d.addCallback(revoked)
+
+    def is_revoked(self, member_id):
+        return defer.succeed(member_id in self._revoked)
 
     # Reads, from the mirror
 

@@ -1,0 +1,74 @@
+# -*- test-case-name: tests.test_keyserver_admin -*-
+"""
+The key server's control socket commands (see L{securelan.control}):
+C{members}, C{keys} (metadata only: epochs, ages, fingerprints, never key
+material), C{revoke} and C{rekey_group}.  C{securelan members|keys|revoke}
+are their client.
+"""
+
+from twisted.internet import defer
+
+from ..addresses import check_member_id, format_mac
+from ..errors import UnknownPeer
+
+
+def admin_handlers(server):
+    """
+    The commands of the key server C{server}, for L{listen_control}.
+    """
+
+    @defer.inlineCallbacks
+    def members():
+        records = yield server.store.members()
+        return [
+            {
+                "member_id": m.member_id,
+                "mac": format_mac(m.mac),
+                "role": m.role,
+                "endpoint": m.endpoint,
+                "incarnation": m.incarnation,
+                "registered_at": m.registered_at,
+                "connected": bool(server.sessions.get(m.member_id)),
+            }
+            for m in sorted(records, key=lambda m: m.member_id)
+        ]
+
+    @defer.inlineCallbacks
+    def keys():
+        records = yield server.store.members()
+        seen, pairs = set(), []
+        for member in records:
+            for pair_key in (yield server.store.pairs_of(member.member_id)):
+                if (pair_key.id_a, pair_key.id_b) in seen:
+                    continue
+                seen.add((pair_key.id_a, pair_key.id_b))
+                pairs.append({
+                    "members": [pair_key.id_a, pair_key.id_b],
+                    "epoch": pair_key.epoch,
+                    "created_at": pair_key.created_at,
+                    "expires_at": pair_key.expires_at,
+                    "fingerprint": pair_key.key.fingerprint,
+                })
+        group = server.group_key()
+        return {
+            "now": server.clock.seconds(),
+            "group": {"epoch": group.epoch, "created_at": group.created_at,
+                      "fingerprint": group.key.fingerprint},
+            "pairs": sorted(pairs, key=lambda p: p["members"]),
+        }
+
+    @defer.inlineCallbacks
+    def revoke(member, reason=""):
+        check_member_id(member)
+        known = yield server.store.member(member)
+        if known is None and not server.sessions.get(member):
+            raise UnknownPeer(f"no member {member} is registered")
+        result = yield server.revoke(member, str(reason))
+        return result
+
+    @defer.inlineCallbacks
+    def rekey_group():
+        group = yield server.rekey_group()
+        return {"group_epoch": group.epoch}
+
+    return {"members": members, "keys": keys, "revoke": revoke, "rekey_group": rekey_group}
