@@ -88,6 +88,13 @@ class IStore(Interface):
         with the stored one.
         """
 
+    def rekey_pair(candidate):
+        """
+        Replace the pair's key with C{candidate} (a L{PairKey} of a higher
+        epoch) unless the store already holds that epoch or a higher one;
+        fire with the stored key (None if the pair has none).
+        """
+
     def rekey_group(candidate):
         """
         Replace the group key with C{candidate} (a L{GroupKey} of a higher

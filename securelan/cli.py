@@ -344,6 +344,15 @@ def _add_keyserver_commands(subparsers) -> None:
     revoke.add_argument("--reason", default="", help="recorded with the revocation")
     common(revoke)
     revoke.set_defaults(func=_run_revoke)
+    rekey = subparsers.add_parser("rekey", help="replace pair keys now",
+                                  description="Replace the key of one pair (--pair ID1 ID2) or of every "
+                                  "pair (--all) with a new key of the next epoch, pushed to both holders; "
+                                  "the previous epoch is still accepted for a grace period.")
+    which = rekey.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pair", nargs=2, metavar="ID", help="the two member IDs")
+    which.add_argument("--all", action="store_true", help="every pair")
+    common(rekey)
+    rekey.set_defaults(func=_run_rekey)
 
 
 def _run_admin(args, command, show, **arguments):
@@ -391,6 +400,14 @@ def _run_revoke(args) -> int:
                 f"group key now epoch {result['group_epoch']}")
 
     return _run_admin(args, "revoke", show, member=args.member, reason=args.reason)
+
+
+def _run_rekey(args) -> int:
+    def show(done):
+        return "\n".join(f"rekeyed {' - '.join(p['members'])} to epoch {p['epoch']}" for p in done) \
+            or "no pair keys"
+
+    return _run_admin(args, "rekey", show, pair=args.pair, all=args.all)
 
 if __name__ == "__main__":
     raise SystemExit(main())

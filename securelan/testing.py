@@ -502,6 +502,7 @@ class MemoryMember:
     def __init__(self, net, lan, member_id, mac, host, on_key_miss="queue", **queue):
         from .agent.dataplane import DataPlane
 
+        self.net = net
         self.member_id = member_id
         self.mac = mac
         self.listener = RecordingListener()
@@ -531,7 +532,12 @@ class MemoryMember:
         else:
             getattr(self.dataplane, how)(grant)
 
+    #: Set to drop every pair-key push (as if the push never arrived).
+    deaf = False
+
     def pair_key_pushed(self, grant):
+        if self.deaf:
+            return
         self.listener.pair_key_pushed(grant)
         self._install("install_pair_key", grant)
 
@@ -543,6 +549,23 @@ class MemoryMember:
         self.listener.purged(peer_id, reason)
         if self.dataplane is not None:
             self.dataplane.purge(peer_id)
+
+    def reconnect(self):
+        """
+        Connect again (a key server restarted), registering with the
+        incarnation in use, as the agent's client does.
+        """
+        from .client import register
+
+        net = self.net
+        self.conn = net.connect(self.member_id, listener=self)
+        outcome = []
+        self.conn.run(register(self.conn.client, self.mac, "client", self.carrier.endpoint,
+                               self.admission.incarnation)).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            raise AssertionError(f"{self.member_id} could not register again: {outcome}")
+        self.keys.conn = self.conn
+        self.dataplane.refresh_members()
 
     def frame(self, dst, payload, ethertype=b"\x08\x00"):
         return dst + self.mac + ethertype + payload

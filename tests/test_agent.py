@@ -655,3 +655,102 @@ class RevocationTests(SynchronousTestCase):
         self.assertEqual(bob.device.written[-2:], [alice.frame(BROADCAST, b"ARP after revocation", b"\x08\x06"),
                                                    alice.frame(MAC_2, b"hi again bob")])
         self.assertNotIn("carol", alice.dataplane.peers_by_id)
+
+
+class RekeyTests(SynchronousTestCase):
+    """
+    Key updates (the seed's PW_ID): pushed to both holders, make before
+    break, and the seed's two recovery cases when one holder missed the
+    push.
+    """
+
+    def deaf(self, member):
+        """
+        Make C{member} miss its pair-key pushes until the returned function
+        is called.
+        """
+        member.deaf = True
+        return lambda: setattr(member, "deaf", False)
+
+    def start(self):
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"before")
+        bob.send(MAC_1, b"before")
+        net.settle()
+        return net, alice, bob
+
+    def test_rekey_loses_nothing(self):
+        """
+        A rekey pushed to both holders: datagrams sealed under the old epoch
+        and still on their way are delivered, later ones use the new epoch.
+        """
+        net, alice, bob = self.start()
+        alice.send(MAC_2, b"in flight under epoch 1")
+        new = self.successResultOf(net.subnet.server.rekey_pair("alice", "bob"))
+        net.subnet.flush()
+        self.assertEqual(alice.dataplane.peers[MAC_2].epoch, new.epoch)
+        self.assertEqual(bob.dataplane.peers[MAC_1].epoch, new.epoch)
+        alice.send(MAC_2, b"under epoch 2")
+        net.settle()
+        self.assertEqual(bob.device.written[-2:], [alice.frame(MAC_2, b"in flight under epoch 1"),
+                                                   alice.frame(MAC_2, b"under epoch 2")])
+        epochs = [parse_header(d).epoch for s_, t, d in net.lan.wire
+                  if s_[0] == "10.0.0.1" and d[1] & 0x7F == TYPE_PAIR]
+        self.assertEqual(epochs[-1], 2)
+        self.assertEqual(bob.dataplane.stats.drops, {})
+        self.assertEqual(net.subnet.server.acknowledged[("alice", "bob")], {"alice": 2, "bob": 2})
+
+    def test_receiver_missed_the_push(self):
+        """
+        Seed case 1: alice took the new key, bob missed it; alice sends
+        first.  bob sees a newer epoch, asks with his old one, gets the new
+        key, and the datagram that waited is delivered.
+        """
+        net, alice, bob = self.start()
+        hear = self.deaf(bob)
+        self.successResultOf(net.subnet.server.rekey_pair("alice", "bob"))
+        net.subnet.flush()
+        hear()
+        self.assertEqual(bob.dataplane.peers[MAC_1].epoch, 1)
+        alice.send(MAC_2, b"under epoch 2")
+        net.settle()
+        self.assertEqual(bob.device.written[-1], alice.frame(MAC_2, b"under epoch 2"))
+        self.assertEqual(bob.dataplane.peers[MAC_1].epoch, 2)
+        self.assertEqual(bob.keys.requests[-1], MAC_1)
+
+    def test_sender_missed_the_push(self):
+        """
+        Seed case 2: alice took the new key, bob missed it; bob sends first,
+        under the old epoch.  Within the grace period alice still accepts
+        it; after it, alice drops it and asks with her newest epoch, and the
+        key server pushes the key again to bob.
+        """
+        net, alice, bob = self.start()
+        hear = self.deaf(bob)
+        self.successResultOf(net.subnet.server.rekey_pair("alice", "bob"))
+        net.subnet.flush()
+        hear()
+        bob.send(MAC_1, b"old epoch, in grace")
+        net.settle()
+        self.assertEqual(alice.device.written[-1], bob.frame(MAC_1, b"old epoch, in grace"))
+        net.subnet.clock.advance(alice.dataplane.REKEY_GRACE + 1)
+        alice.dataplane.tick()
+        bob.send(MAC_1, b"old epoch, too late")
+        net.settle()
+        self.assertEqual(alice.dataplane.peers[MAC_2].stats.drops, {"epoch": 1})
+        self.assertEqual(bob.dataplane.peers[MAC_1].epoch, 2)
+        bob.send(MAC_1, b"new epoch")
+        net.settle()
+        self.assertEqual(alice.device.written[-1], bob.frame(MAC_1, b"new epoch"))
+
+    def test_no_roll_back(self):
+        """
+        A grant of an older epoch than the one held is ignored.
+        """
+        net, alice, bob = self.start()
+        old_grant = self.successResultOf(alice.conn.run(alice.keys.request_pair_key(MAC_2)))
+        self.successResultOf(net.subnet.server.rekey_pair("alice", "bob"))
+        net.subnet.flush()
+        alice.dataplane.install_pair_key(old_grant)
+        self.assertEqual(alice.dataplane.peers[MAC_2].epoch, 2)

@@ -162,7 +162,12 @@ class DataPlane:
         reassembled for too long are dropped (and counted).
         """
         self.pending.expire()
-        oldest = self.clock.seconds() - self.pending.timeout
+        now = self.clock.seconds()
+        for peer in self.peers_by_id.values():
+            if peer.previous is not None and now >= peer.previous_until:
+                self._retired.put(peer.previous)
+                peer.previous = None
+        oldest = now - self.pending.timeout
         for mac in [mac for mac, held in self._held.items() if held[0][0] < oldest]:
             self._release_held(mac, False)
         if self._run and self.clock.seconds() - self._run_started > 0.5:
@@ -240,14 +245,14 @@ class DataPlane:
         del self._unknown[mac]
         return False
 
-    def _request_pair_key(self, mac: bytes):
+    def _request_pair_key(self, mac: bytes, epoch=None):
         if mac in self._inflight:
             return
         if self._known_unknown(mac):
             self.pending.discard(mac, self.stats.drops, "unknown_peer")
             return
         self._inflight.add(mac)
-        d = self.keys.request_pair_key(mac)
+        d = self.keys.request_pair_key(mac, epoch)
         d.addCallbacks(self.install_pair_key, self._pair_key_refused, errbackArgs=(mac,))
         d.addBoth(self._request_done, mac)
 
@@ -288,7 +293,16 @@ class DataPlane:
                         resume=self._retired.take(grant))
             if old is not None:
                 self._unindex(old)
-                self._retired.put(old)
+                if old.previous is not None:
+                    self._retired.put(old.previous)
+                    old.previous = None
+                if grant.epoch > old.epoch:
+                    # Make before break: the old epoch is still accepted
+                    # for a while, for datagrams already on their way.
+                    peer.previous = old
+                    peer.previous_until = self.clock.seconds() + self.REKEY_GRACE
+                else:
+                    self._retired.put(old)
                 peer.stats = old.stats
                 if old.endpoint is not None and old.endpoint_text == grant.peer_endpoint:
                     # Keep an endpoint learnt from authenticated traffic (roaming).
@@ -387,6 +401,9 @@ class DataPlane:
         peer = self.peers_by_id.pop(peer_id, None)
         if peer is not None:
             self._unindex(peer)
+            if peer.previous is not None:
+                self._retired.put(peer.previous)
+                peer.previous = None
             self._retired.put(peer)
 
     # Inbound ---------------------------------------------------------------------
@@ -432,7 +449,7 @@ class DataPlane:
                 if header.src not in self.peers and self._hold(datagram, header.src, source):
                     cached = None
                     continue
-                peer, opener = self._pair_opener(header)
+                peer, opener = self._pair_opener(header, datagram, source)
                 if opener is None:
                     cached = None
                     continue
@@ -492,12 +509,15 @@ class DataPlane:
         for index, piece in enumerate(pieces):
             self._deliver(header._replace(index=index, counter=counter + index), piece, peer.stats, peer)
 
+    #: Seconds the previous epoch of a rekeyed pair key is still accepted.
+    REKEY_GRACE = 15.0
+
     #: Datagrams from a sender whose key is on its way, held at most: per
     #: sender and in all (they are not authenticated yet).
     HOLD_PER_SENDER = 16
     HOLD_TOTAL = 256
 
-    def _hold(self, datagram, src, source) -> bool:
+    def _hold(self, datagram, src, source, epoch=None) -> bool:
         """
         In queue mode, keep a datagram from a sender whose key is not here
         yet (and ask for it), to open it when the key arrives instead of
@@ -509,8 +529,11 @@ class DataPlane:
         if held is None:
             if len(self._held) >= self.HOLD_TOTAL or not self._inbound_requests.take():
                 return False
-            held = self._held[src] = []
-            self._request_pair_key(src)
+            self._held[src] = [(self.clock.seconds(), datagram, source)]
+            self._held_count += 1
+            # Last: the answer may come at once and release what is held.
+            self._request_pair_key(src, epoch=epoch)
+            return True
         if len(held) >= self.HOLD_PER_SENDER or self._held_count >= self.HOLD_TOTAL:
             return False
         held.append((self.clock.seconds(), datagram, source))
@@ -532,10 +555,15 @@ class DataPlane:
         for datagram, source in fresh:
             self.datagrams_received((datagram,), source)
 
-    def _pair_opener(self, header):
+    def _pair_opener(self, header, datagram, source):
         """
-        The peer whose key the header names and the receiving direction to
-        try; (peer or None, None) after counting why there is none.
+        The peer entry whose key the header names and the receiving
+        direction to try; (peer or None, None) after counting why there is
+        none.  Another epoch than the peer's is the seed's PW_ID mismatch:
+        the previous epoch is still accepted for a grace period; a newer one
+        means a rekey this agent has not heard of (the datagram waits, the
+        key is asked for); an older one means the peer has not heard of it
+        (asking with our epoch makes the key server push the key to it).
         """
         src = header.src
         peer = self.peers.get(src)
@@ -545,7 +573,20 @@ class DataPlane:
                 self._request_pair_key(src)
             return None, None
         if header.epoch != peer.epoch:
-            self._drop("epoch", peer)
+            previous = peer.previous
+            now = self.clock.seconds()
+            if previous is not None and header.epoch == previous.epoch and now < peer.previous_until:
+                opener = previous.opener_for(header.incarnation)
+                if opener is None:
+                    self._drop("incarnation", peer)
+                return previous, opener
+            if header.epoch > peer.epoch:
+                if not self._hold(datagram, src, source, epoch=peer.epoch):
+                    self._drop("epoch", peer)
+            else:
+                self._drop("epoch", peer)
+                if peer.may_resync(now):
+                    self._request_pair_key(src, epoch=peer.epoch)
             return peer, None
         opener = peer.opener_for(header.incarnation)
         if opener is None:

@@ -50,8 +50,9 @@ class Peer:
     """
 
     __slots__ = ("member_id", "mac", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
-                 "granted_at", "sealer", "stats", "_key", "_my_id", "_my_incarnation",
-                 "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations", "_resume")
+                 "granted_at", "sealer", "stats", "previous", "previous_until", "_key", "_my_id",
+                 "_my_incarnation", "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations",
+                 "_resume", "_resync_at")
 
     def __init__(self, grant, my_id: str, my_incarnation: int, endpoint, clock, derivations,
                  resume=None):
@@ -76,6 +77,11 @@ class Peer:
         #: Counters this key reached before (see L{Retired}).
         self._resume = resume or {}
         self.sealer = None
+        #: The entry of the epoch before, still accepted for receiving until
+        #: C{previous_until} (make-before-break rekey).
+        self.previous = None
+        self.previous_until = 0.0
+        self._resync_at = 0.0
         self._send_to(max(1, grant.peer_incarnation))
 
     def __repr__(self):
@@ -154,6 +160,17 @@ class Peer:
         if self._opener is not None:
             resume[("rx", self._rx_incarnation)] = self._opener.last_counter
         return resume
+
+    def may_resync(self, now: float) -> bool:
+        """
+        Whether a datagram of another epoch may make us ask the key server
+        (the seed's PW_ID recovery) now: at most once a second per peer, so
+        forged epochs cannot start a request storm.
+        """
+        if now < self._resync_at:
+            return False
+        self._resync_at = now + 1.0
+        return True
 
     @property
     def rx_incarnation(self):

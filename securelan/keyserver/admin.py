@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_keyserver_admin -*-
 """
 The key server's control socket commands (see L{securelan.control}):
-C{members}, C{keys} (metadata only: epochs, ages, fingerprints, never key
-material), C{revoke} and C{rekey_group}.  C{securelan members|keys|revoke}
-are their client.
+C{members}, C{keys} (metadata only: epochs, ages, fingerprints, which holder
+acknowledged which epoch; never key material), C{revoke}, C{rekey} and
+C{rekey_group}.  C{securelan members|keys|revoke|rekey} are their client.
 """
 
 from twisted.internet import defer
@@ -45,6 +45,7 @@ def admin_handlers(server):
                 pairs.append({
                     "members": [pair_key.id_a, pair_key.id_b],
                     "epoch": pair_key.epoch,
+                    "acknowledged": server.acknowledged.get((pair_key.id_a, pair_key.id_b), {}),
                     "created_at": pair_key.created_at,
                     "expires_at": pair_key.expires_at,
                     "fingerprint": pair_key.key.fingerprint,
@@ -67,8 +68,24 @@ def admin_handlers(server):
         return result
 
     @defer.inlineCallbacks
+    def rekey(pair=None, all=False):
+        if all:
+            pairs = yield server.all_pairs()
+            done = []
+            for pair_key in pairs:
+                new = yield server.rekey_pair(pair_key.id_a, pair_key.id_b)
+                done.append({"members": [new.id_a, new.id_b], "epoch": new.epoch})
+            return done
+        if not pair or len(pair) != 2:
+            raise ValueError("name a pair of member IDs, or all")
+        for member_id in pair:
+            check_member_id(member_id)
+        new = yield server.rekey_pair(*pair)
+        return [{"members": [new.id_a, new.id_b], "epoch": new.epoch}]
+
+    @defer.inlineCallbacks
     def rekey_group():
         group = yield server.rekey_group()
         return {"group_epoch": group.epoch}
 
-    return {"members": members, "keys": keys, "revoke": revoke, "rekey_group": rekey_group}
+    return {"members": members, "keys": keys, "revoke": revoke, "rekey": rekey, "rekey_group": rekey_group}

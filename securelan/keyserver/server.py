@@ -96,6 +96,8 @@ class KeyServer:
     keygen: object = SecretKey.generate
     sessions: dict = attrs.Factory(dict)
     _buckets: dict = attrs.Factory(dict)
+    #: (id_a, id_b) -> {holder: the highest epoch it acknowledged}.
+    acknowledged: dict = attrs.Factory(dict)
     #: Member IDs in order, for paging ListPeers (rebuilt when members join).
     _sorted_ids: list | None = None
     _group_key: GroupKey | None = None
@@ -350,8 +352,9 @@ class KeyServer:
     @defer.inlineCallbacks
     def push_pair_key(self, pair_key: PairKey):
         """
-        Push C{pair_key} to every connected session of both holders.  Fires
-        with the number of sessions that acknowledged.
+        Push C{pair_key} to every connected session of both holders and
+        record which holders acknowledged its epoch (L{acknowledged}).
+        Fires with the number of sessions that acknowledged.
         """
         members = {}
         for member_id in (pair_key.id_a, pair_key.id_b):
@@ -362,9 +365,67 @@ class KeyServer:
             if peer is None:
                 continue
             for session in list(self.sessions.get(holder, ())):
-                pushes.append(session.push_pair_key(self._grant(pair_key, peer)))
+                d = session.push_pair_key(self._grant(pair_key, peer))
+                d.addCallback(self._acknowledged, pair_key, holder)
+                pushes.append(d)
         results = yield defer.DeferredList(pushes, consumeErrors=True)
         return sum(1 for ok, _ in results if ok)
+
+    def _acknowledged(self, result, pair_key, holder):
+        acks = self.acknowledged.setdefault((pair_key.id_a, pair_key.id_b), {})
+        acks[holder] = max(acks.get(holder, 0), pair_key.epoch)
+        return result
+
+    # Rekey ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def rekey_pair(self, id_1: str, id_2: str):
+        """
+        Replace the key of the pair with a new one of the next epoch (the
+        seed's key update) and push it to both holders.  Fires with the new
+        L{PairKey}.
+        """
+        current = yield self.store.pair_key(id_1, id_2)
+        if current is None:
+            raise UnknownPeer(f"{id_1} and {id_2} share no key")
+        now = self.clock.seconds()
+        lifetime = self.pair_key_lifetime
+        candidate = PairKey(id_a=current.id_a, id_b=current.id_b, epoch=current.epoch + 1,
+                            key=self.keygen(), created_at=now,
+                            expires_at=now + lifetime if lifetime else 0.0)
+        pair_key = yield self.store.rekey_pair(candidate)
+        log.info("rekeyed ({id_a}, {id_b}) to epoch {epoch}", id_a=pair_key.id_a, id_b=pair_key.id_b,
+                 epoch=pair_key.epoch)
+        # Acknowledgements are recorded as they come (acknowledged); a
+        # holder that misses the push recovers the seed's way.
+        self.push_pair_key(pair_key)
+        return pair_key
+
+    @defer.inlineCallbacks
+    def all_pairs(self):
+        """
+        Every pair key in the store, once each.
+        """
+        seen = {}
+        for member in (yield self.store.members()):
+            for pair_key in (yield self.store.pairs_of(member.member_id)):
+                seen[(pair_key.id_a, pair_key.id_b)] = pair_key
+        return [seen[pair] for pair in sorted(seen)]
+
+    @defer.inlineCallbacks
+    def rekey_due(self):
+        """
+        Rekey every pair whose lifetime is over (run from a timer).  Fires
+        with how many were rekeyed.
+        """
+        now = self.clock.seconds()
+        due = [p for p in (yield self.all_pairs()) if p.expires_at and p.expires_at <= now]
+        for pair_key in due:
+            try:
+                yield self.rekey_pair(pair_key.id_a, pair_key.id_b)
+            except Exception:
+                log.failure("rekeying ({id_a}, {id_b}) failed", id_a=pair_key.id_a, id_b=pair_key.id_b)
+        return len(due)
 
     def _push_to(self, holder_id: str, grant: PairKeyGrant):
         for session in list(self.sessions.get(holder_id, ())):

@@ -11,6 +11,7 @@ and exits non-zero, rather than starting a key server that cannot serve.
 import sys
 
 from twisted.application import service
+from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -63,6 +64,7 @@ class KeyServerService(service.Service):
         self.factory = ConnectionLimit(tls, config.limits.max_connections)
         self.port = None
         self.admin_port = None
+        self.rekey_loop = None
         self.ready = None
 
     def startService(self):
@@ -74,6 +76,13 @@ class KeyServerService(service.Service):
 
     def _listening(self, port):
         self.port = port
+        lifetime = self.config.pair_key_lifetime
+        if lifetime:
+            # Keys due for replacement are rekeyed within a tenth of their
+            # lifetime (at most a minute) of falling due.
+            self.rekey_loop = LoopingCall(self._rekey_due)
+            self.rekey_loop.clock = self.reactor
+            self.rekey_loop.start(min(60.0, lifetime / 10), now=False)
         if self.config.admin_socket:
             try:
                 self.admin_port = listen_control(self.reactor, self.config.admin_socket,
@@ -86,6 +95,9 @@ class KeyServerService(service.Service):
                  subnet=self.config.subnet, address=port.getHost())
         return port
 
+    def _rekey_due(self):
+        return self.server.rekey_due().addErrback(lambda f: log.failure("rekey check failed", f))
+
     def _failed(self, failure):
         log.failure("key server failed to start", failure)
         fail_startup(self.reactor, "securelan-keyserver", failure.getErrorMessage())
@@ -93,6 +105,8 @@ class KeyServerService(service.Service):
     def stopService(self):
         super().stopService()
         d = self.ready
+        if self.rekey_loop is not None and self.rekey_loop.running:
+            self.rekey_loop.stop()
         if self.admin_port is not None:
             self.admin_port.stopListening()
             self.admin_port = None

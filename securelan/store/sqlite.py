@@ -424,6 +424,20 @@ def _issue_group_txn(conn, path, master, candidate):
     return _group_key_from_row(master, path, *row)
 
 
+def _rekey_pair_txn(conn, path, master, candidate):
+    wrapped = master.wrap(candidate.key, _pair_context(candidate.id_a, candidate.id_b, candidate.epoch))
+    # Only forward: a key server that lost a race (another one rekeyed the
+    # pair first) gets the winner's key back.
+    conn.execute(
+        "UPDATE pair_keys SET epoch = ?, wrapped_key = ?, created_at = ?, expires_at = ?"
+        " WHERE id_a = ? AND id_b = ? AND epoch < ?",
+        (candidate.epoch, wrapped, candidate.created_at, candidate.expires_at,
+         candidate.id_a, candidate.id_b, candidate.epoch),
+    )
+    row = conn.execute(_SELECT_PAIR, (candidate.id_a, candidate.id_b)).fetchone()
+    return None if row is None else _pair_key_from_row(master, path, *row)
+
+
 def _revoke_txn(conn, path, master, member_id, reason, now):
     conn.execute(
         "INSERT INTO revoked (member_id, serial, revoked_at, reason) VALUES (?, '', ?, ?)"
@@ -662,6 +676,14 @@ class SQLiteStore:
     def _group_issued(self, group_key):
         self._group_key = group_key
         return group_key
+
+    def rekey_pair(self, candidate):
+        def stored(pair_key):
+            if pair_key is not None:
+                self._remember_pair(pair_key)
+            return pair_key
+
+        return self._write(_rekey_pair_txn, self.path, self._master, candidate).addCallback(stored)
 
     def rekey_group(self, candidate):
         return self._write(_rekey_group_txn, self.path, self._master, candidate).addCallback(self._group_issued)
