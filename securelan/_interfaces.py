@@ -88,6 +88,21 @@ class IStore(Interface):
         with the stored one.
         """
 
+    def foreign_mac(mac, now):
+        """
+        Fires with the member ID of the gateway that fronts C{mac} (a MAC no
+        member holds: a host of a plaintext network), or None if none does
+        (or the binding expired).
+        """
+
+    def bind_foreign_mac(mac, gateway_id, now, expires_at, max_foreign):
+        """
+        Record that gateway C{gateway_id} fronts C{mac} until C{expires_at}
+        (the seed's ID-IP list), unless a live binding exists: fire with the
+        gateway that fronts it afterwards.  Fails with L{TableFull} past
+        C{max_foreign} bindings.
+        """
+
     def rekey_pair(candidate):
         """
         Replace the pair's key with C{candidate} (a L{PairKey} of a higher

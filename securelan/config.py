@@ -166,6 +166,10 @@ class Limits:
     register_timeout: float = 15.0
     #: Seconds a registered session may stay silent (agents ping every 30).
     idle_timeout: float = 120.0
+    #: MACs of plaintext hosts that gateways front, at most, and for how
+    #: many seconds a binding lasts unless used again.
+    max_foreign_macs: int = 100000
+    foreign_mac_ttl: float = 3600.0
 
 
 @attrs.frozen
@@ -231,6 +235,8 @@ def _limits(t: _Table) -> Limits:
         request_burst=t.integer("request_burst", d.request_burst, minimum=1),
         register_timeout=t.number("register_timeout", d.register_timeout, minimum=1),
         idle_timeout=t.number("idle_timeout", d.idle_timeout, minimum=10),
+        max_foreign_macs=t.integer("max_foreign_macs", d.max_foreign_macs, minimum=1),
+        foreign_mac_ttl=t.number("foreign_mac_ttl", d.foreign_mac_ttl, minimum=10),
     )
     t.done()
     return limits
@@ -240,8 +246,8 @@ def _limits(t: _Table) -> Limits:
 
 DEFAULT_ADMIN_SOCKET = "/run/securelan/keyserver.sock"
 
-#: The roles an agent can take today (gateway and border are coming).
-AGENT_ROLES = ("client",)
+#: The roles an agent can take today (border is coming).
+AGENT_ROLES = ("client", "gateway")
 CARRIER_NAMES = ("udp", "ethernet")
 DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"
 
@@ -291,6 +297,16 @@ class QueueConfig:
 
 
 @attrs.frozen
+class GatewayConfig:
+    """
+    The gateway role: the bridge on the plaintext network that the TAP
+    device joins.
+    """
+
+    bridge: str = ""
+
+
+@attrs.frozen
 class AgentConfig:
     """
     An agent's configuration (see C{etc/agent.toml}).
@@ -307,6 +323,7 @@ class AgentConfig:
     device: DeviceConfig
     carrier: CarrierConfig
     queue: QueueConfig
+    gateway: GatewayConfig = GatewayConfig()
 
 
 def _mac_value(t: _Table, key: str):
@@ -390,6 +407,10 @@ def load_agent_config(path: str) -> AgentConfig:
     )
     q.done()
 
+    gw = top.table("gateway")
+    gateway = GatewayConfig(bridge=gw.string("bridge", "") if "bridge" in gw.data else "")
+    gw.done()
+
     config = AgentConfig(
         path=path,
         role=ag.choice("role", AGENT_ROLES, "client"),
@@ -402,7 +423,10 @@ def load_agent_config(path: str) -> AgentConfig:
         device=device,
         carrier=carrier,
         queue=queue,
+        gateway=gateway,
     )
+    if config.role == "gateway" and not gateway.bridge:
+        raise gw.error("bridge", "is required with role = \"gateway\": the bridge on the plaintext network")
     ag.done()
     top.done()
     return config

@@ -77,6 +77,8 @@ class Member:
     One member host of an L{EncryptedLAN}.
     """
 
+    role = "client"
+
     def __init__(self, lan, name, index):
         self.lan = lan
         self.name = name
@@ -98,6 +100,7 @@ class Member:
         with open(self.config, "w") as f:
             f.write(f"""
 [agent]
+role = "{self.role}"
 ca = "{self.lan.ca}"
 certificate = "{cert}"
 private_key = "{key}"
@@ -108,11 +111,17 @@ status_socket = "{self.status_socket}"
 [device]
 name = "slan0"
 mac = "{format_mac(self.mac)}"
-addresses = ["{self.overlay}/24"]
+addresses = [{self.device_addresses()}]
 
 [carrier]
 {carrier_lines}
-""")
+{self.extra_config()}""")
+
+    def device_addresses(self):
+        return f'"{self.overlay}/24"'
+
+    def extra_config(self):
+        return ""
 
     def start(self, carrier="udp", on_key_miss="queue"):
         self.write_config(carrier, on_key_miss)
@@ -166,14 +175,55 @@ def subprocess_stdout():
     return subprocess.STDOUT
 
 
+class Gateway(Member):
+    """
+    The gateway host: a member of the subnet on the LAN switch (eth0), and
+    a port (eth1) on the plaintext network's switch, bridged (br-plain) with
+    the agent's TAP device.
+    """
+
+    role = "gateway"
+
+    def __init__(self, lan, name, index, plain_switch):
+        super().__init__(lan, name, index)
+        lan.lab.link(self.host, plain_switch, ifname="eth1")
+        self.host.ip("link", "add", "br-plain", "type", "bridge")
+        self.host.ip("link", "set", "eth1", "master", "br-plain")
+        self.host.ip("link", "set", "br-plain", "up")
+
+    def device_addresses(self):
+        return ""
+
+    def extra_config(self):
+        return '[gateway]\nbridge = "br-plain"\n'
+
+
+class PlainHost:
+    """
+    A host of the plaintext network: no agent, no certificate.
+    """
+
+    def __init__(self, lan, name, overlay, switch):
+        self.name = name
+        self.overlay = overlay
+        self.host = lan.lab.host(name)
+        lan.lab.link(self.host, switch, addresses=[f"{overlay}/24"])
+
+    def ping(self, other, **kw):
+        return self.host.ping(other.overlay, **kw)
+
+
 class EncryptedLAN:
     """
     A switch, a key server and members C{names}, their certificates in a
     scratch folder.  Use as a context manager; everything is removed after.
     """
 
-    def __init__(self, names=("alice", "bob", "carol"), workdir=None):
+    def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False):
         self.names = names
+        self.with_gateway = gateway
+        self.gateway = None
+        self.plain = None
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="sl-lan-")
         self.lab = Lab()
@@ -207,6 +257,12 @@ class EncryptedLAN:
         self.lab.link(self.keyserver, self.switch, addresses=[f"{KEYSERVER_ADDRESS}/24"])
         for i, name in enumerate(self.names, start=1):
             self.members[name] = Member(self, name, i)
+        if self.with_gateway:
+            pki.issue_member(self.pki_dir, "gw", days=2, roles=("gateway",))
+            self.plain_switch = self.lab.switch("plain")
+            self.gateway = Gateway(self, "gw", 20, self.plain_switch)
+            self.members["gw"] = self.gateway
+            self.plain = PlainHost(self, "printer", f"{OVERLAY}.200", self.plain_switch)
         self.ks_config = os.path.join(self.workdir, "keyserver.toml")
         self.admin_socket = os.path.join(self.workdir, "ks.sock")
         os.makedirs(os.path.join(self.workdir, "state"), exist_ok=True)

@@ -499,7 +499,7 @@ class MemoryMember:
 
     __test__ = False
 
-    def __init__(self, net, lan, member_id, mac, host, on_key_miss="queue", **queue):
+    def __init__(self, net, lan, member_id, mac, host, on_key_miss="queue", role="client", **queue):
         from .agent.dataplane import DataPlane
 
         self.net = net
@@ -511,11 +511,13 @@ class MemoryMember:
         self._early = []
         self.carrier = lan.carrier(host)
         self.device = MemoryDevice(mac=mac)
-        self.conn, self.admission = net.join(member_id, mac, endpoint=self.carrier.endpoint,
+        self.role = role
+        self.conn, self.admission = net.join(member_id, mac, role=role, endpoint=self.carrier.endpoint,
                                              listener=self)
         self.keys = MemoryKeys(self.conn)
         self.dataplane = DataPlane(member_id, mac, self.admission.incarnation, self.keys, self.carrier,
-                                   self.device, net.clock, on_key_miss=on_key_miss, **queue)
+                                   self.device, net.clock, on_key_miss=on_key_miss,
+                                   gateway=role == "gateway", **queue)
         self.carrier.start(self.dataplane.datagrams_received)
         self.device.start(self.dataplane.frame_from_device)
         self.dataplane.start()
@@ -560,7 +562,7 @@ class MemoryMember:
         net = self.net
         self.conn = net.connect(self.member_id, listener=self)
         outcome = []
-        self.conn.run(register(self.conn.client, self.mac, "client", self.carrier.endpoint,
+        self.conn.run(register(self.conn.client, self.mac, self.role, self.carrier.endpoint,
                                self.admission.incarnation)).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):
             raise AssertionError(f"{self.member_id} could not register again: {outcome}")

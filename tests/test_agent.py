@@ -754,3 +754,89 @@ class RekeyTests(SynchronousTestCase):
         net.subnet.flush()
         alice.dataplane.install_pair_key(old_grant)
         self.assertEqual(alice.dataplane.peers[MAC_2].epoch, 2)
+
+
+class GatewayTests(SynchronousTestCase):
+    """
+    The gateway (the seed's ID_X86): members reach the hosts of a plaintext
+    network through it, under K(member, gateway); nothing between members
+    passes it.
+    """
+
+    PRINTER = parse_mac("0a:00:00:00:00:99")
+
+    def setUp(self):
+        self.subnet = MemorySubnet(self.mktemp(), members=("alice", "bob"))
+        self.subnet.pki.add_member("gw", roles=("gateway",))
+        self.lan = MemoryLAN()
+        self.alice = MemoryMember(self.subnet, self.lan, "alice", MAC_1, "10.0.0.1")
+        self.bob = MemoryMember(self.subnet, self.lan, "bob", MAC_2, "10.0.0.2")
+        self.gw = MemoryMember(self.subnet, self.lan, "gw", parse_mac("02:00:00:00:00:0f"), "10.0.0.15",
+                               role="gateway")
+        self.settle()
+
+    def settle(self):
+        for _ in range(10):
+            self.subnet.flush()
+            if not self.lan.flush():
+                break
+
+    def printer_frame(self, dst, payload):
+        return dst + self.PRINTER + b"\x08\x00" + payload
+
+    def test_member_to_plaintext_host_and_back(self):
+        """
+        alice's frame to the printer reaches the gateway's plaintext side;
+        the printer's answer reaches alice, both under K(alice, gw).
+        """
+        self.alice.send(self.PRINTER, b"print this")
+        self.settle()
+        self.assertEqual(self.gw.device.written, [self.alice.frame(self.PRINTER, b"print this")])
+        peer = self.alice.dataplane.peers[self.PRINTER]
+        self.assertEqual((peer.member_id, peer.role), ("gw", "gateway"))
+        self.gw.device.send(self.printer_frame(MAC_1, b"done"))
+        self.settle()
+        self.assertEqual(self.alice.device.written[-1], self.printer_frame(MAC_1, b"done"))
+
+    def test_plaintext_host_first(self):
+        """
+        The printer speaks first to bob: bob learns from the key server that
+        the printer's MAC is behind the gateway, and gets the frame.
+        """
+        self.gw.device.send(self.printer_frame(MAC_2, b"hello bob"))
+        self.settle()
+        self.assertEqual(self.bob.device.written, [self.printer_frame(MAC_2, b"hello bob")])
+        self.assertIs(self.bob.dataplane.peers[self.PRINTER], self.bob.dataplane.peers_by_id["gw"])
+
+    def test_nothing_between_members_passes(self):
+        """
+        The gateway drops a frame for a member that a member sealed for it,
+        and never sends as a member.
+        """
+        self.alice.send(self.PRINTER, b"warm up")
+        self.settle()
+        peer = self.alice.dataplane.peers[self.PRINTER]
+        for datagram in peer.sealer.seal(MAC_2 + MAC_1 + b"\x08\x00" + b"to bob via gw", 1472):
+            self.gw.dataplane.datagrams_received((datagram,), ("10.0.0.1", 4789))
+        self.assertEqual(self.gw.device.written, [self.alice.frame(self.PRINTER, b"warm up")])
+        self.assertEqual(self.gw.dataplane.stats.drops, {"not_for_us": 1})
+        self.gw.device.send(MAC_2 + MAC_1 + b"\x08\x00" + b"pretending to be alice")
+        self.assertEqual(self.gw.dataplane.stats.drops.get("spoofed_src"), 1)
+
+    def test_broadcast_both_ways(self):
+        """
+        A member's broadcast reaches the plaintext side; the printer's
+        broadcast reaches the members, under a group key per source.
+        """
+        from securelan.protocol import PeerInfo
+
+        members = [self.alice, self.bob, self.gw]
+        for member in members:
+            member.dataplane.set_members([PeerInfo(m.member_id, m.mac, m.role, m.carrier.endpoint)
+                                          for m in members if m is not member])
+        self.alice.send(BROADCAST, b"who has the printer", ethertype=b"\x08\x06")
+        self.gw.device.send(BROADCAST + self.PRINTER + b"\x08\x06" + b"printer announces")
+        self.settle()
+        self.assertIn(self.alice.frame(BROADCAST, b"who has the printer", b"\x08\x06"), self.gw.device.written)
+        for member in (self.alice, self.bob):
+            self.assertIn(BROADCAST + self.PRINTER + b"\x08\x06" + b"printer announces", member.device.written)

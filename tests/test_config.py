@@ -186,3 +186,25 @@ class AgentConfigTests(SynchronousTestCase):
         self.assertAgentError(AGENT.replace("[agent]", '[agent]\nrole = "king"'), "agent.role", "one of")
         self.assertAgentError(AGENT.replace("[agent]", '[agent]\non_key_miss = "wait"'),
                               "agent.on_key_miss", "one of")
+
+
+class GatewayConfigTests(SynchronousTestCase):
+    def test_example_loads(self):
+        """
+        etc/gateway.toml is a valid gateway configuration.
+        """
+        from securelan.config import load_agent_config
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load_agent_config(os.path.join(here, "etc", "gateway.toml"))
+        self.assertEqual((config.role, config.gateway.bridge), ("gateway", "br-plain"))
+
+    def test_bridge_required(self):
+        """
+        A gateway without a bridge is refused, naming the key.
+        """
+        from securelan.config import load_agent_config
+
+        path = KeyServerConfigTests.write(self, AGENT.replace("[agent]", '[agent]\nrole = "gateway"'))
+        e = self.assertRaises(ConfigError, load_agent_config, path)
+        self.assertEqual(e.key, "gateway.bridge")

@@ -240,3 +240,37 @@ class KeyServerLossTests(E2ETestCase):
         bob.wait_registered()
         self.assertTrue(alice.ping(bob, count=3, timeout=8))
         self.assertGreater(bob.peer("alice")["rx_frames"], 0)
+
+
+class GatewayTests(E2ETestCase):
+    MEMBERS_ONLY = b"MEMBERS-ONLY-MRK"
+
+    def test_gateway_to_plaintext_network(self):
+        """
+        A plaintext host with no agent and two members talk both ways
+        through the gateway; the subnet's wire carries only ciphertext; the
+        plaintext side carries the plaintext host's own conversations and
+        never the members' traffic with each other; a plaintext host on the
+        subnet's LAN (not behind the gateway) reaches no member.
+        """
+        lan = self.lan(names=("alice", "bob"), gateway=True)
+        lan.start()
+        alice, bob, printer = lan["alice"], lan["bob"], lan.plain
+        with lan.switch.capture() as subnet, lan.plain_switch.capture() as plain:
+            self.assertTrue(alice.ping(printer, count=3, pattern=PING_PATTERN), "alice cannot reach the printer")
+            self.assertTrue(printer.ping(bob, count=3, pattern=PING_PATTERN), "the printer cannot reach bob")
+            self.assertTrue(lan.tcp_exchange(alice, printer))
+            self.assertTrue(lan.tcp_exchange(printer, bob, port=5002))
+            self.assertTrue(alice.ping(bob, count=3, pattern=self.MEMBERS_ONLY))
+            self.assertTrue(lan.tcp_exchange(bob, alice, port=5003, marker=self.MEMBERS_ONLY))
+        subnet.stop()
+        plain.stop()
+        self.assertNoPlaintext(subnet, lan)
+        self.assertFalse(subnet.contains(self.MEMBERS_ONLY))
+        self.assertTrue(plain.contains(MARKER), "the printer's own traffic is plaintext on its network")
+        self.assertFalse(plain.contains(self.MEMBERS_ONLY), "member-to-member traffic leaked to the plaintext side")
+        self.assertFalse(plain.contains(socket.inet_aton(bob.underlay)), "the subnet's underlay leaked")
+        # What must fail: plaintext frames on the subnet's own LAN reach no member.
+        rogue = lan.lab.host("rogue")
+        lan.lab.link(rogue, lan.switch, addresses=["10.231.100.201/24"])
+        self.assertFalse(rogue.ping(alice.overlay, count=2, timeout=3))

@@ -773,3 +773,50 @@ class RevocationTests(SubnetTestCase):
         self.assertFalse(net.connect("carol").connected)
         self.assertEqual(net.server.group_key().epoch, 2)
         self.successResultOf(again.close())
+
+
+class ForeignMacTests(SubnetTestCase):
+    """
+    MACs no member holds go to the subnet's gateway (the seed's ID-IP list).
+    """
+
+    PRINTER = parse_mac("0a:00:00:00:00:99")
+
+    def test_no_gateway(self):
+        """
+        Without a gateway, an unknown MAC is a clear "unknown peer".
+        """
+        net, (alice, bob, carol) = self.three()
+        f = self.failureResultOf(alice.run(request_pair_key(alice.client, self.PRINTER)), UnknownPeer)
+        self.assertIn("the subnet has no gateway", f.getErrorMessage())
+
+    def test_gateway_fronts_unknown_macs(self):
+        """
+        With a gateway, alice asking for the printer gets K(alice, gw) held
+        against the printer's MAC; the binding is kept (bob is sent to the
+        same gateway); the gateway itself cannot ask for foreign MACs.
+        """
+        net = self.subnet()
+        net.pki.add_member("gw", roles=("gateway",))
+        alice, _ = net.join("alice", MAC_1)
+        bob, _ = net.join("bob", MAC_2)
+        gw, _ = net.join("gw", parse_mac("02:00:00:00:00:0f"), role="gateway")
+        grant = self.pair_key(alice, self.PRINTER)
+        self.assertEqual((grant.peer_id, grant.peer_mac, grant.peer_role), ("gw", self.PRINTER, "gateway"))
+        direct = self.pair_key(alice, parse_mac("02:00:00:00:00:0f"))
+        self.assertEqual(direct.key, grant.key)
+        self.assertEqual(self.pair_key(bob, self.PRINTER).peer_id, "gw")
+        self.assertEqual(self.successResultOf(net.store.foreign_mac(self.PRINTER, net.clock.seconds())), "gw")
+        self.failureResultOf(gw.run(request_pair_key(gw.client, parse_mac("0a:00:00:00:00:98"))), UnknownPeer)
+
+    def test_foreign_table_cap(self):
+        """
+        The table of MACs behind gateways is bounded.
+        """
+        net = self.subnet(limits=Limits(max_foreign_macs=2))
+        net.pki.add_member("gw", roles=("gateway",))
+        alice, _ = net.join("alice", MAC_1)
+        net.join("gw", parse_mac("02:00:00:00:00:0f"), role="gateway")
+        for i in range(2):
+            self.pair_key(alice, bytes([10, 0, 0, 0, 1, i]))
+        self.failureResultOf(alice.run(request_pair_key(alice.client, bytes([10, 0, 0, 0, 1, 9]))), TableFull)

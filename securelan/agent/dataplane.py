@@ -88,9 +88,12 @@ class DataPlane:
     @param device: an L{IDevice}, already started with L{frame_from_device}.
     """
 
+    #: Endpoints learnt from group frames beyond the member list, at most.
+    MAX_LEARNED = 1024
+
     def __init__(self, my_id: str, my_mac: bytes, incarnation: int, keys, carrier, device, clock,
                  on_key_miss: str = "queue", queue_per_peer: int = 64, queue_total: int = 1024,
-                 queue_timeout: float = 2.0):
+                 queue_timeout: float = 2.0, gateway: bool = False):
         self.my_id = my_id
         self.my_mac = my_mac
         self.incarnation = incarnation
@@ -99,6 +102,9 @@ class DataPlane:
         self.device = device
         self.clock = clock
         self.queue_on_miss = on_key_miss == "queue"
+        #: The gateway role: frames to and from the hosts of a plaintext
+        #: network (foreign MACs), never between members.
+        self.gateway = gateway
         self.pending = PendingFrames(queue_per_peer, queue_total, queue_timeout, clock)
         self.reassembler = Reassembler(clock)
         self.stats = Stats()
@@ -118,6 +124,7 @@ class DataPlane:
         self._max_datagram = carrier.max_datagram
         self._members_asked = None
         self._members_known = False
+        self._members_listed = 0
         # The frame being joined from in-order pieces (datagrams_received).
         self._run = []
         self._run_header = None
@@ -184,7 +191,10 @@ class DataPlane:
     def frame_from_device(self, frame, offload=None):
         if len(frame) < ETHERNET_HEADER_LEN:
             return self._drop("runt")
-        if frame[6:12] != self.my_mac:
+        src = frame[6:12]
+        if src != self.my_mac and (not self.gateway or src in self.members or src in self.peers):
+            # A member host sends as itself only; a gateway sends for the
+            # hosts of its plaintext network, never as a member.
             return self._drop("spoofed_src")
         dst = bytes(frame[:6])
         if is_group_mac(dst):
@@ -222,13 +232,16 @@ class DataPlane:
                 self._drop("no_group_key")
             self._request_group_key()
             return
+        sealer = group.sealer_for(bytes(frame[6:12]))
+        if sealer is None:
+            return self._drop("too_many_sources")
         try:
-            datagrams = group.sealer.seal(frame, self._max_datagram, offload)
+            datagrams = sealer.seal(frame, self._max_datagram, offload)
         except (CounterExhausted, ValueError):
             return self._drop("too_big")
         if not self.carrier.can_broadcast:
             self._refresh_members_if_stale()
-        endpoints = [endpoint for endpoint in self.members.values() if endpoint is not None]
+        endpoints = {endpoint for endpoint in self.members.values() if endpoint is not None}
         self.carrier.broadcast(datagrams, endpoints)
         group.stats.tx_frames += 1
         group.stats.tx_bytes += len(frame)
@@ -285,8 +298,12 @@ class DataPlane:
             return old
         if old is not None and old.holds(grant):
             peer = old
-            if peer.mac != grant.peer_mac:
+            if grant.peer_role == "gateway":
+                # A gateway fronts many MACs under one key.
+                peer.macs.add(grant.peer_mac)
+            elif peer.mac != grant.peer_mac:
                 self._unindex(peer)
+                peer.macs = {grant.peer_mac}
             peer.update(grant, endpoint)
         else:
             peer = Peer(grant, self.my_id, self.incarnation, endpoint, self.clock, self._derivations,
@@ -296,6 +313,8 @@ class DataPlane:
                 if old.previous is not None:
                     self._retired.put(old.previous)
                     old.previous = None
+                if grant.peer_role == "gateway":
+                    peer.macs |= old.macs
                 if grant.epoch > old.epoch:
                     # Make before break: the old epoch is still accepted
                     # for a while, for datagrams already on their way.
@@ -308,11 +327,12 @@ class DataPlane:
                     # Keep an endpoint learnt from authenticated traffic (roaming).
                     peer.endpoint = old.endpoint
         self.peers_by_id[peer.member_id] = peer
-        displaced = self.peers.get(peer.mac)
-        if displaced is not None and displaced is not peer:
-            # The MAC moved to this member: the old holder no longer has it.
-            del self.peers[peer.mac]
-        self.peers[peer.mac] = peer
+        for mac in peer.macs:
+            displaced = self.peers.get(mac)
+            if displaced is not None and displaced is not peer:
+                # The MAC moved to this member: the old holder no longer has it.
+                displaced.macs.discard(mac)
+            self.peers[mac] = peer
         self.members[peer.mac] = peer.endpoint
         for frame, offload in self.pending.take(grant.peer_mac):
             self._send_pair(peer, frame, offload)
@@ -320,9 +340,10 @@ class DataPlane:
         return peer
 
     def _unindex(self, peer):
-        if self.peers.get(peer.mac) is peer:
-            del self.peers[peer.mac]
-            self.members.pop(peer.mac, None)
+        for mac in peer.macs:
+            if self.peers.get(mac) is peer:
+                del self.peers[mac]
+                self.members.pop(mac, None)
 
     def _request_group_key(self):
         if self._group_inflight:
@@ -389,6 +410,7 @@ class DataPlane:
                 endpoint = self.carrier.parse_endpoint(info.endpoint)
             members[info.mac] = endpoint
         self.members = members
+        self._members_listed = len(members)
         self._members_known = True
         self._maybe_announce()
 
@@ -441,7 +463,11 @@ class DataPlane:
                 else:
                     self._drop("type")
                 continue
-            if header.dst != my_mac:
+            dst = header.dst
+            if dst != my_mac and (not self.gateway or dst in self.members or dst in self.peers):
+                # To a member host: only its own MAC.  To a gateway: the
+                # hosts behind it, never another member (member-to-member
+                # traffic must not reach the plaintext side).
                 self._drop("not_for_us")
                 continue
             key = (header.src, header.epoch, header.incarnation)
@@ -611,9 +637,10 @@ class DataPlane:
         except WireError as e:
             return self._drop(e.reason)
         group.accept(src, opener, header.incarnation)
-        if source is not None and self.members.get(src) != source and src not in self.peers:
+        if (source is not None and src not in self.members and src not in self.peers
+                and len(self.members) < self._members_listed + self.MAX_LEARNED):
             # A member we did not know of (it joined after our list was
-            # fetched): send it our broadcasts from now on.
+            # fetched), or a host behind a gateway: send our broadcasts there.
             self.members[src] = source
         self._deliver(header, piece, group.stats, None)
 

@@ -49,7 +49,7 @@ class Peer:
     datagrams (a peer that restarted).
     """
 
-    __slots__ = ("member_id", "mac", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
+    __slots__ = ("member_id", "mac", "macs", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
                  "granted_at", "sealer", "stats", "previous", "previous_until", "_key", "_my_id",
                  "_my_incarnation", "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations",
                  "_resume", "_resync_at")
@@ -58,6 +58,9 @@ class Peer:
                  resume=None):
         self.member_id = grant.peer_id
         self.mac = grant.peer_mac
+        #: Every MAC this key is held against: one for a member host; for a
+        #: gateway, also the plaintext hosts it fronts.
+        self.macs = {grant.peer_mac}
         self.role = grant.peer_role
         self.endpoint_text = grant.peer_endpoint
         self.endpoint = endpoint
@@ -224,6 +227,9 @@ class GroupState:
         self.sealer = Sealer(derive_group_key(grant.key, my_mac, grant.epoch, my_incarnation),
                              TYPE_GROUP, grant.epoch, my_incarnation)
         self._senders: dict[bytes, tuple] = {}
+        self._sources: dict[bytes, Sealer] = {}
+        self._my_mac = my_mac
+        self._incarnation = my_incarnation
         self._derivations = TokenBucket(50.0, 100, clock)
         self.stats = Stats()
 
@@ -235,6 +241,28 @@ class GroupState:
         Whether C{grant} is the group key already in use.
         """
         return grant.epoch == self.epoch and grant.key == self._key
+
+    #: Sources (plaintext hosts behind a gateway) this agent seals group
+    #: frames for, at most.  Never forgotten while the group key lasts: a
+    #: new sealer for a source would restart its counter.
+    MAX_SOURCES = 4096
+
+    def sealer_for(self, src_mac: bytes):
+        """
+        The sending direction for group frames from C{src_mac}: our own
+        MAC's, or, for a gateway, one per plaintext host; None past
+        L{MAX_SOURCES}.
+        """
+        if src_mac == self._my_mac:
+            return self.sealer
+        sealer = self._sources.get(src_mac)
+        if sealer is None:
+            if len(self._sources) >= self.MAX_SOURCES:
+                return None
+            sealer = self._sources[src_mac] = Sealer(
+                derive_group_key(self._key, src_mac, self.epoch, self._incarnation), TYPE_GROUP,
+                self.epoch, self._incarnation)
+        return sealer
 
     def opener_for(self, src_mac: bytes, incarnation: int):
         held = self._senders.get(src_mac)

@@ -41,10 +41,12 @@ class ClientRole:
     def start(self, agent):
         self.agent = agent
         config = agent.config.device
-        mtu = config.mtu or frame_mtu(agent.carrier.max_datagram)
-        self.device = self._device_factory(config.name, agent.mac, mtu, config.addresses,
-                                           reactor=agent.reactor)
+        self.device = self._device_factory(config.name, agent.mac, self.device_mtu(agent),
+                                           config.addresses, reactor=agent.reactor)
         self.device.start(self._frame)
+
+    def device_mtu(self, agent):
+        return agent.config.device.mtu or frame_mtu(agent.carrier.max_datagram)
 
     def stop(self):
         for loop in (self._refresh, self._tick):
@@ -76,7 +78,8 @@ class ClientRole:
             self.dataplane = DataPlane(
                 admission.member_id, agent.mac, admission.incarnation, agent.keys, agent.carrier,
                 self.device, agent.reactor, on_key_miss=agent.config.on_key_miss,
-                queue_per_peer=q.per_peer, queue_total=q.total, queue_timeout=q.timeout)
+                queue_per_peer=q.per_peer, queue_total=q.total, queue_timeout=q.timeout,
+                gateway=self.name == "gateway")
             self._refresh = LoopingCall(self.dataplane.refresh_members)
             self._refresh.clock = agent.reactor
             self._refresh.start(MEMBER_REFRESH_SECONDS, now=False)
@@ -109,4 +112,36 @@ class ClientRole:
         return base
 
 
-ROLES = {"client": ClientRole}
+@implementer(IRole, IKeyListener)
+class GatewayRole(ClientRole):
+    """
+    The seed's full-decryption port (virtual client ID_X86): the TAP device
+    is a port of a bridge on the plaintext network; frames from members to
+    the hosts of that network are decrypted onto it, and their answers
+    encrypted back, each under the key of the gateway and that member.  The
+    key server sends members to the gateway for every MAC no member holds.
+    Traffic between members never passes here.
+    """
+
+    name = "gateway"
+
+    #: The MTU of the gateway's TAP device when none is configured: that of
+    #: the plaintext network, so the bridge forwards its full-size frames
+    #: (the larger ones cross the subnet in two pieces).
+    PLAINTEXT_MTU = 1500
+
+    def device_mtu(self, agent):
+        return agent.config.device.mtu or max(frame_mtu(agent.carrier.max_datagram), self.PLAINTEXT_MTU)
+
+    def start(self, agent):
+        bridge = agent.config.gateway.bridge
+        super().start(agent)
+        try:
+            self.device.system.ip(["link", "set", "dev", self.device.name, "master", bridge])
+        except Exception:
+            self.device.stop()
+            raise
+        log.info("gateway: {device} is a port of bridge {bridge}", device=self.device.name, bridge=bridge)
+
+
+ROLES = {"client": ClientRole, "gateway": GatewayRole}

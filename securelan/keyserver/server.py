@@ -223,8 +223,9 @@ class KeyServer:
         if is_group_mac(peer_mac):
             raise BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key")
         peer = yield self.store.member_by_mac(peer_mac)
-        if peer is None:
-            raise UnknownPeer(f"no member of subnet {self.subnet} holds {format_mac(peer_mac)}")
+        foreign = peer is None
+        if foreign:
+            peer = yield self._gateway_for(member, peer_mac)
         if peer.member_id == member.member_id:
             raise NotPermitted("a member needs no key with itself")
         pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
@@ -238,7 +239,42 @@ class KeyServer:
         me = yield self.store.member(member.member_id)
         if me is not None:
             self._push_to(peer.member_id, self._grant(pair_key, me))
-        return self._grant(pair_key, peer)
+        grant = self._grant(pair_key, peer)
+        if foreign:
+            # The seed's K(ID_1, ID_X86), held against the plaintext host's
+            # MAC: the member reaches that MAC through the gateway.
+            grant = attrs.evolve(grant, peer_mac=peer_mac)
+        return grant
+
+    @defer.inlineCallbacks
+    def _gateway_for(self, member: Member, mac: bytes):
+        """
+        The gateway (the seed's ID_X86) that fronts C{mac}, a MAC no member
+        holds: the one it is bound to, else the connected gateway with the
+        lowest member ID (then any registered one), bound from now on.
+        """
+        unknown = UnknownPeer(f"no member of subnet {self.subnet} holds {format_mac(mac)}"
+                              + ("" if member.role != "gateway" else " (a gateway reaches members only)"))
+        if member.role == "gateway":
+            raise unknown
+        now = self.clock.seconds()
+        bound = yield self.store.foreign_mac(mac, now)
+        if bound is not None:
+            gateway = yield self.store.member(bound)
+            if gateway is not None and gateway.role == "gateway":
+                return gateway
+        gateways = [m for m in (yield self.store.members()) if m.role == "gateway"]
+        if not gateways:
+            raise UnknownPeer(f"no member of subnet {self.subnet} holds {format_mac(mac)}, "
+                              "and the subnet has no gateway")
+        gateways.sort(key=lambda m: (not self.sessions.get(m.member_id), m.member_id))
+        gateway_id = yield self.store.bind_foreign_mac(
+            mac, gateways[0].member_id, now, now + self.limits.foreign_mac_ttl, self.limits.max_foreign_macs)
+        if gateway_id != gateways[0].member_id:
+            gateway = yield self.store.member(gateway_id)
+            return gateway if gateway is not None else gateways[0]
+        log.info("{mac} is behind gateway {gateway}", mac=format_mac(mac), gateway=gateway_id)
+        return gateways[0]
 
     def _issue(self, id_1, id_2):
         id_a, id_b = pair_of(id_1, id_2)

@@ -269,6 +269,7 @@ class _Opened:
     pair_keys: list
     group_key: GroupKey | None
     revoked: set
+    foreign: dict
 
 
 def _load(conn, path, master, version):
@@ -285,7 +286,9 @@ def _load(conn, path, master, version):
     row = conn.execute(_SELECT_GROUP, (GROUP_ID,)).fetchone()
     group_key = None if row is None else _group_key_from_row(master, path, *row)
     revoked = {member_id for (member_id,) in conn.execute("SELECT DISTINCT member_id FROM revoked")}
-    return _Opened(conn, master, version, members, pair_keys, group_key, revoked)
+    foreign = {parse_mac(mac): (gateway_id, expires_at) for mac, gateway_id, expires_at in conn.execute(
+        "SELECT mac, gateway_id, expires_at FROM foreign_macs")}
+    return _Opened(conn, master, version, members, pair_keys, group_key, revoked, foreign)
 
 
 def _open_database(path, master_key_path, now, busy_timeout):
@@ -438,6 +441,25 @@ def _rekey_pair_txn(conn, path, master, candidate):
     return None if row is None else _pair_key_from_row(master, path, *row)
 
 
+def _bind_foreign_txn(conn, mac, gateway_id, now, expires_at, max_foreign):
+    text = format_mac(mac)
+    row = conn.execute("SELECT gateway_id, expires_at FROM foreign_macs WHERE mac = ?", (text,)).fetchone()
+    if row is not None and (row[1] == 0 or row[1] > now):
+        # Bound already (by this key server or another): keep it.
+        return row[0], row[1]
+    conn.execute("DELETE FROM foreign_macs WHERE expires_at != 0 AND expires_at <= ?", (now,))
+    (count,) = conn.execute("SELECT COUNT(*) FROM foreign_macs").fetchone()
+    if count >= max_foreign:
+        raise TableFull(f"the table of MACs behind gateways is full ({max_foreign})")
+    conn.execute(
+        "INSERT INTO foreign_macs (mac, gateway_id, learned_at, expires_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (mac) DO UPDATE SET gateway_id = excluded.gateway_id,"
+        " learned_at = excluded.learned_at, expires_at = excluded.expires_at",
+        (text, gateway_id, now, expires_at),
+    )
+    return gateway_id, expires_at
+
+
 def _revoke_txn(conn, path, master, member_id, reason, now):
     conn.execute(
         "INSERT INTO revoked (member_id, serial, revoked_at, reason) VALUES (?, '', ?, ?)"
@@ -513,6 +535,8 @@ class SQLiteStore:
     _pairs_of: dict = field(init=False, factory=dict, repr=False)
     _group_key: GroupKey | None = field(init=False, default=None, repr=False)
     _revoked: set = field(init=False, factory=set, repr=False)
+    #: MAC -> (gateway ID, expires_at): the MACs that gateways front.
+    _foreign: dict = field(init=False, factory=dict, repr=False)
     #: Writes under way that later callers join rather than repeat.
     _in_flight: dict = field(init=False, factory=dict, repr=False)
 
@@ -555,6 +579,7 @@ class SQLiteStore:
             self._remember_pair(pair_key)
         self._group_key = opened.group_key
         self._revoked = set(opened.revoked)
+        self._foreign = dict(opened.foreign)
         _log.info(
             "opened store {path} (schema v{version}, {members} members, {pair_keys} pair keys)",
             path=self.path,
@@ -693,6 +718,7 @@ class SQLiteStore:
 
         def revoked(destroyed):
             self._revoked.add(member_id)
+            self._foreign = {m: v for m, v in self._foreign.items() if v[0] != member_id}
             member = self._members.pop(member_id, None)
             if member is not None and self._by_mac.get(member.mac) is member:
                 del self._by_mac[member.mac]
@@ -703,6 +729,24 @@ class SQLiteStore:
             return destroyed
 
         return d.addCallback(revoked)
+
+    def foreign_mac(self, mac, now):
+        held = self._foreign.get(mac)
+        if held is None or (held[1] and held[1] <= now):
+            return defer.succeed(None)
+        return defer.succeed(held[0])
+
+    def bind_foreign_mac(self, mac, gateway_id, now, expires_at, max_foreign):
+        if len(self._foreign) >= max_foreign:
+            # Forget expired bindings before the database refuses.
+            self._foreign = {m: v for m, v in self._foreign.items() if not v[1] or v[1] > now}
+        d = self._write(_bind_foreign_txn, mac, gateway_id, now, expires_at, max_foreign)
+
+        def bound(result):
+            self._foreign[mac] = result
+            return result[0]
+
+        return d.addCallback(bound)
 
     def is_revoked(self, member_id):
         return defer.succeed(member_id in self._revoked)
