@@ -24,7 +24,8 @@ setup(
         "service-identity>=24.1",
         "attrs>=23.1",
         "zope.interface>=6.0",
-        "cryptography>=42.0",
+        # 45 bundles OpenSSL 3.5: the first with X25519MLKEM768.
+        "cryptography>=45.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.100"],

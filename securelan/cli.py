@@ -382,12 +382,13 @@ def _run_keys(args) -> int:
         group = keys["group"]
         lines = [f"group key: epoch {group['epoch']}, {now - group['created_at']:.0f} s old, "
                  f"fingerprint {group['fingerprint']}",
-                 f"{'pair':<40} {'epoch':>5} {'age':>10} {'next rekey':>12}  fingerprint"]
+                 f"{'pair':<40} {'epoch':>5} {'age':>10} {'next rekey':>12}  {'fingerprint':<16}  acknowledged"]
         for pair in keys["pairs"]:
             expires = pair["expires_at"]
             due = f"{expires - now:.0f} s" if expires else "never"
+            acks = ", ".join(f"{who}@{epoch}" for who, epoch in sorted(pair.get("acknowledged", {}).items()))
             lines.append(f"{' - '.join(pair['members']):<40} {pair['epoch']:>5} "
-                         f"{now - pair['created_at']:>8.0f} s {due:>12}  {pair['fingerprint']}")
+                         f"{now - pair['created_at']:>8.0f} s {due:>12}  {pair['fingerprint']:<16}  {acks or '-'}")
         return "\n".join(lines)
 
     return _run_admin(args, "keys", show)

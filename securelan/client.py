@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -25,6 +26,7 @@ from zope.interface import implementer
 from . import PROTOCOL_VERSION
 from ._interfaces import IKeyListener
 from .addresses import KeyServerAddress
+from .tls import EXPECTED_GROUP, negotiated_group
 from .protocol import (
     Admission,
     ListPeers,
@@ -212,6 +214,10 @@ class KeyServerClient(service.Service):
 
     def _register(self, protocol):
         def admitted(admission):
+            # The handshake is over once the key server has answered.
+            group = negotiated_group(protocol.transport)
+            if group != EXPECTED_GROUP:
+                raise ConnectionAborted(f"the key server's key exchange {group} is not {EXPECTED_GROUP}")
             self.admission = admission
             self._protocol = protocol
             log.info("registered with subnet {subnet} as {member_id}",
@@ -237,7 +243,7 @@ class KeyServerClient(service.Service):
         incarnation = self.admission.incarnation if self.admission is not None else None
         d = register(protocol, self.mac, self.role, self.endpoint, incarnation)
         self._timeout(d, protocol)
-        return d.addCallbacks(admitted, refused)
+        return d.addCallback(admitted).addErrback(refused)
 
     def _timeout(self, d, protocol):
         """

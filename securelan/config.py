@@ -388,7 +388,9 @@ def load_agent_config(path: str) -> AgentConfig:
         port=car.integer("port", c.port, minimum=1, maximum=65535),
         advertise=car.string("advertise", "") if "advertise" in car.data else "",
         interface=car.string("interface", "") if "interface" in car.data else "",
-        underlay_mtu=car.integer("underlay_mtu", c.underlay_mtu, minimum=576, maximum=65535),
+        # 1280 (IPv6's minimum) leaves room for a 64 KiB TSO super-frame in
+        # the 64 pieces a frame may have.
+        underlay_mtu=car.integer("underlay_mtu", c.underlay_mtu, minimum=1280, maximum=65535),
     )
     try:
         ipaddress.ip_address(carrier.listen)

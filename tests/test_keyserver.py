@@ -820,3 +820,21 @@ class ForeignMacTests(SubnetTestCase):
         for i in range(2):
             self.pair_key(alice, bytes([10, 0, 0, 0, 1, i]))
         self.failureResultOf(alice.run(request_pair_key(alice.client, bytes([10, 0, 0, 0, 1, 9]))), TableFull)
+
+
+class MemberTrustTests(SubnetTestCase):
+    def test_member_refuses_key_server_of_another_ca(self):
+        """
+        A member refuses a key server whose certificate another CA signed,
+        even with the right name.
+        """
+        from securelan.tls import Credentials
+
+        net = self.subnet()
+        other = make_pki(self.mktemp(), subnet="other", members=())
+        own = net.member_credentials("alice")
+        # alice trusts only the other subnet's CA.
+        creds = Credentials(ca=Credentials.load(other.ca_cert, other.keyserver_cert, other.keyserver_key).ca,
+                            own=own.own)
+        conn = net.connect(credentials=creds)
+        self.assertFalse(conn.connected)

@@ -149,6 +149,17 @@ class DataPlane:
         self.refresh_members()
         self.announce()
 
+    def recheck(self):
+        """
+        After re-registering (we were away from the key server): ask again
+        for every key we hold, so what changed meanwhile reaches us: a new
+        epoch, a peer revoked (refused: purged).
+        """
+        for mac in list(self.peers):
+            self._request_pair_key(mac, epoch=self.peers[mac].epoch)
+        if self.group is not None:
+            self._request_group_key()
+
     def announce(self):
         """
         Tell every member where we are, once the group key and the member
@@ -214,8 +225,10 @@ class DataPlane:
             return self._drop("no_endpoint", peer)
         try:
             datagrams = peer.sealer.seal(frame, self._max_datagram, offload)
-        except (CounterExhausted, ValueError):
-            return self._drop("too_big" if len(frame) > self._max_datagram else "counter", peer)
+        except CounterExhausted:
+            return self._drop("counter", peer)
+        except ValueError:
+            return self._drop("too_big", peer)
         self.carrier.send(datagrams, peer.endpoint)
         stats = peer.stats
         stats.tx_frames += 1
@@ -237,7 +250,9 @@ class DataPlane:
             return self._drop("too_many_sources")
         try:
             datagrams = sealer.seal(frame, self._max_datagram, offload)
-        except (CounterExhausted, ValueError):
+        except CounterExhausted:
+            return self._drop("counter")
+        except ValueError:
             return self._drop("too_big")
         if not self.carrier.can_broadcast:
             self._refresh_members_if_stale()
@@ -278,6 +293,11 @@ class DataPlane:
         self.pending.discard(mac, self.stats.drops, "no_key")
         self._release_held(mac, False)
         if failure.check(UnknownPeer):
+            cached = self.peers.get(mac)
+            if cached is not None:
+                # A peer the key server no longer knows (revoked while we
+                # were away): forget its key.
+                self.purge(cached.member_id)
             self._unknown[mac] = self.clock.seconds() + NEGATIVE_CACHE_SECONDS
             while len(self._unknown) > _NEGATIVE_CACHE_SIZE:
                 self._unknown.popitem(last=False)
@@ -609,6 +629,8 @@ class DataPlane:
             if header.epoch > peer.epoch:
                 if not self._hold(datagram, src, source, epoch=peer.epoch):
                     self._drop("epoch", peer)
+                    if peer.may_resync(now):
+                        self._request_pair_key(src, epoch=peer.epoch)
             else:
                 self._drop("epoch", peer)
                 if peer.may_resync(now):
@@ -628,6 +650,9 @@ class DataPlane:
             self._request_group_key()
             return self._drop("no_group_key")
         if header.epoch != group.epoch:
+            if header.epoch > group.epoch and group.may_resync(self.clock.seconds()):
+                # A group rekey we missed (we were away): ask.
+                self._request_group_key()
             return self._drop("epoch")
         opener = group.opener_for(src, header.incarnation)
         if opener is None:

@@ -231,7 +231,18 @@ class GroupState:
         self._my_mac = my_mac
         self._incarnation = my_incarnation
         self._derivations = TokenBucket(50.0, 100, clock)
+        self._resync_at = 0.0
         self.stats = Stats()
+
+    def may_resync(self, now: float) -> bool:
+        """
+        Whether a group datagram of a newer epoch may make us ask for the
+        group key now (at most once a second).
+        """
+        if now < self._resync_at:
+            return False
+        self._resync_at = now + 1.0
+        return True
 
     def __repr__(self):
         return f"<GroupState epoch {self.epoch}>"

@@ -12,8 +12,8 @@ class PendingFrames:
     """
     Frames queued by destination MAC, in arrival order.
 
-    @ivar dropped: a dict of drop reason -> count (C{queue_full},
-        C{queue_timeout}).
+    @ivar dropped: a dict of drop reason -> count (C{queue_timeout}; a full
+        queue is the caller's to count).
     """
 
     def __init__(self, per_peer: int, total: int, timeout: float, clock):
@@ -23,7 +23,7 @@ class PendingFrames:
         self._clock = clock
         self._queues: dict[bytes, deque] = {}
         self._count = 0
-        self.dropped = {"queue_full": 0, "queue_timeout": 0}
+        self.dropped = {"queue_timeout": 0}
 
     def __len__(self):
         return self._count
@@ -41,7 +41,6 @@ class PendingFrames:
         if self._count >= self.total:
             self.expire()
         if self._count >= self.total or (queue is not None and len(queue) >= self.per_peer):
-            self.dropped["queue_full"] += 1
             return False
         if queue is None:
             queue = self._queues[mac] = deque()

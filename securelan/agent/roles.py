@@ -90,6 +90,7 @@ class ClientRole:
         else:
             self.dataplane.refresh_members()
             self.dataplane.announce()
+            self.dataplane.recheck()
 
     def pair_key_pushed(self, grant):
         if self.dataplane is not None:
