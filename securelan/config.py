@@ -188,6 +188,9 @@ class KeyServerConfig:
     master_key: str
     pair_key_lifetime: int
     limits: Limits
+    #: Seconds between group rekeys (0: never, as the seed does; the group
+    #: key is replaced on every revocation anyway).
+    group_key_lifetime: int = 0
     #: The control socket of `securelan members|keys|revoke` ("" for none).
     admin_socket: str = "/run/securelan/keyserver.sock"
 
@@ -216,6 +219,7 @@ def load_keyserver_config(path: str) -> KeyServerConfig:
         store=_store_spec(ks, "store", "sqlite:" + os.path.join(state_dir, "keyserver.sqlite")),
         master_key=ks.path_value("master_key", os.path.join(state_dir, "master.key")),
         pair_key_lifetime=ks.integer("pair_key_lifetime", 86400, minimum=0),
+        group_key_lifetime=ks.integer("group_key_lifetime", 0, minimum=0),
         limits=_limits(top.table("limits")),
         admin_socket=_optional_path(ks, "admin_socket", DEFAULT_ADMIN_SOCKET),
     )

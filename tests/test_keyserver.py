@@ -838,3 +838,24 @@ class MemberTrustTests(SubnetTestCase):
                             own=own.own)
         conn = net.connect(credentials=creds)
         self.assertFalse(conn.connected)
+
+
+class RekeyPolicyTests(SubnetTestCase):
+    def test_lifetimes(self):
+        """
+        Pairs past their lifetime and a group key past its lifetime are
+        replaced by the timer's check; a group lifetime of 0 never rekeys.
+        """
+        net, (alice, bob, carol) = self.three()
+        net.server.pair_key_lifetime = 100
+        self.pair_key(alice, MAC_2)
+        self.pair_key(alice, MAC_3)
+        pair = self.successResultOf(net.store.pair_key("alice", "bob"))
+        self.assertEqual(self.successResultOf(net.server.rekey_due()), 0)
+        net.clock.advance(101)
+        self.assertEqual(self.successResultOf(net.server.rekey_due()), 2)
+        self.assertEqual(self.successResultOf(net.store.pair_key("alice", "bob")).epoch, pair.epoch + 1)
+        self.assertEqual(net.server.group_key().epoch, 1)
+        net.server.group_key_lifetime = 50
+        self.successResultOf(net.server.rekey_due())
+        self.assertEqual(net.server.group_key().epoch, 2)

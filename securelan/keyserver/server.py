@@ -92,6 +92,7 @@ class KeyServer:
     clock: object
     limits: Limits = attrs.Factory(Limits)
     pair_key_lifetime: int = 86400
+    group_key_lifetime: int = 0
     #: Makes new keys; tests replace it to plant a known key.
     keygen: object = SecretKey.generate
     sessions: dict = attrs.Factory(dict)
@@ -455,6 +456,9 @@ class KeyServer:
         with how many were rekeyed.
         """
         now = self.clock.seconds()
+        group = self.group_key()
+        if self.group_key_lifetime and group.created_at + self.group_key_lifetime <= now:
+            yield self.rekey_group()
         due = [p for p in (yield self.all_pairs()) if p.expires_at and p.expires_at <= now]
         for pair_key in due:
             try:

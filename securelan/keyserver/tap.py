@@ -59,6 +59,7 @@ class KeyServerService(service.Service):
             clock=reactor,
             limits=config.limits,
             pair_key_lifetime=config.pair_key_lifetime,
+            group_key_lifetime=config.group_key_lifetime,
         )
         tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
         self.factory = ConnectionLimit(tls, config.limits.max_connections)
@@ -76,8 +77,9 @@ class KeyServerService(service.Service):
 
     def _listening(self, port):
         self.port = port
-        lifetime = self.config.pair_key_lifetime
-        if lifetime:
+        lifetimes = [t for t in (self.config.pair_key_lifetime, self.config.group_key_lifetime) if t]
+        if lifetimes:
+            lifetime = min(lifetimes)
             # Keys due for replacement are rekeyed within a tenth of their
             # lifetime (at most a minute) of falling due.
             self.rekey_loop = LoopingCall(self._rekey_due)
