@@ -28,7 +28,9 @@ setup(
         "cryptography>=45.0",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100"],
+        # A cascade of key servers on one PostgreSQL store.
+        "postgresql": ["psycopg[binary]>=3.2"],
+        "test": ["hypothesis>=6.100", "psycopg[binary]>=3.2"],
     },
     entry_points={
         "console_scripts": ["securelan = securelan.cli:main"],

@@ -219,7 +219,9 @@ class KeyServerClient(service.Service):
             if group != EXPECTED_GROUP:
                 raise ConnectionAborted(f"the key server's key exchange {group} is not {EXPECTED_GROUP}")
             self.admission = admission
-            self._protocol = protocol
+            # ClientService hands us a proxy; the connection's own protocol
+            # is what reports its loss (_lost).
+            self._protocol = getattr(protocol, "_protocol", protocol)
             log.info("registered with subnet {subnet} as {member_id}",
                      subnet=admission.subnet, member_id=admission.member_id)
             if self.listener is not None:

@@ -677,7 +677,7 @@ class OpenStoreTests(SynchronousTestCase):
         Any other scheme is refused, without echoing the rest of the spec
         (which may hold a password).
         """
-        e = self.assertRaises(StoreOpenError, open_store, "postgresql://u:hunter2@db/securelan", "k")
+        e = self.assertRaises(StoreOpenError, open_store, "mysql://u:hunter2@db/securelan", "k")
         self.assertIn("unsupported store", str(e))
         self.assertNotIn("hunter2", str(e))
         self.assertRaises(StoreOpenError, open_store, "sqlite://host/keys.db", "k")

@@ -97,6 +97,7 @@ class KeyServer:
     keygen: object = SecretKey.generate
     sessions: dict = attrs.Factory(dict)
     _buckets: dict = attrs.Factory(dict)
+    _cancel_changes: object = None
     #: (id_a, id_b) -> {holder: the highest epoch it acknowledged}.
     acknowledged: dict = attrs.Factory(dict)
     #: Member IDs in order, for paging ListPeers (rebuilt when members join).
@@ -115,6 +116,45 @@ class KeyServer:
             group = yield self.store.issue_group_key(candidate)
             log.info("generated the group key of subnet {subnet}", subnet=self.subnet)
         self._group_key = group
+        on_change = getattr(self.store, "on_change", None)
+        if on_change is not None:
+            # A cascade: other key servers share the store.  What they change
+            # reaches the members connected here from here.
+            self._cancel_changes = on_change(self._changed_elsewhere)
+
+    @defer.inlineCallbacks
+    def _changed_elsewhere(self, kind, ids):
+        """
+        Another key server of the cascade changed the store: tell the
+        members connected to this one what concerns them.
+        """
+        try:
+            if kind == "group":
+                group = yield self.store.group_key()
+                if group is not None and (self._group_key is None or group.epoch > self._group_key.epoch):
+                    self._group_key = group
+                    self._push_group(group)
+            elif kind == "member":
+                self._sorted_ids = None
+                member = yield self.store.member(ids[0])
+                if member is not None:
+                    for pair_key in (yield self.store.pairs_of(member.member_id)):
+                        self._push_to(pair_key.peer_of(member.member_id), self._grant(pair_key, member))
+            elif kind == "pair":
+                id_a, id_b = ids
+                pair_key = yield self.store.pair_key(id_a, id_b)
+                if pair_key is None:
+                    # Destroyed (a revocation elsewhere): both ends forget it.
+                    self.purge(id_a, id_b, f"{id_b} was revoked")
+                    self.purge(id_b, id_a, f"{id_a} was revoked")
+                else:
+                    self.push_pair_key(pair_key)
+            elif kind == "revoked":
+                self._sorted_ids = None
+                for session in list(self.sessions.pop(ids[0], ())):
+                    session.close("revoked")
+        except Exception:
+            log.failure("passing on a change made by another key server ({kind})", kind=kind)
 
     # Sessions ------------------------------------------------------------
 
@@ -377,12 +417,15 @@ class KeyServer:
         candidate = GroupKey(epoch=current.epoch + 1, key=self.keygen(), created_at=self.clock.seconds())
         group = yield self.store.rekey_group(candidate)
         self._group_key = group
+        self._push_group(group)
+        return group
+
+    def _push_group(self, group):
         for sessions in list(self.sessions.values()):
             for session in list(sessions):
                 session.push_group_key(group).addErrback(
                     lambda f, s=session: log.debug("group key push to {session} failed: {reason}",
                                                    session=s, reason=f.getErrorMessage()))
-        return group
 
     # Pushes --------------------------------------------------------------
 
@@ -564,9 +607,10 @@ class MemberSession(TimeoutMixin, amp.AMP):
                 self.transport.abortConnection()
             else:
                 self.identity = identity
+                log.debug("member {member_id} connected from {peer}", member_id=identity.member_id,
+                          peer=self._peer)
 
         self.server.store.is_revoked(identity.member_id).addCallback(checked)
-        log.debug("member {member_id} connected from {peer}", member_id=self.member_id, peer=self._peer)
 
     def connectionLost(self, reason):
         self._closed = True

@@ -6,8 +6,10 @@ A store spec names where the state lives: ``sqlite:///abs/path``,
 ``sqlite:relative/path``, a bare path, or ``:memory:`` (tests).  SQLite (in
 L{securelan.store.sqlite}) serves one key server process: each process
 answers reads from the copy it loaded, so two processes on one file would
-not see each other's registrations.  A cascade of key servers shares a
-PostgreSQL store (coming with the key-lifecycle work).
+not see each other's registrations.  A cascade of key servers (the seed's
+cascade port) shares a PostgreSQL store (L{securelan.store.postgres}:
+``postgresql://...``), whose changes reach every key server at once through
+LISTEN/NOTIFY.
 
 Never restore a store from a backup while agents run on keys it handed out
 since: the restored incarnations and keys would be handed out again.  Until
@@ -40,7 +42,9 @@ def open_store(spec: str, master_key_path: str | None, reactor=None, runner=None
     C{open()}, which fires when the database is ready).
 
     A bare path holding a colon before its first slash reads as a scheme:
-    write it as ``./name``.
+    write it as ``./name``.  A ``postgresql://`` (or ``postgres://``) URL
+    names a L{securelan.store.postgres.PostgreSQLStore}, which a cascade of
+    key servers shares.
 
     @param master_key_path: the file of the master key that wraps every key
         at rest (created with the database).  May be None for ``:memory:``.
@@ -59,6 +63,10 @@ def open_store(spec: str, master_key_path: str | None, reactor=None, runner=None
     scheme = _SCHEME.match(spec)
     if scheme is None:
         return make(spec)
+    if scheme.group(1).lower() in ("postgresql", "postgres"):
+        from .postgres import PostgreSQLStore  # psycopg is needed only here
+
+        return PostgreSQLStore(spec, master_key_path, reactor=reactor, runner=runner, clock=clock)
     if scheme.group(1).lower() != "sqlite":
         raise StoreOpenError(
             f"unsupported store {spec.split(':', 1)[0]!r}: use sqlite:///abs/path, "
