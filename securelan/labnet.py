@@ -219,8 +219,9 @@ class EncryptedLAN:
     scratch folder.  Use as a context manager; everything is removed after.
     """
 
-    def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False):
+    def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False, pair_key_lifetime=86400):
         self.names = names
+        self.pair_key_lifetime = pair_key_lifetime
         self.with_gateway = gateway
         self.gateway = None
         self.plain = None
@@ -276,6 +277,7 @@ certificate = "{os.path.join(self.pki_dir, 'keyserver.test.pem')}"
 private_key = "{os.path.join(self.pki_dir, 'keyserver.test.key')}"
 state_dir = "{os.path.join(self.workdir, 'state')}"
 admin_socket = "{self.admin_socket}"
+pair_key_lifetime = {self.pair_key_lifetime}
 """)
         self.ks_log = os.path.join(self.workdir, "keyserver.log")
 

@@ -78,6 +78,7 @@ _PAIR_KEY_FIELDS = [
     (b"key", SecretKeyArgument()),
     (b"epoch", amp.Integer()),
     (b"lifetime", amp.Integer()),
+    (b"age", amp.Integer()),
 ]
 
 _GROUP_KEY_FIELDS = [
@@ -208,6 +209,9 @@ class PairKeyGrant:
     key: SecretKey
     epoch: int
     lifetime: int
+    #: Seconds since this epoch's key was made: a holder told of a new epoch
+    #: long after it began switches to it at once (its peer has had time).
+    age: int = 0
 
 
 @attrs.frozen

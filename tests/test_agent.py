@@ -690,6 +690,9 @@ class RekeyTests(SynchronousTestCase):
         net.subnet.flush()
         self.assertEqual(alice.dataplane.peers[MAC_2].epoch, new.epoch)
         self.assertEqual(bob.dataplane.peers[MAC_1].epoch, new.epoch)
+        # alice goes on sending under epoch 1 for a moment (bob may not have
+        # the new key yet), then moves to epoch 2.
+        net.subnet.clock.advance(alice.dataplane.SWITCH_DELAY)
         alice.send(MAC_2, b"under epoch 2")
         net.settle()
         self.assertEqual(bob.device.written[-2:], [alice.frame(MAC_2, b"in flight under epoch 1"),
@@ -712,6 +715,7 @@ class RekeyTests(SynchronousTestCase):
         net.subnet.flush()
         hear()
         self.assertEqual(bob.dataplane.peers[MAC_1].epoch, 1)
+        net.subnet.clock.advance(alice.dataplane.SWITCH_DELAY)
         alice.send(MAC_2, b"under epoch 2")
         net.settle()
         self.assertEqual(bob.device.written[-1], alice.frame(MAC_2, b"under epoch 2"))

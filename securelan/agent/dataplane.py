@@ -223,8 +223,14 @@ class DataPlane:
     def _send_pair(self, peer: Peer, frame, offload=None):
         if peer.endpoint is None:
             return self._drop("no_endpoint", peer)
+        now = self.clock.seconds()
+        sealer = peer.sealer
+        if peer.previous is not None and now < peer.switch_at:
+            # Make before break: keep sending under the old epoch until the
+            # peer shows it has the new key, or for a moment at most.
+            sealer = peer.previous.sealer
         try:
-            datagrams = peer.sealer.seal(frame, self._max_datagram, offload)
+            datagrams = sealer.seal(frame, self._max_datagram, offload)
         except CounterExhausted:
             return self._drop("counter", peer)
         except ValueError:
@@ -233,7 +239,7 @@ class DataPlane:
         stats = peer.stats
         stats.tx_frames += 1
         stats.tx_bytes += len(frame)
-        stats.last_tx = self.clock.seconds()
+        stats.last_tx = now
 
     def _send_group(self, frame, offload=None):
         group = self.group
@@ -318,6 +324,9 @@ class DataPlane:
             return old
         if old is not None and old.holds(grant):
             peer = old
+            # The key again: the peer (or the key server for it) wants us
+            # on this epoch now.
+            peer.switch_at = 0.0
             if grant.peer_role == "gateway":
                 # A gateway fronts many MACs under one key.
                 peer.macs.add(grant.peer_mac)
@@ -337,9 +346,13 @@ class DataPlane:
                     peer.macs |= old.macs
                 if grant.epoch > old.epoch:
                     # Make before break: the old epoch is still accepted
-                    # for a while, for datagrams already on their way.
+                    # for a while, for datagrams already on their way, and
+                    # sent with until the peer has the new key.
+                    now = self.clock.seconds()
                     peer.previous = old
-                    peer.previous_until = self.clock.seconds() + self.REKEY_GRACE
+                    peer.previous_until = now + self.REKEY_GRACE
+                    if grant.age < self.SWITCH_DELAY:
+                        peer.switch_at = now + self.SWITCH_DELAY - grant.age
                 else:
                     self._retired.put(old)
                 peer.stats = old.stats
@@ -508,9 +521,12 @@ class DataPlane:
                 continue
             if not moved:
                 # First authentic datagram of this run: adopt a restarted
-                # peer's new incarnation, follow a roaming peer.
+                # peer's new incarnation, follow a roaming peer; a datagram
+                # under the new epoch shows the peer has the new key.
                 moved = True
                 peer.accept(opener, header.incarnation)
+                if peer.switch_at:
+                    peer.switch_at = 0.0
                 if source != peer.endpoint and source is not None:
                     log.info("peer {peer_id} moved to {endpoint}", peer_id=peer.member_id, endpoint=source)
                     peer.endpoint = source
@@ -557,6 +573,9 @@ class DataPlane:
 
     #: Seconds the previous epoch of a rekeyed pair key is still accepted.
     REKEY_GRACE = 15.0
+    #: Seconds at most an agent goes on sending under the previous epoch
+    #: after a rekey, unless the peer's datagrams show it has the new key.
+    SWITCH_DELAY = 1.0
 
     #: Datagrams from a sender whose key is on its way, held at most: per
     #: sender and in all (they are not authenticated yet).

@@ -50,7 +50,7 @@ class Peer:
     """
 
     __slots__ = ("member_id", "mac", "macs", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
-                 "granted_at", "sealer", "stats", "previous", "previous_until", "_key", "_my_id",
+                 "granted_at", "sealer", "stats", "previous", "previous_until", "switch_at", "_key", "_my_id",
                  "_my_incarnation", "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations",
                  "_resume", "_resync_at")
 
@@ -84,6 +84,8 @@ class Peer:
         #: C{previous_until} (make-before-break rekey).
         self.previous = None
         self.previous_until = 0.0
+        #: Until when to send under C{previous} (see DataPlane.SWITCH_DELAY).
+        self.switch_at = 0.0
         self._resync_at = 0.0
         self._send_to(max(1, grant.peer_incarnation))
 

@@ -353,6 +353,7 @@ class KeyServer:
             key=pair_key.key,
             epoch=pair_key.epoch,
             lifetime=lifetime,
+            age=max(0, int(self.clock.seconds() - pair_key.created_at)),
         )
 
     def list_peers(self, member: Member, after: str):
