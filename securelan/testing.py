@@ -567,7 +567,10 @@ class MemoryMember:
         if not outcome or isinstance(outcome[0], Failure):
             raise AssertionError(f"{self.member_id} could not register again: {outcome}")
         self.keys.conn = self.conn
+        # As ClientRole does after every re-registration.
         self.dataplane.refresh_members()
+        self.dataplane.announce()
+        self.dataplane.recheck()
 
     def frame(self, dst, payload, ethertype=b"\x08\x00"):
         return dst + self.mac + ethertype + payload

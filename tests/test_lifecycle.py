@@ -101,6 +101,20 @@ class PairLifecycle(RuleBasedStateMachine):
         self.send(sender, receiver, b"data %d" % self.sent[who])
 
     @rule()
+    def keyserver_dies_mid_rekey(self):
+        """
+        The key server wrote the new epoch to its store and died before any
+        push left: it restarts, the members reconnect.
+        """
+        from securelan.records import PairKey
+
+        current = self.store._pair_keys[("alice", "bob")]
+        now = self.net.clock.seconds()
+        candidate = PairKey("alice", "bob", current.epoch + 1, self.net.server.keygen(), now, 0.0)
+        self.store.rekey_pair(candidate)
+        self.keyserver_restarts()
+
+    @rule()
     def keyserver_restarts(self):
         self.store.close()
         self.store = self.open_store()
@@ -127,8 +141,9 @@ class PairLifecycle(RuleBasedStateMachine):
 class LifecycleTests(SynchronousTestCase):
     def test_state_machine(self):
         """
-        Whatever the order of rekeys, lost pushes, restarts and time, both
-        holders end on the store's epoch and deliver both ways.
+        Whatever the order of rekeys, lost pushes, restarts (also between a
+        rekey's store write and its pushes) and time, both holders end on
+        the store's epoch and deliver both ways.
         """
         machine = settings(max_examples=25, stateful_step_count=12, deadline=None, derandomize=True)(
             PairLifecycle).TestCase
