@@ -97,6 +97,8 @@ class KeyServer:
     keygen: object = SecretKey.generate
     sessions: dict = attrs.Factory(dict)
     _buckets: dict = attrs.Factory(dict)
+    #: (holder, member) -> the facts last pushed to holder about member.
+    _pushed: dict = attrs.Factory(dict)
     _cancel_changes: object = None
     #: (id_a, id_b) -> {holder: the highest epoch it acknowledged}.
     acknowledged: dict = attrs.Factory(dict)
@@ -274,12 +276,19 @@ class KeyServer:
             pair_key = yield self._issue(member.member_id, peer.member_id)
         # The peer will hear from the requester at once: hand it the key (and
         # the requester's current facts: its MAC, endpoint and incarnation,
-        # from the store, not the session's older copy) now, so the seed's
-        # receive-side miss is rare and a peer that missed a change learns
-        # it.  Bounded by the requester's rate limit.
+        # from the store, not the session's older copy) unless it was handed
+        # exactly these already, so the seed's receive-side miss is rare.  A
+        # requester that names the current epoch is the seed's second
+        # recovery case (the peer is behind): push again regardless.
         me = yield self.store.member(member.member_id)
         if me is not None:
-            self._push_to(peer.member_id, self._grant(pair_key, me))
+            facts = (pair_key.epoch, pair_key.key.fingerprint, me.mac, me.endpoint, me.incarnation)
+            pushed = (peer.member_id, me.member_id)
+            if epoch == pair_key.epoch or self._pushed.get(pushed) != facts:
+                if len(self._pushed) >= self.limits.max_pair_keys * 2:
+                    self._pushed.clear()
+                self._pushed[pushed] = facts
+                self._push_to(peer.member_id, self._grant(pair_key, me))
         grant = self._grant(pair_key, peer)
         if foreign:
             # The seed's K(ID_1, ID_X86), held against the plaintext host's
