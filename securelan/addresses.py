@@ -30,7 +30,7 @@ def parse_mac(text: str) -> bytes:
 
     @raise AddressError: if C{text} is not a MAC address.
     """
-    if not isinstance(text, str) or not _MAC_TEXT.match(text):
+    if not isinstance(text, str) or not _MAC_TEXT.fullmatch(text):
         raise AddressError(f"not a MAC address: {text!r}")
     return bytes.fromhex(text.replace(":", "").replace("-", ""))
 
@@ -66,7 +66,7 @@ def check_member_id(member_id: str) -> str:
     ``-``, starting with a letter or digit.  Names beginning with ``@`` are
     reserved for the key server's own virtual IDs (the group ID).
     """
-    if not isinstance(member_id, str) or not _MEMBER_ID.match(member_id):
+    if not isinstance(member_id, str) or not _MEMBER_ID.fullmatch(member_id):
         raise AddressError(f"not a valid member ID: {member_id!r}")
     return member_id
 
@@ -91,7 +91,7 @@ def parse_host_port(text: str, default_host=None):
     @return: C{(address, port)} with C{address} an C{ipaddress} object.
     @raise AddressError: if C{text} is not such an endpoint.
     """
-    m = _HOST_PORT.match(text) if isinstance(text, str) else None
+    m = _HOST_PORT.fullmatch(text) if isinstance(text, str) else None
     if not m or not 0 < int(m["port"]) < 65536:
         raise AddressError(f"endpoint {text!r} is not address:port")
     host = m["host"].strip("[]")
@@ -136,7 +136,7 @@ class KeyServerAddress:
 
         @raise ValueError: if C{text} is neither.
         """
-        m = _KEYSERVER_ADDRESS.match(text)
+        m = _KEYSERVER_ADDRESS.fullmatch(text)
         if not m or not 0 < int(m["port"]) < 65536:
             raise ValueError(f"{text!r} is not host:port or name@host:port")
         host = m["host"].strip("[]")

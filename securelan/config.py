@@ -28,8 +28,14 @@ class ConfigError(Exception):
     def __init__(self, path: str, key: str | None, message: str):
         self.path = path
         self.key = key
-        self.message = message
-        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+        # One line, whatever the value or the parser's own message held.
+        self.message = message = " ".join(str(message).split())
+        shown_path, shown_key = _printable(path), _printable(key) if key else key
+        super().__init__(f"{shown_path}: {shown_key}: {message}" if key else f"{shown_path}: {message}")
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)
 
 
 class _Table:
@@ -62,6 +68,8 @@ class _Table:
         value = self._get(key, default)
         if not isinstance(value, str) or not value:
             raise self.error(key, "must be a non-empty string")
+        if "\0" in value:
+            raise self.error(key, "must not contain a NUL character")
         return value
 
     def integer(self, key, default=_REQUIRED, minimum=None, maximum=None) -> int:
@@ -98,7 +106,8 @@ class _Table:
         value = self.string(key, default)
         try:
             _parseServer(value, None)
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:
+            # The endpoint parser raises many kinds of errors on bad text.
             raise self.error(key, f"not a server endpoint description ({e})") from None
         return value
 
@@ -124,6 +133,8 @@ def _load_toml(path: str) -> _Table:
         raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, None, f"not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(path, None, "not valid TOML: nested too deeply") from None
     return _Table(path, "", data)
 
 

@@ -477,7 +477,7 @@ def _check_name(name, what):
     """
     Refuse a host or switch name that would make an awkward namespace name.
     """
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise LabError("%s name %r: use 1-20 of a-z, 0-9 and -, starting alphanumeric" % (what, name))
 
 
@@ -494,7 +494,7 @@ def _check_mac(mac):
     @return: C{mac} in lower case, if it is a MAC address.
     """
     mac = mac.lower()
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise LabError("bad MAC address %r" % (mac,))
     return mac
 

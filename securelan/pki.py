@@ -103,7 +103,7 @@ def create_ca(directory: str, subnet: str, days: int = 3650) -> tuple[str, str]:
         exists already or cannot be written.
     """
     _check_days(days)
-    if not isinstance(subnet, str) or not _SUBNET_NAME.match(subnet):
+    if not isinstance(subnet, str) or not _SUBNET_NAME.fullmatch(subnet):
         raise PKIError(f"not a valid subnet name: {subnet!r}")
     cert_path = os.path.join(directory, CA_CERT_FILE)
     key_path = os.path.join(directory, CA_KEY_FILE)
@@ -445,7 +445,8 @@ def load_certificate(path: str) -> x509.Certificate:
     data = _read(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
-    except ValueError:
+    except Exception:
+        # ValueError, and cryptography's own (InvalidVersion, ...).
         raise PKIError(f"{path}: not a PEM certificate") from None
 
 
@@ -485,6 +486,24 @@ def _label(cert: x509.Certificate) -> str:
 
 
 def member_identity(cert: x509.Certificate) -> MemberIdentity:
+    """
+    The member identity that C{cert} carries (see L{_member_identity}).
+    A certificate whose fields do not even parse is a L{CertificateError}
+    too: C{cryptography} parses extensions lazily and raises ValueError.
+    """
+    try:
+        return _member_identity(cert)
+    except CertificateError:
+        raise
+    except ValueError as e:
+        try:
+            label = f"certificate {cert.serial_number:x}"
+        except ValueError:
+            label = "a certificate"
+        raise CertificateError(f"{label}: malformed ({' '.join(str(e).split())[:200]})") from None
+
+
+def _member_identity(cert: x509.Certificate) -> MemberIdentity:
     """
     The member identity that C{cert} carries.
 
