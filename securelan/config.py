@@ -178,7 +178,7 @@ class Limits:
     #: Seconds a registered session may stay silent (agents ping every 30).
     idle_timeout: float = 120.0
     #: MACs of plaintext hosts that gateways front, at most, and for how
-    #: many seconds a binding lasts unless used again.
+    #: many seconds a binding lasts from when it was made.
     max_foreign_macs: int = 100000
     foreign_mac_ttl: float = 3600.0
 

@@ -495,10 +495,12 @@ def member_identity(cert: x509.Certificate) -> MemberIdentity:
         return _member_identity(cert)
     except CertificateError:
         raise
-    except ValueError as e:
+    except Exception as e:
+        # ValueError, TypeError, DuplicateExtension,
+        # UnsupportedGeneralNameType...: whatever a malformed field raises.
         try:
             label = f"certificate {cert.serial_number:x}"
-        except ValueError:
+        except Exception:
             label = "a certificate"
         raise CertificateError(f"{label}: malformed ({' '.join(str(e).split())[:200]})") from None
 

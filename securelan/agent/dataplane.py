@@ -130,6 +130,8 @@ class DataPlane:
         self._run_header = None
         self._run_peer = None
         self._run_started = 0.0
+        self._receiving = False
+        self._backlog = []
         self._announce_due = False
         self._inflight: set[bytes] = set()
         self._group_inflight = False
@@ -182,9 +184,8 @@ class DataPlane:
         self.pending.expire()
         now = self.clock.seconds()
         for peer in self.peers_by_id.values():
-            if peer.previous is not None and now >= peer.previous_until:
-                self._retired.put(peer.previous)
-                peer.previous = None
+            while peer.older and now >= peer.older[0][1]:
+                self._retired.put(peer.older.pop(0)[0])
         oldest = now - self.pending.timeout
         for mac in [mac for mac, held in self._held.items() if held[0][0] < oldest]:
             self._release_held(mac, False)
@@ -225,10 +226,10 @@ class DataPlane:
             return self._drop("no_endpoint", peer)
         now = self.clock.seconds()
         sealer = peer.sealer
-        if peer.previous is not None and now < peer.switch_at:
+        if peer.older and now < peer.switch_at:
             # Make before break: keep sending under the old epoch until the
             # peer shows it has the new key, or for a moment at most.
-            sealer = peer.previous.sealer
+            sealer = peer.older[-1][0].sealer
         try:
             datagrams = sealer.seal(frame, self._max_datagram, offload)
         except CounterExhausted:
@@ -339,9 +340,7 @@ class DataPlane:
                         resume=self._retired.take(grant))
             if old is not None:
                 self._unindex(old)
-                if old.previous is not None:
-                    self._retired.put(old.previous)
-                    old.previous = None
+                older, old.older = old.older, []
                 if grant.peer_role == "gateway":
                     peer.macs |= old.macs
                 if grant.epoch > old.epoch:
@@ -349,11 +348,18 @@ class DataPlane:
                     # for a while, for datagrams already on their way, and
                     # sent with until the peer has the new key.
                     now = self.clock.seconds()
-                    peer.previous = old
-                    peer.previous_until = now + self.REKEY_GRACE
+                    # Rekeys may come faster than datagrams cross: keep a
+                    # few epochs back, each for the grace period.
+                    kept = [(p, until) for p, until in older if until > now][-(self.OLDER_EPOCHS - 1):]
+                    for p, until in older:
+                        if (p, until) not in kept:
+                            self._retired.put(p)
+                    peer.older = kept + [(old, now + self.REKEY_GRACE)]
                     if grant.age < self.SWITCH_DELAY:
                         peer.switch_at = now + self.SWITCH_DELAY - grant.age
                 else:
+                    for p, _ in older:
+                        self._retired.put(p)
                     self._retired.put(old)
                 peer.stats = old.stats
                 if old.endpoint is not None and old.endpoint_text == grant.peer_endpoint:
@@ -452,13 +458,14 @@ class DataPlane:
         Forget every key held with C{peer_id} (revocation).
         """
         if self._run and self._run_peer.member_id == peer_id:
+            self._drop("purged", n=len(self._run))
             self._run = []
         peer = self.peers_by_id.pop(peer_id, None)
         if peer is not None:
             self._unindex(peer)
-            if peer.previous is not None:
-                self._retired.put(peer.previous)
-                peer.previous = None
+            for older, _ in peer.older:
+                self._retired.put(older)
+            peer.older = []
             self._retired.put(peer)
 
     # Inbound ---------------------------------------------------------------------
@@ -467,6 +474,23 @@ class DataPlane:
         self.datagrams_received((datagram,), source)
 
     def datagrams_received(self, datagrams, source):
+        """
+        Take datagrams from the carrier (see L{_receive_batch}).  A batch
+        that arrives while one is being taken (a key answered at once
+        releases held datagrams) waits for it to end.
+        """
+        if self._receiving:
+            self._backlog.append((datagrams, source))
+            return
+        self._receiving = True
+        try:
+            self._receive_batch(datagrams, source)
+            while self._backlog:
+                self._receive_batch(*self._backlog.pop(0))
+        finally:
+            self._receiving = False
+
+    def _receive_batch(self, datagrams, source):
         """
         Datagrams that arrived together from C{source} (one UDP GRO read:
         usually the pieces of one super-frame from one peer).  The peer and
@@ -573,6 +597,8 @@ class DataPlane:
 
     #: Seconds the previous epoch of a rekeyed pair key is still accepted.
     REKEY_GRACE = 15.0
+    #: Epochs before the current one still accepted (within the grace).
+    OLDER_EPOCHS = 3
     #: Seconds at most an agent goes on sending under the previous epoch
     #: after a rekey, unless the peer's datagrams show it has the new key.
     SWITCH_DELAY = 1.0
@@ -638,13 +664,13 @@ class DataPlane:
                 self._request_pair_key(src)
             return None, None
         if header.epoch != peer.epoch:
-            previous = peer.previous
             now = self.clock.seconds()
-            if previous is not None and header.epoch == previous.epoch and now < peer.previous_until:
-                opener = previous.opener_for(header.incarnation)
-                if opener is None:
-                    self._drop("incarnation", peer)
-                return previous, opener
+            for previous, until in peer.older:
+                if header.epoch == previous.epoch and now < until:
+                    opener = previous.opener_for(header.incarnation)
+                    if opener is None:
+                        self._drop("incarnation", peer)
+                    return previous, opener
             if header.epoch > peer.epoch:
                 if not self._hold(datagram, src, source, epoch=peer.epoch):
                     self._drop("epoch", peer)
@@ -710,10 +736,11 @@ class DataPlane:
 
     def status(self):
         peers = []
-        for peer in sorted(self.peers.values(), key=lambda p: p.member_id):
+        for peer in sorted(self.peers_by_id.values(), key=lambda p: p.member_id):
             peers.append({
                 "member_id": peer.member_id,
                 "mac": format_mac(peer.mac),
+                "macs": sorted(format_mac(mac) for mac in peer.macs),
                 "role": peer.role,
                 "endpoint": _endpoint_text(peer.endpoint),
                 "epoch": peer.epoch,

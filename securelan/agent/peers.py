@@ -50,7 +50,7 @@ class Peer:
     """
 
     __slots__ = ("member_id", "mac", "macs", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
-                 "granted_at", "sealer", "stats", "previous", "previous_until", "switch_at", "_key", "_my_id",
+                 "granted_at", "sealer", "stats", "older", "switch_at", "_key", "_my_id",
                  "_my_incarnation", "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations",
                  "_resume", "_resync_at")
 
@@ -80,11 +80,12 @@ class Peer:
         #: Counters this key reached before (see L{Retired}).
         self._resume = resume or {}
         self.sealer = None
-        #: The entry of the epoch before, still accepted for receiving until
-        #: C{previous_until} (make-before-break rekey).
-        self.previous = None
-        self.previous_until = 0.0
-        #: Until when to send under C{previous} (see DataPlane.SWITCH_DELAY).
+        #: The entries of the epochs before (at most a few, oldest first),
+        #: each still accepted for receiving until its time:
+        #: C{[(peer, until), ...]} (make-before-break rekey).
+        self.older = []
+        #: Until when to send under the newest of C{older} (see
+        #: DataPlane.SWITCH_DELAY).
         self.switch_at = 0.0
         self._resync_at = 0.0
         self._send_to(max(1, grant.peer_incarnation))

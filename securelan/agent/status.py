@@ -49,6 +49,9 @@ def format_status(status: dict) -> str:
         out.append("")
         out.append(f"peer: {peer['member_id']}")
         out.append(f"  mac: {peer['mac']}  role: {peer['role']}  endpoint: {peer['endpoint']}")
+        fronted = [mac for mac in peer.get("macs", []) if mac != peer["mac"]]
+        if fronted:
+            out.append(f"  fronts: {', '.join(fronted)}")
         out.append(f"  epoch: {peer['epoch']}  rx incarnation: {peer['rx_incarnation']}  "
                    f"queued: {peer['queued']}")
         out.append(f"  transfer: {peer['rx_bytes']} B received ({peer['rx_frames']} frames), "

@@ -660,7 +660,16 @@ class MemberSession(TimeoutMixin, amp.AMP):
             self._rejected = True
             self.transport.abortConnection()
             return
-        super().ampBoxReceived(box)
+        try:
+            super().ampBoxReceived(box)
+        except Exception as e:
+            # A box AMP cannot make sense of (no command, an unknown answer,
+            # a name that is not ASCII): close this connection, in one log
+            # line rather than a traceback a member could repeat at will.
+            log.info("closed connection from {peer} ({member_id}): malformed request ({error})",
+                     peer=self._peer, member_id=self.member_id, error=e.__class__.__name__)
+            self._rejected = True
+            self.transport.abortConnection()
 
     def _refusals(self, d, what):
         def refused(failure):
