@@ -26,6 +26,7 @@ setup(
         "zope.interface>=6.0",
         # 45 bundles OpenSSL 3.5: the first with X25519MLKEM768.
         "cryptography>=45.0",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         # A cascade of key servers on one PostgreSQL store.

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_status(subparsers)
     _add_keyserver_commands(subparsers)
+    _add_doctor(subparsers)
     return parser
 
 
@@ -409,6 +410,43 @@ def _run_rekey(args) -> int:
             or "no pair keys"
 
     return _run_admin(args, "rekey", show, pair=args.pair, all=args.all)
+
+
+def _add_doctor(subparsers) -> None:
+    doctor = subparsers.add_parser(
+        "doctor", help="check a key server's or an agent's configuration",
+        description="Check a configuration: the file, the certificates (chain, expiry, key), the "
+        "state it needs; for an agent also the right to create a TAP device and a TLS handshake "
+        "with each key server (nothing is registered). Exit status 1 if a check fails.")
+    which = doctor.add_mutually_exclusive_group(required=True)
+    which.add_argument("--agent", metavar="CONFIG", help="an agent configuration")
+    which.add_argument("--keyserver", metavar="CONFIG", help="a key server configuration")
+    doctor.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from twisted.internet import task
+
+    from . import doctor
+
+    if args.keyserver:
+        checks = doctor.check_keyserver(args.keyserver)
+    else:
+        found = []
+
+        def run(reactor):
+            return doctor.check_agent(reactor, args.agent).addCallback(found.extend)
+
+        try:
+            task.react(run)
+        except SystemExit:
+            pass
+        checks = found
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} checks passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -151,6 +151,14 @@ def _store_spec(table: _Table, key: str, default: str) -> str:
     return value
 
 
+def _unused(table: _Table, key: str) -> str:
+    """
+    An optional setting left out (or ""): off.
+    """
+    table.used.add(key)
+    return ""
+
+
 def _optional_path(table: _Table, key: str, default: str) -> str:
     """
     A path, or "" to turn the feature off.
@@ -204,6 +212,8 @@ class KeyServerConfig:
     group_key_lifetime: int = 0
     #: The control socket of `securelan members|keys|revoke` ("" for none).
     admin_socket: str = "/run/securelan/keyserver.sock"
+    #: Where Prometheus scrapes /metrics: a server endpoint ("" for none).
+    metrics: str = ""
 
 
 def load_keyserver_config(path: str) -> KeyServerConfig:
@@ -233,6 +243,7 @@ def load_keyserver_config(path: str) -> KeyServerConfig:
         group_key_lifetime=ks.integer("group_key_lifetime", 0, minimum=0),
         limits=_limits(top.table("limits")),
         admin_socket=_optional_path(ks, "admin_socket", DEFAULT_ADMIN_SOCKET),
+        metrics=ks.endpoint("metrics", "") if ks.data.get("metrics") else _unused(ks, "metrics"),
     )
     ks.done()
     top.done()
@@ -339,6 +350,8 @@ class AgentConfig:
     carrier: CarrierConfig
     queue: QueueConfig
     gateway: GatewayConfig = GatewayConfig()
+    #: Where Prometheus scrapes /metrics: a server endpoint ("" for none).
+    metrics: str = ""
 
 
 def _mac_value(t: _Table, key: str):
@@ -441,6 +454,7 @@ def load_agent_config(path: str) -> AgentConfig:
         carrier=carrier,
         queue=queue,
         gateway=gateway,
+        metrics=ag.endpoint("metrics", "") if ag.data.get("metrics") else _unused(ag, "metrics"),
     )
     if config.role == "gateway" and not gateway.bridge:
         raise gw.error("bridge", "is required with role = \"gateway\": the bridge on the plaintext network")

@@ -12,6 +12,7 @@ from a recording later.  L{negotiated_group} reports what was used.
 import attrs
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 from twisted.internet._sslverify import TLSVersion
 
 #: What every securelan TLS channel negotiates; tests assert it.
@@ -51,6 +52,8 @@ class Credentials:
         key_pem = _read(key_path, "private key")
         try:
             own = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        except VerifyError:
+            raise TLSConfigError(f"{key_path}: private key does not match {cert_path}") from None
         except (SSL.Error, ValueError):
             raise TLSConfigError(f"{cert_path}, {key_path}: not a PEM certificate and private key") from None
         try:

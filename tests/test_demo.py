@@ -4,6 +4,8 @@ Tests for L{securelan.demo}: the README's main command.
 
 import io
 import os
+import shutil
+import tempfile
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -21,8 +23,9 @@ class DemoTests(TestCase):
         """
         out = io.StringIO()
         self.patch(demo, "_say", lambda text="": out.write(text + "\n"))
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
+        # Short: the key server's admin socket lives in it.
+        folder = tempfile.mkdtemp(prefix="sl-demo-")
+        self.addCleanup(shutil.rmtree, folder, True)
         d = demo.run(reactor, folder)
 
         def check(code):

@@ -48,6 +48,7 @@ class AgentService(service.Service):
         self._retry_policy = retry_policy
         self.keys = None
         self._status_port = None
+        self._metrics_port = None
 
     def startService(self):
         super().startService()
@@ -66,6 +67,13 @@ class AgentService(service.Service):
                                     listener=self.role, reactor=self.reactor,
                                     retry_policy=self._retry_policy)
         self.keys.startService()
+        if self.config.metrics:
+            from ..metrics import AgentCollector, listen_metrics
+
+            listen_metrics(self.reactor, self.config.metrics, AgentCollector(self)).addCallbacks(
+                lambda p: setattr(self, "_metrics_port", p),
+                lambda f: fail_startup(self.reactor, "securelan-agent",
+                                       f"metrics {self.config.metrics}: {f.getErrorMessage()}"))
         if self.config.status_socket:
             try:
                 self._status_port = listen_status(self.reactor, self.config.status_socket, self.status)
@@ -77,6 +85,8 @@ class AgentService(service.Service):
         super().stopService()
         if self._status_port is not None:
             self._status_port.stopListening()
+        if self._metrics_port is not None:
+            self._metrics_port.stopListening()
         d = self.keys.stopService() if self.keys is not None else None
         self.role.stop()
         self.carrier.stop()

@@ -15,6 +15,7 @@ purges over the same connection.
 """
 
 import bisect
+import collections
 
 import attrs
 from twisted.internet import defer
@@ -97,6 +98,8 @@ class KeyServer:
     keygen: object = SecretKey.generate
     sessions: dict = attrs.Factory(dict)
     _buckets: dict = attrs.Factory(dict)
+    #: Counters for the metrics endpoint: (name, label) -> count.
+    counters: collections.Counter = attrs.Factory(collections.Counter)
     #: (holder, member) -> the facts last pushed to holder about member.
     _pushed: dict = attrs.Factory(dict)
     _cancel_changes: object = None
@@ -342,6 +345,7 @@ class KeyServer:
 
         def issued(pair_key):
             if pair_key.key == candidate.key:
+                self.counters[("keys_issued", "pair")] += 1
                 log.info("issued pair key ({id_a}, {id_b}) epoch {epoch}",
                          id_a=id_a, id_b=id_b, epoch=pair_key.epoch)
             return pair_key
@@ -427,6 +431,7 @@ class KeyServer:
         candidate = GroupKey(epoch=current.epoch + 1, key=self.keygen(), created_at=self.clock.seconds())
         group = yield self.store.rekey_group(candidate)
         self._group_key = group
+        self.counters[("rekeys", "group")] += 1
         self._push_group(group)
         return group
 
@@ -484,6 +489,7 @@ class KeyServer:
                             key=self.keygen(), created_at=now,
                             expires_at=now + lifetime if lifetime else 0.0)
         pair_key = yield self.store.rekey_pair(candidate)
+        self.counters[("rekeys", "pair")] += 1
         log.info("rekeyed ({id_a}, {id_b}) to epoch {epoch}", id_a=pair_key.id_a, id_b=pair_key.id_b,
                  epoch=pair_key.epoch)
         # Acknowledgements are recorded as they come (acknowledged); a
@@ -672,8 +678,12 @@ class MemberSession(TimeoutMixin, amp.AMP):
             self.transport.abortConnection()
 
     def _refusals(self, d, what):
+        counters = self.server.counters
+        counters[("requests", what)] += 1
+
         def refused(failure):
             failure.trap(SecurelanError)
+            counters[("errors", failure.value.__class__.__name__)] += 1
             # A flood of refused requests must not flood the log as well.
             emit = log.debug if failure.check(RateLimited) else log.info
             emit("refused {what} from {member_id} at {peer}: {reason}",

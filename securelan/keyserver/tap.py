@@ -65,6 +65,7 @@ class KeyServerService(service.Service):
         self.factory = ConnectionLimit(tls, config.limits.max_connections)
         self.port = None
         self.admin_port = None
+        self.metrics_port = None
         self.rekey_loop = None
         self.ready = None
 
@@ -77,6 +78,13 @@ class KeyServerService(service.Service):
 
     def _listening(self, port):
         self.port = port
+        if self.config.metrics:
+            from ..metrics import KeyServerCollector, listen_metrics
+
+            listen_metrics(self.reactor, self.config.metrics, KeyServerCollector(self.server)).addCallbacks(
+                lambda p: setattr(self, "metrics_port", p),
+                lambda f: fail_startup(self.reactor, "securelan-keyserver",
+                                       f"metrics {self.config.metrics}: {f.getErrorMessage()}"))
         lifetimes = [t for t in (self.config.pair_key_lifetime, self.config.group_key_lifetime) if t]
         if lifetimes:
             lifetime = min(lifetimes)
@@ -109,9 +117,11 @@ class KeyServerService(service.Service):
         d = self.ready
         if self.rekey_loop is not None and self.rekey_loop.running:
             self.rekey_loop.stop()
-        if self.admin_port is not None:
-            self.admin_port.stopListening()
-            self.admin_port = None
+        for attribute in ("admin_port", "metrics_port"):
+            port = getattr(self, attribute)
+            if port is not None:
+                port.stopListening()
+                setattr(self, attribute, None)
         if self.port is not None:
             d = self.port.stopListening()
             self.port = None

@@ -1,0 +1,60 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+Logs for log shippers: one JSON object a line on standard output.
+
+    twistd -n --logger securelan.logs.json_observer securelan-keyserver ...
+
+Every event keeps its fields (the member, the peer, the reason of a
+refusal) as JSON keys, plus C{time}, C{level}, C{namespace} and the
+formatted C{text}; nothing else is added, and no securelan event carries
+key material.
+"""
+
+import json
+import sys
+
+from twisted.logger import ILogObserver, formatEvent
+from zope.interface import provider
+
+
+def _plain(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def json_line(event) -> str:
+    """
+    One event as a JSON line.
+    """
+    record = {
+        "time": event.get("log_time"),
+        "level": getattr(event.get("log_level"), "name", None),
+        "namespace": event.get("log_namespace"),
+        "text": formatEvent(event),
+    }
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in record:
+            record[key] = _plain(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["failure"] = failure.getTraceback()
+    return json.dumps(record, sort_keys=True)
+
+
+def json_observer(out=None):
+    """
+    A log observer factory for twistd's C{--logger}: JSON lines on
+    standard output (or C{out}).
+    """
+    stream = out or sys.stdout
+
+    @provider(ILogObserver)
+    def observe(event):
+        stream.write(json_line(event) + "\n")
+        stream.flush()
+
+    return observe
+
+
+__all__ = ["json_observer", "json_line"]

@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics of a key server and of an agent, computed from their own
+counters when scraped (nothing is added to the per-frame path), served on
+an endpoint the configuration names (``metrics = "tcp:9108:interface=..."``;
+off by default).
+"""
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.twisted import MetricsResource
+from twisted.internet.endpoints import serverFromString
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+
+def _now(d):
+    """
+    The result of a Deferred that has fired (the stores answer counts from
+    memory); None otherwise.
+    """
+    out = []
+    d.addBoth(out.append)
+    return out[0] if out and not hasattr(out[0], "getErrorMessage") else None
+
+
+class KeyServerCollector:
+    """
+    A key server's members, sessions, keys, requests, errors and rekeys.
+    """
+
+    def __init__(self, server):
+        self.server = server
+
+    def collect(self):
+        server = self.server
+        counts = _now(server.store.counts()) or {}
+        members = GaugeMetricFamily("securelan_keyserver_members", "Members in the registry.")
+        members.add_metric([], counts.get("members", 0))
+        yield members
+        pairs = GaugeMetricFamily("securelan_keyserver_pair_keys", "Pair keys held.")
+        pairs.add_metric([], counts.get("pair_keys", 0))
+        yield pairs
+        sessions = GaugeMetricFamily("securelan_keyserver_sessions", "Registered member sessions open.")
+        sessions.add_metric([], sum(len(s) for s in server.sessions.values()))
+        yield sessions
+        group = GaugeMetricFamily("securelan_keyserver_group_epoch", "The group key's epoch.")
+        group.add_metric([], server.group_key().epoch if server._group_key is not None else 0)
+        yield group
+        for name, label, doc in (
+            ("requests", "command", "Requests received, by command."),
+            ("errors", "error", "Requests refused, by error."),
+            ("keys_issued", "kind", "Keys made."),
+            ("rekeys", "kind", "Keys replaced."),
+        ):
+            family = CounterMetricFamily(f"securelan_keyserver_{name}", doc, labels=[label])
+            for (counter, value), count in sorted(server.counters.items()):
+                if counter == name:
+                    family.add_metric([value], count)
+            yield family
+
+
+class AgentCollector:
+    """
+    An agent's peers, frames and bytes each way, drops by reason, queues,
+    key epochs and errors.
+    """
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        status = self.agent.status()
+        role = status.get("role", {})
+        peers = role.get("peers", [])
+        group = role.get("group") or {}
+        gauge = GaugeMetricFamily("securelan_agent_peers", "Peers in the key cache.")
+        gauge.add_metric([], len(peers))
+        yield gauge
+        frames = CounterMetricFamily("securelan_agent_frames", "Frames sent and received.",
+                                     labels=["direction", "kind"])
+        octets = CounterMetricFamily("securelan_agent_bytes", "Frame bytes sent and received.",
+                                     labels=["direction", "kind"])
+        for direction in ("tx", "rx"):
+            frames.add_metric([direction, "pair"], sum(p[f"{direction}_frames"] for p in peers))
+            octets.add_metric([direction, "pair"], sum(p[f"{direction}_bytes"] for p in peers))
+            frames.add_metric([direction, "group"], group.get(f"{direction}_frames", 0))
+            octets.add_metric([direction, "group"], group.get(f"{direction}_bytes", 0))
+        yield frames
+        yield octets
+        drops = CounterMetricFamily("securelan_agent_drops", "Frames and datagrams dropped, by reason.",
+                                    labels=["reason"])
+        for reason, count in sorted(role.get("drops", {}).items()):
+            drops.add_metric([reason], count)
+        for reason, count in sorted(role.get("pending_drops", {}).items()):
+            drops.add_metric([reason], count)
+        drops.add_metric(["reassembly_gave_up"], role.get("reassembly_drops", 0))
+        yield drops
+        pending = GaugeMetricFamily("securelan_agent_pending_frames", "Frames waiting for a key.")
+        pending.add_metric([], role.get("pending", 0))
+        yield pending
+        epoch = GaugeMetricFamily("securelan_agent_group_epoch", "The group key's epoch held.")
+        epoch.add_metric([], group.get("epoch", 0))
+        yield epoch
+        errors = CounterMetricFamily("securelan_agent_errors", "Send errors.", labels=["where"])
+        errors.add_metric(["carrier"], status.get("carrier_errors", 0))
+        errors.add_metric(["device"], role.get("device_write_errors", 0))
+        yield errors
+
+
+def metrics_site(collector) -> Site:
+    """
+    A web site answering C{/metrics} with C{collector}'s metrics.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    return Site(root)
+
+
+def listen_metrics(reactor, description: str, collector):
+    """
+    Serve C{collector} on the server endpoint C{description}; fires with
+    the listening port.
+    """
+    return serverFromString(reactor, description).listen(metrics_site(collector))

@@ -1,0 +1,83 @@
+"""
+Tests for L{securelan.metrics}: what Prometheus reads.
+"""
+
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from securelan.metrics import AgentCollector, KeyServerCollector, listen_metrics
+from securelan.testing import MemoryLAN, MemoryMember, MemorySubnet
+from securelan.addresses import parse_mac
+
+MAC_1, MAC_2 = parse_mac("02:00:00:00:00:01"), parse_mac("02:00:00:00:00:02")
+
+
+def scrape(collector) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+class _Agent:
+    """
+    What AgentCollector reads of an agent service.
+    """
+
+    def __init__(self, member):
+        self.member = member
+
+    def status(self):
+        return {"carrier_errors": 0, "role": {"device_write_errors": 0, **self.member.dataplane.status()}}
+
+
+class MetricsTests(SynchronousTestCase):
+    def setUp(self):
+        self.net = MemorySubnet(self.mktemp(), members=("alice", "bob"))
+        self.lan = MemoryLAN()
+        self.alice = MemoryMember(self.net, self.lan, "alice", MAC_1, "10.0.0.1")
+        self.bob = MemoryMember(self.net, self.lan, "bob", MAC_2, "10.0.0.2")
+        self.alice.send(MAC_2, b"hello")
+        for _ in range(3):
+            self.net.flush()
+            self.lan.flush()
+        self.bob.dataplane.datagrams_received((b"garbage",), ("10.0.0.66", 1))
+
+    def test_keyserver(self):
+        """
+        Members, sessions, keys issued, requests by command and the group
+        epoch are exported.
+        """
+        text = scrape(KeyServerCollector(self.net.server))
+        self.assertIn("securelan_keyserver_members 2.0", text)
+        self.assertIn("securelan_keyserver_sessions 2.0", text)
+        self.assertIn('securelan_keyserver_keys_issued_total{kind="pair"} 1.0', text)
+        self.assertIn('securelan_keyserver_requests_total{command="register"} 2.0', text)
+        self.assertIn("securelan_keyserver_group_epoch 1.0", text)
+
+    def test_agent(self):
+        """
+        Frames and bytes each way, drops by reason and peers are exported.
+        """
+        alice, bob = scrape(AgentCollector(_Agent(self.alice))), scrape(AgentCollector(_Agent(self.bob)))
+        self.assertIn('securelan_agent_frames_total{direction="tx",kind="pair"} 1.0', alice)
+        self.assertIn('securelan_agent_bytes_total{direction="rx",kind="pair"} 19.0', bob)
+        self.assertIn('securelan_agent_drops_total{reason="short"} 1.0', bob)
+        self.assertIn("securelan_agent_peers 1.0", alice)
+
+
+class EndpointTests(TestCase):
+    @defer.inlineCallbacks
+    def test_served_over_http(self):
+        """
+        The metrics are served on /metrics of the configured endpoint.
+        """
+        from twisted.web.client import Agent, readBody
+
+        net = MemorySubnet(self.mktemp(), members=("alice",))
+        port = yield listen_metrics(reactor, "tcp:0:interface=127.0.0.1", KeyServerCollector(net.server))
+        self.addCleanup(port.stopListening)
+        response = yield Agent(reactor).request(
+            b"GET", f"http://127.0.0.1:{port.getHost().port}/metrics".encode())
+        body = yield readBody(response)
+        self.assertIn(b"securelan_keyserver_members", body)
