@@ -270,6 +270,13 @@ class EthernetCarrier:
     def start(self, receiver):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
         try:
+            # The pieces of a super-frame arrive back to back: a small
+            # default buffer drops some, and TCP then retransmits.
+            for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, UDPCarrier.BUFFER)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, plain, UDPCarrier.BUFFER)
             sock.bind((self.interface, ETHERTYPE))
             index = socket.if_nametoindex(self.interface)
             # struct packet_mreq: ifindex, PACKET_MR_PROMISC, alen, address
