@@ -262,11 +262,23 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         d = store.open()
         runner.run_next()
         self.successResultOf(d)
-        d1 = store.issue_pair_key(a_pair_key("alice", "bob"), 0)
-        d2 = store.issue_pair_key(a_pair_key("alice", "bob"), 0)
+        import sqlite3
+
+        from securelan.store import sqlite as sqlite_store
+
+        def broken(*args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        original = sqlite_store._issue_pair_txn
+        self.patch(sqlite_store, "_issue_pair_txn", broken)
+        d1 = store.issue_pair_key(a_pair_key("alice", "bob"), 10)
+        d2 = store.issue_pair_key(a_pair_key("alice", "bob"), 10)
         runner.run_next()
-        self.failureResultOf(d1, TableFull)
-        self.failureResultOf(d2, TableFull)
+        self.failureResultOf(d1, StoreUnavailable)
+        self.failureResultOf(d2, StoreUnavailable)
+        self.patch(sqlite_store, "_issue_pair_txn", original)
+        self.assertEqual(self.failureResultOf(store.issue_pair_key(a_pair_key("alice", "carol"), 0)).type,
+                         TableFull)
         d3 = store.issue_pair_key(a_pair_key("alice", "bob"), 10)
         self.assertEqual(len(runner.queue), 1)
         runner.run_next()

@@ -346,7 +346,9 @@ class KeyServer:
         def issued(pair_key):
             if pair_key.key == candidate.key:
                 self.counters[("keys_issued", "pair")] += 1
-                log.info("issued pair key ({id_a}, {id_b}) epoch {epoch}",
+                # Debug: at thousands of new keys a second the log line costs
+                # more than the key (the metrics count them).
+                log.debug("issued pair key ({id_a}, {id_b}) epoch {epoch}",
                          id_a=id_a, id_b=id_b, epoch=pair_key.epoch)
             return pair_key
 

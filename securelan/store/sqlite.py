@@ -401,9 +401,8 @@ def _issue_pair_txn(conn, path, master, candidate, max_pair_keys):
     pair = (candidate.id_a, candidate.id_b)
     row = conn.execute(_SELECT_PAIR, pair).fetchone()
     if row is None:
-        (count,) = conn.execute("SELECT COUNT(*) FROM pair_keys").fetchone()
-        if count >= max_pair_keys:
-            raise TableFull(f"the pair-key table is full ({max_pair_keys} keys)")
+        # The cap is checked against the mirror before the write (one
+        # process owns a SQLite store): no table scan per key here.
         wrapped = master.wrap(candidate.key, _pair_context(candidate.id_a, candidate.id_b, candidate.epoch))
         # DO NOTHING, then SELECT: whoever inserted first wins, and every
         # process returns the winner.
@@ -679,6 +678,9 @@ class SQLiteStore:
             return defer.succeed(held)
         if pair != (candidate.id_a, candidate.id_b):
             candidate = evolve(candidate, id_a=pair[0], id_b=pair[1])
+        issuing = sum(1 for key in self._in_flight if key[0] == "pair")
+        if ("pair",) + pair not in self._in_flight and len(self._pair_keys) + issuing >= max_pair_keys:
+            return defer.fail(TableFull(f"the pair-key table is full ({max_pair_keys} keys)"))
         return self._coalesced(
             ("pair",) + pair, self._pair_issued, _issue_pair_txn, self.path, self._master, candidate, max_pair_keys
         )
