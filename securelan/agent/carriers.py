@@ -62,6 +62,18 @@ _U16 = struct.Struct("=H")
 _GRO_SPACE = socket.CMSG_SPACE(4)
 
 
+def _big_buffers(sock, size):
+    """
+    Ask for C{size}-byte socket buffers (beyond the sysctl limits when
+    root): bursts of super-frame pieces must not be dropped by the socket.
+    """
+    for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 class _SocketReader(abstract.FileDescriptor):
     """
     Calls C{read()} of its owner when the socket is readable.
@@ -119,11 +131,7 @@ class UDPCarrier:
     def start(self, receiver):
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
         try:
-            for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, force, self.BUFFER)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, plain, self.BUFFER)
+            _big_buffers(sock, self.BUFFER)
             try:
                 sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
                 self.gro = True
@@ -213,39 +221,6 @@ class UDPCarrier:
             self.send(datagrams, endpoint)
 
 
-class _PacketReader(abstract.FileDescriptor):
-    """
-    Reads frames from a non-blocking AF_PACKET socket.
-    """
-
-    def __init__(self, sock, receiver, reactor):
-        super().__init__(reactor)
-        self.socket = sock
-        self.receiver = receiver
-        self.connected = 1
-
-    def fileno(self):
-        return self.socket.fileno()
-
-    def doRead(self):
-        recv = self.socket.recv
-        for _ in range(256):
-            try:
-                frame = recv(65535)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.ENETDOWN):
-                    return
-                raise
-            if len(frame) > _ETHERNET_HEADER:
-                self.receiver((frame[_ETHERNET_HEADER:],), "lan")
-
-    def connectionLost(self, reason=None):
-        abstract.FileDescriptor.connectionLost(self, reason)
-        self.socket.close()
-
-
 @implementer(ICarrier)
 class EthernetCarrier:
     """
@@ -270,13 +245,7 @@ class EthernetCarrier:
     def start(self, receiver):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
         try:
-            # The pieces of a super-frame arrive back to back: a small
-            # default buffer drops some, and TCP then retransmits.
-            for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, force, UDPCarrier.BUFFER)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, plain, UDPCarrier.BUFFER)
+            _big_buffers(sock, UDPCarrier.BUFFER)
             sock.bind((self.interface, ETHERTYPE))
             index = socket.if_nametoindex(self.interface)
             # struct packet_mreq: ifindex, PACKET_MR_PROMISC, alen, address
@@ -287,8 +256,23 @@ class EthernetCarrier:
             sock.close()
             raise
         self._socket = sock
-        self._reader = _PacketReader(sock, receiver, self.reactor)
+        self._receiver = receiver
+        self._reader = _SocketReader(sock, self._read, self.reactor)
         self._reader.startReading()
+
+    def _read(self):
+        recv, receiver = self._socket.recv, self._receiver
+        for _ in range(256):
+            try:
+                frame = recv(65535)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENETDOWN):
+                    return
+                raise
+            if len(frame) > _ETHERNET_HEADER:
+                receiver((frame[_ETHERNET_HEADER:],), "lan")
 
     def stop(self):
         if self._reader is not None:
