@@ -158,8 +158,10 @@ state_dir = "{state}"
 pair_key_lifetime = 86400
 
 [limits]
-# raised for the benchmark (the defaults are 20000 / 200 / 400)
+# raised for the benchmark (the defaults are 20000 / 1000 / 200 / 400):
+# every session comes from 127.0.0.1
 max_connections = 30000
+max_connections_per_source = 30000
 max_members = 100000
 max_pair_keys = 5000000
 max_request_bytes = 4096
@@ -446,7 +448,8 @@ class Run:
             "sessions": checkpoints, "workers": a.workers, "duration_s": a.duration,
             "requesters": a.requesters, "depth": a.depth, "fpd_samples": a.fpd_samples,
             "profile": a.profile, "key_server_limits_changed": {
-                "requests_per_second": 1000000, "request_burst": 1000000, "max_connections": 30000},
+                "requests_per_second": 1000000, "request_burst": 1000000, "max_connections": 30000,
+                "max_connections_per_source": 30000},
             "nofile": NOFILE,
         }
         os.makedirs(os.path.join(self.scratch, "pki"), exist_ok=True)

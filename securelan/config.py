@@ -176,6 +176,8 @@ class Limits:
     """
 
     max_connections: int = 20000
+    #: Connections from one address at most (NAT gateways need headroom).
+    max_connections_per_source: int = 1000
     max_members: int = 100000
     max_pair_keys: int = 5000000
     max_request_bytes: int = 4096
@@ -254,6 +256,8 @@ def _limits(t: _Table) -> Limits:
     d = Limits()
     limits = Limits(
         max_connections=t.integer("max_connections", d.max_connections, minimum=1),
+        max_connections_per_source=t.integer("max_connections_per_source", d.max_connections_per_source,
+                                             minimum=1),
         max_members=t.integer("max_members", d.max_members, minimum=1),
         max_pair_keys=t.integer("max_pair_keys", d.max_pair_keys, minimum=1),
         max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=512, maximum=65536),

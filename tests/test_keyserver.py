@@ -439,6 +439,25 @@ class LimitTests(SubnetTestCase):
         first.connectionLost(None)
         self.assertIsNotNone(limit.buildProtocol(addr))
 
+    def test_connection_cap_per_source(self):
+        """
+        One address cannot take more than its share of the slots; others
+        still get theirs, and a closed connection frees its slot.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import StringTransport
+
+        limit = ConnectionLimit(Factory.forProtocol(Protocol), 10, per_source=2)
+        flooder, other = IPv4Address("TCP", "10.0.0.66", 1), IPv4Address("TCP", "10.0.0.2", 1)
+        held = [limit.buildProtocol(flooder) for _ in range(2)]
+        for protocol in held:
+            protocol.makeConnection(StringTransport())
+        self.assertIsNone(limit.buildProtocol(flooder))
+        self.assertIsNotNone(limit.buildProtocol(other))
+        held[0].connectionLost(None)
+        self.assertIsNotNone(limit.buildProtocol(flooder))
+
 
 class PushTests(SubnetTestCase):
     """

@@ -795,17 +795,38 @@ class KeyServerFactory(Factory):
 
 class ConnectionLimit(WrappingFactory):
     """
-    Refuses connections beyond C{limit}, before any TLS state is made for
-    them.
+    Refuses connections beyond C{limit} in all and beyond C{per_source}
+    from one address, before any TLS state is made for them: one host
+    cannot take every slot.
     """
 
-    def __init__(self, wrappedFactory, limit: int):
+    def __init__(self, wrappedFactory, limit: int, per_source: int | None = None):
         super().__init__(wrappedFactory)
         self.limit = limit
+        self.per_source = per_source or limit
+        self._by_source = collections.Counter()
+        self._refused = 0
 
     def buildProtocol(self, addr):
-        if len(self.protocols) >= self.limit:
-            log.warn("refused connection from {addr}: {limit} connections already open",
-                     addr=addr, limit=self.limit)
+        source = getattr(addr, "host", None)
+        if len(self.protocols) >= self.limit or self._by_source[source] >= self.per_source:
+            self._refused += 1
+            # One line now and then: a flood must not flood the log too.
+            if self._refused & (self._refused - 1) == 0:
+                log.warn("refused connection from {addr}: limit of {limit} connections ({per_source} "
+                         "per address) reached ({refused} refused so far)", addr=addr, limit=self.limit,
+                         per_source=self.per_source, refused=self._refused)
             return None
-        return super().buildProtocol(addr)
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self._by_source[source] += 1
+            protocol.securelan_source = source
+        return protocol
+
+    def unregisterProtocol(self, p):
+        source = getattr(p, "securelan_source", None)
+        if source in self._by_source:
+            self._by_source[source] -= 1
+            if self._by_source[source] <= 0:
+                del self._by_source[source]
+        super().unregisterProtocol(p)

@@ -62,7 +62,8 @@ class KeyServerService(service.Service):
             group_key_lifetime=config.group_key_lifetime,
         )
         tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
-        self.factory = ConnectionLimit(tls, config.limits.max_connections)
+        self.factory = ConnectionLimit(tls, config.limits.max_connections,
+                                       config.limits.max_connections_per_source)
         self.port = None
         self.admin_port = None
         self.metrics_port = None
