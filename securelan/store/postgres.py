@@ -56,7 +56,6 @@ from importlib import resources
 from attrs import define, evolve, field
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -73,7 +72,7 @@ from ..errors import BadRequest, MacInUse, NotPermitted, StoreUnavailable, Table
 from ..keys import MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
-from .sqlite import _CHECK_CONTEXT, _CHECK_NAME, MAX_INCARNATION, _group_context, _pair_context
+from .sqlite import _CHECK_CONTEXT, _CHECK_NAME, MAX_INCARNATION, _group_context, _pair_context, coalesce
 
 __all__ = ["CHANNEL", "KINDS", "SCHEMA_VERSION", "PostgreSQLStore"]
 
@@ -1154,26 +1153,7 @@ class PostgreSQLStore:
         Run the write C{work} unless one with the same C{key} is under way;
         either way fire with its result, after C{then} put it in the mirror.
         """
-        waiters = self._in_flight.get(key)
-        if waiters is not None:
-            d = defer.Deferred()
-            waiters.append(d)
-            return d
-        waiters = self._in_flight[key] = []
-
-        def done(result):
-            del self._in_flight[key]
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
-            return result
-
-        d = self._write(work, *args)
-        d.addCallback(then)
-        d.addBoth(done)
-        return d
+        return coalesce(self._in_flight, key, lambda: self._write(work, *args).addCallback(then))
 
     def register(self, member, max_members):
         d = self._write(_register_txn, member, max_members)

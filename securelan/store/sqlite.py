@@ -492,6 +492,30 @@ def _rekey_group_txn(conn, path, master, candidate):
     return candidate
 
 
+def coalesce(in_flight, key, start):
+    """
+    Call C{start} (which returns a Deferred) unless a call under the same
+    C{key} is already under way in C{in_flight}; either way fire with the
+    result of the one call, so concurrent identical writes run once.
+    """
+    waiters = in_flight.get(key)
+    if waiters is not None:
+        d = defer.Deferred()
+        waiters.append(d)
+        return d
+    waiters = in_flight[key] = []
+
+    def done(result):
+        del in_flight[key]
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        return result
+
+    return start().addBoth(done)
+
 @implementer(IStore)
 @define(eq=False)
 class SQLiteStore:
@@ -635,26 +659,7 @@ class SQLiteStore:
         Run the write C{work} unless one with the same C{key} is under way;
         either way fire with its result, after C{then} put it in the mirror.
         """
-        waiters = self._in_flight.get(key)
-        if waiters is not None:
-            d = defer.Deferred()
-            waiters.append(d)
-            return d
-        waiters = self._in_flight[key] = []
-
-        def done(result):
-            del self._in_flight[key]
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
-            return result
-
-        d = self._write(work, *args)
-        d.addCallback(then)
-        d.addBoth(done)
-        return d
+        return coalesce(self._in_flight, key, lambda: self._write(work, *args).addCallback(then))
 
     def register(self, member, max_members):
         d = self._write(_register_txn, member, max_members)
