@@ -187,6 +187,12 @@ class IKeyListener(Interface):
         Forget every key held with C{peer_id}.
         """
 
+    def net_links_pushed(links):
+        """
+        The subnet's links to peer subnets changed: C{links} is the whole
+        new list of L{securelan.protocol.NetLink} (borders only).
+        """
+
 
 class IDevice(Interface):
     """

@@ -36,8 +36,11 @@ from .protocol import (
     PairKeyGrant,
     PushGroupKey,
     PushPairKey,
+    NetLink,
     Purge,
+    PushNetLinks,
     Register,
+    RequestNetLinks,
     RequestGroupKey,
     RequestPairKey,
 )
@@ -76,6 +79,20 @@ class FailoverEndpoint:
         raise last
 
 
+def close_unprepared(protocol):
+    """
+    Close a connection whose C{prepareConnection} failed.
+
+    ClientService leaves such a connection open, and its state machine has
+    no transition for that connection's later loss (NoTransition in state
+    Stopped or Waiting).  Close it without telling the state machine, which
+    already counts this attempt as failed.
+    """
+    if hasattr(protocol, "_lostNotification"):
+        protocol._lostNotification = lambda reason: None
+    protocol.transport.loseConnection()
+
+
 class AgentProtocol(amp.AMP):
     """
     The member end of a control connection: answers the key server's pushes.
@@ -111,6 +128,12 @@ class AgentProtocol(amp.AMP):
             self.listener.purged(peer_id, reason)
         return {}
 
+    @PushNetLinks.responder
+    def net_links_pushed(self, links):
+        if self.listener is not None:
+            self.listener.net_links_pushed([NetLink(**link) for link in links])
+        return {}
+
 
 def register(protocol, mac: bytes, role: str, endpoint: str, incarnation=None):
     """
@@ -138,6 +161,15 @@ def request_group_key(protocol):
     """
     d = protocol.callRemote(RequestGroupKey)
     return d.addCallback(lambda response: GroupKeyGrant(**response))
+
+
+def request_net_links(protocol):
+    """
+    Ask for this subnet's links to its peer subnets (a border only); fires
+    with a list of L{NetLink}.
+    """
+    d = protocol.callRemote(RequestNetLinks)
+    return d.addCallback(lambda response: [NetLink(**link) for link in response["links"]])
 
 
 @defer.inlineCallbacks
@@ -230,14 +262,7 @@ class KeyServerClient(service.Service):
 
         def refused(failure):
             log.warn("registration refused: {reason}", reason=failure.getErrorMessage())
-            # ClientService leaves a connection whose preparation failed
-            # open, and its state machine has no transition for that
-            # connection's later loss (NoTransition in state Stopped or
-            # Waiting).  Close it without telling the state machine, which
-            # already counts this attempt as failed.
-            if hasattr(protocol, "_lostNotification"):
-                protocol._lostNotification = lambda reason: None
-            protocol.transport.loseConnection()
+            close_unprepared(protocol)
             return failure
 
         # Keep the incarnation of the first admission for the agent's life:
@@ -327,3 +352,6 @@ class KeyServerClient(service.Service):
 
     def list_peers(self):
         return self._ask(list_peers)
+
+    def request_net_links(self):
+        return self._ask(request_net_links)

@@ -15,7 +15,14 @@ import tomllib
 import attrs
 from twisted.internet.endpoints import _parseServer
 
-from .addresses import AddressError, KeyServerAddress, check_member_id, is_group_mac, parse_mac
+from .addresses import (
+    AddressError,
+    KeyServerAddress,
+    check_member_id,
+    is_group_mac,
+    parse_host_port,
+    parse_mac,
+)
 
 _REQUIRED = object()
 
@@ -193,6 +200,47 @@ class Limits:
     foreign_mac_ttl: float = 3600.0
 
 
+NETKEY_LIFETIME = 86400
+
+
+@attrs.frozen
+class NetKeyPeer:
+    """
+    A peer subnet whose key server this one agrees a NETKEY with.
+    """
+
+    #: The peer subnet's name (its key server's C{subnet}).
+    subnet: str
+    #: The DNS name its key server's certificate must carry.
+    name: str
+    #: The peer subnet's CA certificate (its key server's must chain to it).
+    ca: str
+    #: Where its peering listener is, when this key server connects to it
+    #: (the follower: the one whose subnet name sorts after the other's).
+    host: str = ""
+    port: int = 0
+
+
+@attrs.frozen
+class NetKeyConfig:
+    """
+    Links to other encrypted subnets through this subnet's border (the
+    seed's layer-3 port).  Empty when the subnet has none.
+    """
+
+    #: Where peer key servers connect (a server endpoint; "" for none).
+    listen: str = ""
+    #: What sits behind this subnet's border, told to the peers.
+    prefixes: tuple = ()
+    #: The member ID of this subnet's border (the only member that may
+    #: fetch NETKEYs), and its WAN endpoint ``host:port``.
+    border: str = ""
+    border_endpoint: str = ""
+    #: Seconds a NETKEY lives before the leader replaces it (0: forever).
+    lifetime: int = NETKEY_LIFETIME
+    peers: tuple = ()
+
+
 @attrs.frozen
 class KeyServerConfig:
     """
@@ -216,6 +264,7 @@ class KeyServerConfig:
     admin_socket: str = "/run/securelan/keyserver.sock"
     #: Where Prometheus scrapes /metrics: a server endpoint ("" for none).
     metrics: str = ""
+    netkey: NetKeyConfig = NetKeyConfig()
 
 
 def load_keyserver_config(path: str) -> KeyServerConfig:
@@ -246,9 +295,81 @@ def load_keyserver_config(path: str) -> KeyServerConfig:
         limits=_limits(top.table("limits")),
         admin_socket=_optional_path(ks, "admin_socket", DEFAULT_ADMIN_SOCKET),
         metrics=ks.endpoint("metrics", "") if ks.data.get("metrics") else _unused(ks, "metrics"),
+        netkey=_netkey(top.table("netkey"), subnet),
     )
     ks.done()
     top.done()
+    return config
+
+
+def _prefixes(t: _Table, key: str) -> tuple:
+    value = t._get(key, [])
+    if not isinstance(value, list):
+        raise t.error(key, 'must be a list like ["10.1.0.0/24"]')
+    prefixes = []
+    for text in value:
+        try:
+            prefixes.append(str(ipaddress.ip_network(text, strict=True)))
+        except (ValueError, TypeError):
+            raise t.error(key, f"{text!r} is not a network like 10.1.0.0/24 (host bits clear)") from None
+    return tuple(prefixes)
+
+
+def _netkey(t: _Table, subnet: str) -> NetKeyConfig:
+    entries = t._get("peer", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise t.error("peer", "must be an array of tables ([[netkey.peer]])")
+    peers, seen = [], set()
+    for index, entry in enumerate(entries):
+        p = _Table(t.path, f"netkey.peer[{index}]", entry)
+        peer_subnet = p.string("subnet")
+        try:
+            check_member_id(peer_subnet)
+        except AddressError:
+            raise p.error("subnet", "must be 1-63 letters, digits, '.', '_' or '-'") from None
+        if peer_subnet == subnet:
+            raise p.error("subnet", "is this key server's own subnet")
+        if peer_subnet in seen:
+            raise p.error("subnet", f"{peer_subnet!r} is listed twice")
+        seen.add(peer_subnet)
+        host, port = "", 0
+        if "address" in p.data:
+            try:
+                address = KeyServerAddress.parse(p.string("address"))
+            except (ValueError, TypeError):
+                raise p.error("address", "must be host:port") from None
+            host, port = address.host, address.port
+        elif peer_subnet < subnet:
+            # The follower connects; the leader only listens.
+            raise p.error("address", f"is required: subnet {subnet!r} sorts after {peer_subnet!r}, "
+                                     "so this key server connects to that one")
+        peers.append(NetKeyPeer(subnet=peer_subnet, name=p.string("name"), ca=p.path_value("ca"),
+                                host=host, port=port))
+        p.done()
+    config = NetKeyConfig(
+        listen=t.endpoint("listen", "") if t.data.get("listen") else _unused(t, "listen"),
+        prefixes=_prefixes(t, "prefixes"),
+        border=t.string("border", "") if "border" in t.data else "",
+        border_endpoint=t.string("border_endpoint", "") if "border_endpoint" in t.data else "",
+        lifetime=t.integer("lifetime", NETKEY_LIFETIME, minimum=0),
+        peers=tuple(peers),
+    )
+    if peers:
+        for key in ("prefixes", "border", "border_endpoint"):
+            if not getattr(config, key):
+                raise t.error(key, "is required when [[netkey.peer]] lists peer subnets")
+        try:
+            check_member_id(config.border)
+        except AddressError:
+            raise t.error("border", "must be a member ID") from None
+        try:
+            parse_host_port(config.border_endpoint)
+        except AddressError:
+            raise t.error("border_endpoint", "must be address:port (the border's WAN endpoint)") from None
+        if any(p.subnet > subnet for p in peers) and not config.listen:
+            raise t.error("listen", "is required: key servers of subnets that sort after this one "
+                                    "connect to it")
+    t.done()
     return config
 
 

@@ -136,6 +136,85 @@ class ListPeers(amp.Command):
     PAGE = 200
 
 
+_NET_LINK_FIELDS = [
+    (b"subnet", amp.Unicode()),
+    (b"border", amp.Unicode()),
+    (b"endpoint", amp.Unicode()),
+    (b"incarnation", amp.Integer()),
+    (b"prefixes", amp.ListOf(amp.Unicode())),
+    (b"local_prefixes", amp.ListOf(amp.Unicode())),
+    (b"key", SecretKeyArgument()),
+    (b"epoch", amp.Integer()),
+]
+
+
+class RequestNetLinks(amp.Command):
+    """
+    Border to key server: the subnet's links to its peer subnets, each
+    with its NETKEY (the seed's NETID fetching NETKEY at start).  Only the
+    member the key server names as its subnet's border may ask.
+    """
+
+    arguments = []
+    response = [(b"links", amp.AmpList(_NET_LINK_FIELDS))]
+    errors = ERRORS
+
+
+class PushNetLinks(amp.Command):
+    """
+    Key server to border: the links changed (a new NETKEY epoch, a peer's
+    border restarted or moved); here is the whole list again.
+    """
+
+    arguments = [(b"links", amp.AmpList(_NET_LINK_FIELDS))]
+    response = []
+
+
+# Between the key servers of two subnets (see securelan.keyserver.peering).
+
+_SIDE_FIELDS = [
+    (b"subnet", amp.Unicode()),
+    (b"prefixes", amp.ListOf(amp.Unicode())),
+    (b"border", amp.Unicode()),
+    (b"border_endpoint", amp.Unicode()),
+    (b"border_incarnation", amp.Integer()),
+]
+
+
+class PeerHello(amp.Command):
+    """
+    The follower key server (the one whose subnet name sorts after the
+    other's) to the leader, first on every connection: its side of the link,
+    and the NETKEY epoch it last held (a restarted leader goes on above it).
+    The leader answers with its own side and the current NETKEY.
+    """
+
+    arguments = [(b"version", amp.Integer())] + _SIDE_FIELDS + [(b"known_epoch", amp.Integer())]
+    response = _SIDE_FIELDS + [(b"key", SecretKeyArgument()), (b"epoch", amp.Integer())]
+    errors = ERRORS
+
+
+class PeerSide(amp.Command):
+    """
+    Either key server to the other: its side of the link changed (its
+    border restarted, so the border's incarnation is new).
+    """
+
+    arguments = _SIDE_FIELDS
+    response = []
+    errors = ERRORS
+
+
+class PeerNetKey(amp.Command):
+    """
+    Leader to follower: the NETKEY of the link was replaced (a rekey).
+    """
+
+    arguments = [(b"key", SecretKeyArgument()), (b"epoch", amp.Integer())]
+    response = []
+    errors = ERRORS
+
+
 class Ping(amp.Command):
     """
     Member to key server: nothing but proof that the connection is alive,
@@ -224,6 +303,31 @@ class GroupKeyGrant:
     key: SecretKey
     epoch: int
     lifetime: int
+
+
+@attrs.frozen
+class NetLink:
+    """
+    One link of this subnet to a peer subnet as its border holds it: the
+    peer's border and where it listens, which prefixes sit behind it, and
+    the link's NETKEY.
+    """
+
+    #: The peer subnet's name (its NETID).
+    subnet: str
+    #: The member ID of the peer subnet's border.
+    border: str
+    #: ``host:port`` of the peer border's WAN endpoint.
+    endpoint: str
+    #: The peer border's incarnation (0: it has not registered yet, so
+    #: nothing can be sent to it).
+    incarnation: int
+    #: The prefixes behind the peer border, e.g. ``10.2.0.0/24``.
+    prefixes: tuple = attrs.field(converter=tuple)
+    #: This subnet's own prefixes: what the peer may send to.
+    local_prefixes: tuple = attrs.field(converter=tuple)
+    key: SecretKey = attrs.field(repr=False)
+    epoch: int = 0
 
 
 @attrs.frozen

@@ -158,6 +158,9 @@ class RecordingListener:
     def purged(self, peer_id, reason):
         self.events.append(("purge", peer_id, reason))
 
+    def net_links_pushed(self, links):
+        self.events.append(("net_links", links))
+
 
 class MemorySubnet:
     """

@@ -82,6 +82,7 @@ agent must get a new key (or a new incarnation) before sending more.
 No repr, message or exception here carries key bytes.
 """
 
+import hashlib
 import struct
 from collections import OrderedDict, namedtuple
 
@@ -99,6 +100,7 @@ __all__ = [
     "TYPE_PAIR",
     "TYPE_GROUP",
     "TYPE_CONTROL",
+    "TYPE_NET",
     "HEADER_LEN",
     "TAG_LEN",
     "OVERHEAD",
@@ -113,6 +115,8 @@ __all__ = [
     "max_datagram",
     "derive_pair_key",
     "derive_group_key",
+    "derive_net_key",
+    "subnet_tag",
     "Sealer",
     "Opener",
     "Reassembler",
@@ -127,6 +131,10 @@ TYPE_PAIR = 1
 TYPE_GROUP = 2
 #: Reserved for keepalives and other agent-to-agent messages.
 TYPE_CONTROL = 3
+#: An IP packet between the borders of two subnets, under a direction key
+#: derived from the NETKEY of that pair of subnets.  The header's MAC fields
+#: carry the two subnets' tags (L{subnet_tag}).
+TYPE_NET = 4
 
 #: Set in the type byte when the plaintext begins with the sender's
 #: 10-byte virtio-net header (TAP offloads: a TSO super-frame's segment size,
@@ -135,7 +143,7 @@ FLAG_OFFLOAD = 0x80
 _TYPE_MASK = 0x7F
 VNET_HDR_LEN = 10
 
-_TYPE_NAMES = {TYPE_PAIR: "pair", TYPE_GROUP: "group", TYPE_CONTROL: "control"}
+_TYPE_NAMES = {TYPE_PAIR: "pair", TYPE_GROUP: "group", TYPE_CONTROL: "control", TYPE_NET: "net"}
 
 HEADER_LEN = 32
 TAG_LEN = 16
@@ -369,6 +377,55 @@ def derive_group_key(
         )
     )
     return _hkdf(group_key, info)
+
+
+def derive_net_key(
+    net_key: SecretKey,
+    sender_subnet: str,
+    sender_border: str,
+    receiver_subnet: str,
+    receiver_border: str,
+    epoch: int,
+    sender_incarnation: int,
+    receiver_incarnation: int,
+) -> SecretKey:
+    """
+    The key of the direction C{sender_subnet} -> C{receiver_subnet} of the
+    NETKEY of that pair of subnets, between the two borders named, for one
+    incarnation of each: as L{derive_pair_key} does for members, so a
+    restarted border never reuses a nonce and datagrams recorded before the
+    receiving border restarted cannot be replayed into it.
+
+    HKDF-SHA-256, salt C{b"securelan v1"}, info C{b"net" +
+    lp(sender_subnet) + lp(sender_border) + lp(receiver_subnet) +
+    lp(receiver_border) + epoch + sender_incarnation +
+    receiver_incarnation}.
+    """
+    info = b"".join(
+        (
+            b"net",
+            _length_prefixed(sender_subnet),
+            _length_prefixed(sender_border),
+            _length_prefixed(receiver_subnet),
+            _length_prefixed(receiver_border),
+            _U32.pack(_check_u32("epoch", epoch)),
+            _U32.pack(_check_u32("incarnation", sender_incarnation, 1)),
+            _U32.pack(_check_u32("incarnation", receiver_incarnation, 1)),
+        )
+    )
+    return _hkdf(net_key, info)
+
+
+def subnet_tag(subnet: str) -> bytes:
+    """
+    The 6 bytes that stand for subnet C{subnet} in the MAC fields of a
+    L{TYPE_NET} header (destination: the receiving subnet; source: the
+    sending one), so a border picks the NETKEY before decrypting.  Locally
+    administered and unicast, like the MACs they stand in for.
+    """
+    digest = bytearray(hashlib.sha256(b"securelan subnet\0" + subnet.encode("utf-8")).digest()[:6])
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return bytes(digest)
 
 
 def _check_direction(key, type, epoch, incarnation):

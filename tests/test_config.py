@@ -22,6 +22,26 @@ requests_per_second = 5
 """
 
 
+NETKEY = """
+[netkey]
+listen = "tcp:7444"
+prefixes = ["10.1.0.0/24"]
+border = "edge"
+border_endpoint = "192.0.2.1:4800"
+
+[[netkey.peer]]
+subnet = "branch"
+name = "keyserver.branch"
+ca = "pki/branch-ca.pem"
+
+[[netkey.peer]]
+subnet = "west"
+name = "keyserver.west"
+ca = "pki/west-ca.pem"
+address = "192.0.2.9:7444"
+"""
+
+
 class KeyServerConfigTests(SynchronousTestCase):
     def write(self, text):
         folder = self.mktemp()
@@ -61,6 +81,42 @@ class KeyServerConfigTests(SynchronousTestCase):
         self.assertIn(path, str(e))
         self.assertIn(fragment, str(e))
         self.assertNotIn("\n", str(e))
+
+    def test_netkey(self):
+        """
+        Peer subnets load: the one that sorts first ("branch" < "lab") needs
+        an address (this key server connects to it); the other connects
+        here.
+        """
+        path = self.write(GOOD + NETKEY.replace('ca = "pki/branch-ca.pem"',
+                                                'ca = "pki/branch-ca.pem"\naddress = "192.0.2.8:7444"'))
+        netkey = load_keyserver_config(path).netkey
+        self.assertEqual(netkey.prefixes, ("10.1.0.0/24",))
+        self.assertEqual([(p.subnet, p.name, p.host, p.port) for p in netkey.peers],
+                         [("branch", "keyserver.branch", "192.0.2.8", 7444), ("west", "keyserver.west", "192.0.2.9", 7444)])
+        self.assertEqual(netkey.peers[0].ca, os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                           "pki/branch-ca.pem"))
+        self.assertEqual(load_keyserver_config(self.write(GOOD)).netkey.peers, ())
+
+    def test_netkey_errors(self):
+        """
+        Each mistake in [netkey] is named.
+        """
+        good = GOOD + NETKEY.replace('ca = "pki/branch-ca.pem"',
+                                     'ca = "pki/branch-ca.pem"\naddress = "192.0.2.8:7444"')
+        self.assertConfigError(GOOD + NETKEY, "netkey.peer[0].address", "is required")
+        self.assertConfigError(good.replace('"10.1.0.0/24"', '"10.1.0.1/24"'), "netkey.prefixes",
+                               "host bits")
+        self.assertConfigError(good.replace('border = "edge"\n', ""), "netkey.border", "required")
+        self.assertConfigError(good.replace('"192.0.2.1:4800"', '"nowhere"'), "netkey.border_endpoint",
+                               "address:port")
+        self.assertConfigError(good.replace('listen = "tcp:7444"\n', ""), "netkey.listen", "required")
+        self.assertConfigError(good.replace('subnet = "west"', 'subnet = "lab"'), "netkey.peer[1].subnet",
+                               "own subnet")
+        self.assertConfigError(good.replace('subnet = "west"', 'subnet = "branch"'), "netkey.peer[1].subnet",
+                               "twice")
+        self.assertConfigError(good.replace('name = "keyserver.west"', 'name = "keyserver.west"\nnmae = 1'),
+                               "netkey.peer[1].nmae", "unknown key")
 
     def test_missing_key(self):
         """

@@ -32,7 +32,9 @@ from securelan.wire import (
     Sealer,
     WireError,
     derive_group_key,
+    derive_net_key,
     derive_pair_key,
+    subnet_tag,
     max_datagram,
     parse_header,
     tap_mtu,
@@ -210,6 +212,36 @@ class KeyDerivationTests(SynchronousTestCase):
             SecretKey(hkdf(GROUP_KEY.material, info)),
         )
 
+    def test_netKnownAnswer(self):
+        """
+        The NETKEY traffic key is HKDF-SHA-256 of the NETKEY, info C{net},
+        length-prefixed sender subnet and border, receiver subnet and
+        border, epoch, sender and receiver incarnations; every input
+        changes it.
+        """
+        info = (b"net\x02s1\x02b1\x02s2\x02b2" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x07"
+                + b"\x00\x00\x00\x09")
+        args = [PAIR_KEY, "s1", "b1", "s2", "b2", 3, 7, 9]
+        key = derive_net_key(*args)
+        self.assertEqual(key, SecretKey(hkdf(PAIR_KEY.material, info)))
+        variants = [(1, "s2"), (2, "b2"), (3, "s1"), (4, "b1"), (5, 4), (6, 8), (7, 10)]
+        for index, value in variants:
+            changed = list(args)
+            changed[index] = value
+            self.assertNotEqual(derive_net_key(*changed), key, (index, value))
+
+    def test_subnetTag(self):
+        """
+        A subnet's tag is the first 6 bytes of SHA-256 of C{securelan
+        subnet\\0} and its name, made a locally administered unicast MAC.
+        """
+        import hashlib
+
+        digest = bytearray(hashlib.sha256(b"securelan subnet\0lab").digest()[:6])
+        digest[0] = (digest[0] & 0xFC) | 0x02
+        self.assertEqual(subnet_tag("lab"), bytes(digest))
+        self.assertNotEqual(subnet_tag("lab"), subnet_tag("lab2"))
+
     def test_everyInputMatters(self):
         """
         Each direction, receiver, epoch and incarnation gives its own key;
@@ -256,7 +288,7 @@ class KeyDerivationTests(SynchronousTestCase):
         key = derive_pair_key(PAIR_KEY, ALICE, BOB, 3, 7, RECEIVER_INCARNATION)
         for cls in (Sealer, Opener):
             self.assertRaises(TypeError, cls, key.material, TYPE_PAIR, 3, 7)
-            self.assertRaises(ValueError, cls, key, 4, 3, 7)
+            self.assertRaises(ValueError, cls, key, 5, 3, 7)
             self.assertRaises(ValueError, cls, key, TYPE_PAIR, 2**32, 7)
             self.assertRaises(ValueError, cls, key, TYPE_PAIR, 3, 0)
 
@@ -590,11 +622,11 @@ class ParseHeaderTests(SynchronousTestCase):
 
     def test_type(self):
         """
-        Types 1, 2 and 3 are known; others are refused.
+        Types 1, 2, 3 and 4 are known; others are refused.
         """
-        for type in (1, 2, 3):
+        for type in (1, 2, 3, 4):
             self.assertEqual(parse_header(self.datagram(type=type)).type, type)
-        for type in (0, 4, 255):
+        for type in (0, 5, 127, 255):
             self.assertDropped("type", self.datagram(type=type))
 
     def test_fragmentFields(self):

@@ -58,8 +58,10 @@ from ..protocol import (
     PushGroupKey,
     PushPairKey,
     Purge,
+    PushNetLinks,
     Register,
     RequestGroupKey,
+    RequestNetLinks,
     RequestPairKey,
 )
 from ..ratelimit import TokenBucket
@@ -108,6 +110,9 @@ class KeyServer:
     #: Member IDs in order, for paging ListPeers (rebuilt when members join).
     _sorted_ids: list | None = None
     _group_key: GroupKey | None = None
+    #: The L{securelan.keyserver.peering.NetKeyBroker} when this subnet has
+    #: links to other subnets (through its border), else None.
+    broker: object = None
 
     @defer.inlineCallbacks
     def start(self):
@@ -121,6 +126,10 @@ class KeyServer:
             group = yield self.store.issue_group_key(candidate)
             log.info("generated the group key of subnet {subnet}", subnet=self.subnet)
         self._group_key = group
+        if self.broker is not None:
+            border = yield self.store.member(self.broker.config.border)
+            if border is not None and border.role == "border":
+                self.broker.border_registered(border.incarnation)
         on_change = getattr(self.store, "on_change", None)
         if on_change is not None:
             # A cascade: other key servers share the store.  What they change
@@ -235,6 +244,8 @@ class KeyServer:
         member = yield self.store.register(member, self.limits.max_members)
         if previous is None:
             self._sorted_ids = None
+        if self.broker is not None and member.role == "border" and member.member_id == self.broker.config.border:
+            self.broker.border_registered(member.incarnation)
         changed = previous is not None and (previous.mac, previous.endpoint, previous.incarnation) != (
             member.mac, member.endpoint, member.incarnation)
         if changed:
@@ -394,6 +405,31 @@ class KeyServer:
             }
 
         return self.store.members().addCallback(page)
+
+    def net_links_for(self, member: Member):
+        """
+        The subnet's links to its peer subnets, for its border only.
+        """
+        broker = self.broker
+        if broker is None:
+            raise NotPermitted(f"subnet {self.subnet} has no links to other subnets")
+        if member.role != "border" or member.member_id != broker.config.border:
+            raise NotPermitted(f"{member.member_id} is not the border of subnet {self.subnet} "
+                               f"(that is {broker.config.border})")
+        return broker.net_links()
+
+    def push_net_links(self):
+        """
+        Push the links to every session of the border (they changed).
+        """
+        if self.broker is None:
+            return
+        links = self.broker.net_links()
+        for session in list(self.sessions.get(self.broker.config.border, ())):
+            if session.member is not None and session.member.role == "border":
+                session.push_net_links(links).addErrback(
+                    lambda f, s=session: log.info("pushing links to {session} failed: {reason}",
+                                                  session=s, reason=f.getErrorMessage()))
 
     def group_key(self) -> GroupKey:
         if self._group_key is None:
@@ -753,6 +789,14 @@ class MemberSession(TimeoutMixin, amp.AMP):
     def list_peers(self, after):
         return self._charged("peer list", lambda: self.server.list_peers(self._registered_member(), after))
 
+    @RequestNetLinks.responder
+    def request_net_links(self):
+        def ask():
+            links = self.server.net_links_for(self._registered_member())
+            return {"links": [attrs.asdict(link, recurse=False) for link in links]}
+
+        return self._charged("net links", ask)
+
     @Ping.responder
     def ping(self):
         return self._charged("ping", lambda: {})
@@ -777,6 +821,9 @@ class MemberSession(TimeoutMixin, amp.AMP):
 
     def push_purge(self, peer_id, reason):
         return self.callRemote(Purge, peer_id=peer_id, reason=reason)
+
+    def push_net_links(self, links):
+        return self.callRemote(PushNetLinks, links=[attrs.asdict(link, recurse=False) for link in links])
 
 
 class KeyServerFactory(Factory):

@@ -11,6 +11,7 @@ and exits non-zero, rather than starting a key server that cannot serve.
 import sys
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -26,6 +27,7 @@ from ..store import StoreOpenError, open_store, run_synchronously
 from ..tls import Credentials, TLSConfigError
 from ..control import listen_control
 from .admin import admin_handlers
+from .peering import NetKeyBroker, PeeringService
 from .server import ConnectionLimit, KeyServer, KeyServerFactory
 
 log = Logger(namespace="securelan.keyserver")
@@ -61,6 +63,11 @@ class KeyServerService(service.Service):
             pair_key_lifetime=config.pair_key_lifetime,
             group_key_lifetime=config.group_key_lifetime,
         )
+        self.peering = None
+        if config.netkey.peers:
+            self.server.broker = NetKeyBroker(config.subnet, config.netkey, credentials, reactor,
+                                              on_change=self.server.push_net_links)
+            self.peering = PeeringService(self.server.broker, reactor)
         tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
         self.factory = ConnectionLimit(tls, config.limits.max_connections,
                                        config.limits.max_connections_per_source)
@@ -68,12 +75,15 @@ class KeyServerService(service.Service):
         self.admin_port = None
         self.metrics_port = None
         self.rekey_loop = None
+        self.netkey_loop = None
         self.ready = None
 
     def startService(self):
         super().startService()
         self.ready = self.store.open()
         self.ready.addCallback(lambda _: self.server.start())
+        if self.peering is not None:
+            self.ready.addCallback(lambda _: self.peering.startService())
         self.ready.addCallback(lambda _: serverFromString(self.reactor, self.config.listen).listen(self.factory))
         self.ready.addCallbacks(self._listening, self._failed)
 
@@ -94,6 +104,10 @@ class KeyServerService(service.Service):
             self.rekey_loop = LoopingCall(self._rekey_due)
             self.rekey_loop.clock = self.reactor
             self.rekey_loop.start(min(60.0, lifetime / 10), now=False)
+        if self.peering is not None and self.config.netkey.lifetime:
+            self.netkey_loop = LoopingCall(self.server.broker.rekey_due)
+            self.netkey_loop.clock = self.reactor
+            self.netkey_loop.start(min(60.0, self.config.netkey.lifetime / 10), now=False)
         if self.config.admin_socket:
             try:
                 self.admin_port = listen_control(self.reactor, self.config.admin_socket,
@@ -116,15 +130,20 @@ class KeyServerService(service.Service):
     def stopService(self):
         super().stopService()
         d = self.ready
-        if self.rekey_loop is not None and self.rekey_loop.running:
-            self.rekey_loop.stop()
+        for loop in (self.rekey_loop, self.netkey_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self.peering is not None and self.peering.running:
+            stopping = defer.maybeDeferred(self.peering.stopService)
+            d.addBoth(lambda _: stopping)
         for attribute in ("admin_port", "metrics_port"):
             port = getattr(self, attribute)
             if port is not None:
                 port.stopListening()
                 setattr(self, attribute, None)
         if self.port is not None:
-            d = self.port.stopListening()
+            stopped = defer.maybeDeferred(self.port.stopListening)
+            d.addBoth(lambda _: stopped)
             self.port = None
         return d.addBoth(lambda _: self.store.close())
 
@@ -159,4 +178,7 @@ def makeService(options, reactor=None):
     except (ConfigError, TLSConfigError, PKIError, StoreOpenError, MasterKeyError) as e:
         _fail(str(e))
     store = open_store(config.store, config.master_key, reactor=reactor)
-    return KeyServerService(config, credentials, store, reactor)
+    try:
+        return KeyServerService(config, credentials, store, reactor)
+    except TLSConfigError as e:
+        _fail(str(e))

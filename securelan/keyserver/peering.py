@@ -1,0 +1,487 @@
+# -*- test-case-name: tests.test_peering -*-
+"""
+NETKEY agreement between the key servers of two subnets (the seed's
+layer-3 port: key servers exchange NETKEY and must verify that the other
+really is a legitimate key server).
+
+Each link between two subnets has its own NETKEY, so a compromised subnet
+exposes only its own links.  Of the two key servers, the one whose subnet
+name sorts first is the link's I{leader}: it makes the NETKEY (and every
+later epoch of it) and listens; the other, the I{follower}, connects to it
+over mutual TLS 1.3 and keeps the connection open, over which either side
+tells the other what changed.  A NETKEY lives in memory only: a restarted
+leader makes a new one, above the epoch the follower last held.
+
+Trust is per peer and by configuration only: a peer's key server must
+present a certificate that chains to I{that} peer's CA and carries I{that}
+peer's DNS name (checked with service-identity), and must then name that
+peer's subnet.  Anything else (another CA, a valid certificate with a name
+not listed) is refused and logged.
+
+Besides the NETKEY the two key servers exchange their I{sides}: the
+prefixes behind their border, the border's member ID, its WAN endpoint and
+incarnation.  The border of each subnet fetches the result (L{NetLink}s)
+from its own key server and is pushed every change.
+"""
+
+import ipaddress
+
+import attrs
+import service_identity
+from OpenSSL import crypto
+from service_identity.cryptography import verify_certificate_hostname
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
+from twisted.internet._sslverify import TLSVersion
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from .. import PROTOCOL_VERSION
+from ..client import close_unprepared
+from ..config import NetKeyConfig, NetKeyPeer
+from ..errors import BadRequest, NotPermitted, VersionMismatch
+from ..keys import SecretKey
+from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide
+from ..tls import EXPECTED_GROUP, TLSConfigError, describe_tls_failure, negotiated_group, peer_certificate
+
+log = Logger(namespace="securelan.peering")
+
+
+def load_peer_ca(peer: NetKeyPeer) -> ssl.Certificate:
+    """
+    The CA certificate of a peer subnet, from its file.
+
+    @raise TLSConfigError: naming the file.
+    """
+    try:
+        with open(peer.ca, "rb") as f:
+            return ssl.Certificate.loadPEM(f.read())
+    except OSError as e:
+        raise TLSConfigError(f"{peer.ca}: cannot read the CA of subnet {peer.subnet}: {e.strerror}") from None
+    except Exception:
+        raise TLSConfigError(f"{peer.ca}: not a PEM certificate (CA of subnet {peer.subnet})") from None
+
+
+@attrs.define(eq=False)
+class _Link:
+    """
+    What this key server knows of one link.
+    """
+
+    peer: NetKeyPeer
+    ca: ssl.Certificate
+    #: The peer's side (a dict of PeerSide's fields), once it told us.
+    side: dict | None = None
+    key: SecretKey | None = attrs.field(default=None, repr=False)
+    epoch: int = 0
+    created_at: float = 0.0
+    #: The connection to the peer's key server, while there is one.
+    protocol: object = None
+
+
+class NetKeyBroker:
+    """
+    This key server's links to its peer subnets.
+
+    @param on_change: called with no argument whenever what the border
+        should hold changed (it is pushed the links again).
+    """
+
+    def __init__(self, subnet: str, config: NetKeyConfig, credentials, clock,
+                 keygen=SecretKey.generate, on_change=None):
+        self.subnet = subnet
+        self.config = config
+        self.credentials = credentials
+        self.clock = clock
+        self.keygen = keygen
+        self.on_change = on_change or (lambda: None)
+        self.border_incarnation = 0
+        self.links = {p.subnet: _Link(peer=p, ca=load_peer_ca(p)) for p in config.peers}
+        #: Counters for status and tests: refused key servers, rekeys.
+        self.refused = 0
+        self.rekeys = 0
+
+    def leads(self, peer_subnet: str) -> bool:
+        """
+        Whether this key server makes the NETKEY of the link to C{peer_subnet}.
+        """
+        return self.subnet < peer_subnet
+
+    # Sides ---------------------------------------------------------------
+
+    def own_side(self) -> dict:
+        c = self.config
+        return {"subnet": self.subnet, "prefixes": list(c.prefixes), "border": c.border,
+                "border_endpoint": c.border_endpoint, "border_incarnation": self.border_incarnation}
+
+    def border_registered(self, incarnation: int):
+        """
+        This subnet's border registered: when its incarnation is new, every
+        peer must know (their borders send to it with that incarnation).
+        """
+        if incarnation == self.border_incarnation:
+            return
+        self.border_incarnation = incarnation
+        for link in self.links.values():
+            if link.protocol is not None:
+                link.protocol.callRemote(PeerSide, **self.own_side()).addErrback(
+                    lambda f, s=link.peer.subnet: log.info("telling subnet {peer} of our border failed: "
+                                                           "{reason}", peer=s, reason=f.getErrorMessage()))
+
+    def _check_side(self, link, side):
+        if side["subnet"] != link.peer.subnet:
+            raise NotPermitted(f"the key server of subnet {link.peer.subnet} speaks for {side['subnet']!r}")
+        prefixes = []
+        for text in side["prefixes"]:
+            try:
+                prefixes.append(str(ipaddress.ip_network(text, strict=True)))
+            except ValueError:
+                raise BadRequest(f"{text!r} is not a network") from None
+        return dict(side, prefixes=prefixes)
+
+    def side_received(self, link, side):
+        side = self._check_side(link, side)
+        if side != link.side:
+            link.side = side
+            log.info("subnet {peer}: border {border} at {endpoint} (incarnation {incarnation}), "
+                     "prefixes {prefixes}", peer=link.peer.subnet, border=side["border"],
+                     endpoint=side["border_endpoint"], incarnation=side["border_incarnation"],
+                     prefixes=", ".join(side["prefixes"]) or "none")
+            self.on_change()
+
+    # The NETKEY ----------------------------------------------------------
+
+    def _new_key(self, link, epoch):
+        link.key = self.keygen()
+        link.epoch = epoch
+        link.created_at = self.clock.seconds()
+        log.info("new NETKEY for subnets ({a}, {b}), epoch {epoch}",
+                 a=min(self.subnet, link.peer.subnet), b=max(self.subnet, link.peer.subnet), epoch=epoch)
+
+    def hello(self, link, side, known_epoch):
+        """
+        Leader: the follower said hello; fire with our side and the NETKEY.
+        """
+        if known_epoch < 0 or known_epoch >= 2**32 - 1:
+            raise BadRequest(f"epoch {known_epoch} is out of range")
+        self.side_received(link, side)
+        if link.key is None or link.epoch <= known_epoch:
+            # A restarted leader: go on above what the follower held, so no
+            # epoch ever names two keys.
+            self._new_key(link, known_epoch + 1)
+            self.on_change()
+        return dict(self.own_side(), key=link.key, epoch=link.epoch)
+
+    def netkey_received(self, link, key, epoch):
+        """
+        Follower: the leader made a new NETKEY.  Epochs only go up.
+        """
+        if epoch <= link.epoch and link.key is not None:
+            if epoch < link.epoch or key != link.key:
+                log.warn("subnet {peer} sent NETKEY epoch {epoch}, not above {held}: ignored",
+                         peer=link.peer.subnet, epoch=epoch, held=link.epoch)
+            return
+        link.key, link.epoch, link.created_at = key, epoch, self.clock.seconds()
+        log.info("NETKEY with subnet {peer} is now epoch {epoch}", peer=link.peer.subnet, epoch=epoch)
+        self.on_change()
+
+    def rekey(self, peer_subnet: str):
+        """
+        Leader: replace the NETKEY of the link with C{peer_subnet} and tell
+        the follower and our border.  Fires when the follower has it (or
+        at once when it is not connected: it gets it on its next hello).
+        """
+        link = self.links[peer_subnet]
+        if not self.leads(peer_subnet):
+            raise NotPermitted(f"the key server of subnet {peer_subnet} makes that NETKEY")
+        self._new_key(link, link.epoch + 1)
+        self.rekeys += 1
+        self.on_change()
+        if link.protocol is None:
+            return defer.succeed(None)
+        return link.protocol.callRemote(PeerNetKey, key=link.key, epoch=link.epoch)
+
+    def rekey_due(self):
+        """
+        Leader: rekey every link whose NETKEY outlived C{lifetime}.
+        """
+        lifetime = self.config.lifetime
+        now = self.clock.seconds()
+        for subnet, link in self.links.items():
+            if lifetime and self.leads(subnet) and link.key is not None and link.created_at + lifetime <= now:
+                self.rekey(subnet).addErrback(
+                    lambda f, s=subnet: log.info("NETKEY rekey with {peer}: {reason}", peer=s,
+                                                 reason=f.getErrorMessage()))
+
+    # What the border holds -----------------------------------------------
+
+    def net_links(self) -> list:
+        """
+        Every link the border can use: the peer's side is known and a
+        NETKEY agreed.
+        """
+        links = []
+        for subnet in sorted(self.links):
+            link = self.links[subnet]
+            if link.side is None or link.key is None:
+                continue
+            side = link.side
+            links.append(NetLink(subnet=subnet, border=side["border"], endpoint=side["border_endpoint"],
+                                 incarnation=side["border_incarnation"], prefixes=side["prefixes"],
+                                 local_prefixes=self.config.prefixes, key=link.key, epoch=link.epoch))
+        return links
+
+    def status(self) -> list:
+        now = self.clock.seconds()
+        return [{"subnet": s, "role": "leader" if self.leads(s) else "follower",
+                 "connected": link.protocol is not None, "epoch": link.epoch,
+                 "age": int(now - link.created_at) if link.key is not None else None,
+                 "border": (link.side or {}).get("border"), "prefixes": (link.side or {}).get("prefixes", [])}
+                for s, link in sorted(self.links.items())]
+
+    # Who is calling ------------------------------------------------------
+
+    def identify(self, cert) -> _Link | None:
+        """
+        The link whose peer key server presented C{cert} (a C{cryptography}
+        certificate): it chains to that peer's CA and carries that peer's
+        name.  None if no configured peer matches.
+        """
+        x509 = crypto.X509.from_cryptography(cert)
+        for link in self.links.values():
+            store = crypto.X509Store()
+            store.add_cert(link.ca.original)
+            try:
+                crypto.X509StoreContext(store, x509).verify_certificate()
+                verify_certificate_hostname(cert, link.peer.name)
+            except (crypto.X509StoreContextError, service_identity.VerificationError,
+                    service_identity.CertificateError, ValueError):
+                # ValueError: a SAN that service-identity cannot parse (a
+                # member certificate's URIs), so not a key server's.
+                continue
+            return link
+        return None
+
+    def server_options(self):
+        """
+        TLS for the peering listener: our key server certificate; peers'
+        certificates must chain to one of the peer CAs.
+        """
+        own = self.credentials.own
+        return ssl.CertificateOptions(
+            privateKey=own.privateKey.original, certificate=own.original,
+            trustRoot=ssl.trustRootFromCertificates([link.ca for link in self.links.values()]),
+            raiseMinimumTo=TLSVersion.TLSv1_3)
+
+    def client_options(self, link):
+        """
+        TLS to the leader of C{link}: its certificate must chain to its
+        subnet's CA and carry its configured name.
+        """
+        return ssl.optionsForClientTLS(
+            link.peer.name, trustRoot=ssl.trustRootFromCertificates([link.ca]),
+            clientCertificate=self.credentials.own,
+            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3})
+
+
+@implementer(IHandshakeListener)
+class PeerProtocol(amp.AMP):
+    """
+    One connection between two key servers, either end.  On the leader's
+    end nothing is answered before the TLS handshake identified a
+    configured peer; on the follower's end TLS itself checked the leader
+    (its CA, its name) and L{PeerConnector} says hello.
+    """
+
+    def __init__(self, broker: NetKeyBroker, link=None):
+        super().__init__()
+        self.broker = broker
+        #: Known from the start on the follower's end; found from the
+        #: certificate on the leader's.
+        self.link = link
+        self._refused = False
+        self._peer = "?"
+
+    def makeConnection(self, transport):
+        peer = transport.getPeer()
+        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        super().makeConnection(transport)
+
+    def _refuse(self, why):
+        self.broker.refused += 1
+        log.warn("refused key server at {peer}: {why}", peer=self._peer, why=why)
+        self._refused = True
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self):
+        group = negotiated_group(self.transport)
+        if group != EXPECTED_GROUP:
+            return self._refuse(f"key exchange {group} is not {EXPECTED_GROUP}")
+        if self.link is not None:
+            return
+        cert = peer_certificate(self.transport)
+        link = self.broker.identify(cert) if cert is not None else None
+        if link is None:
+            names = []
+            if cert is not None:
+                from ..pki import keyserver_names
+
+                try:
+                    names = keyserver_names(cert)
+                except Exception:
+                    names = []
+            return self._refuse(f"its certificate ({', '.join(names) or 'no DNS name'}) is not that of "
+                                "a configured peer subnet's key server")
+        if not self.broker.leads(link.peer.subnet):
+            return self._refuse(f"subnet {link.peer.subnet} sorts first, so its key server leads: "
+                                "this one connects to it, not the other way")
+        self.link = link
+
+    def connectionLost(self, reason):
+        link = self.link
+        if link is not None and link.protocol is self:
+            link.protocol = None
+            log.info("connection with the key server of subnet {peer} closed", peer=link.peer.subnet)
+        elif link is None and not self._refused and not reason.check(ConnectionDone):
+            self.broker.refused += 1
+            log.warn("TLS handshake from key server at {peer} refused: {reason}", peer=self._peer,
+                     reason=describe_tls_failure(reason))
+        super().connectionLost(reason)
+
+    def _identified(self):
+        if self.link is None:
+            raise NotPermitted("not an identified peer key server")
+        return self.link
+
+    def ampBoxReceived(self, box):
+        if self._refused:
+            return
+        try:
+            super().ampBoxReceived(box)
+        except Exception as e:
+            log.info("closed connection with key server at {peer}: malformed message ({error})",
+                     peer=self._peer, error=e.__class__.__name__)
+            self._refused = True
+            self.transport.abortConnection()
+
+    @PeerHello.responder
+    def hello(self, version, known_epoch, **side):
+        link = self._identified()
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(f"this key server speaks protocol version {PROTOCOL_VERSION}")
+        answer = self.broker.hello(link, side, known_epoch)
+        if link.protocol is not None and link.protocol is not self:
+            link.protocol.transport.loseConnection()
+        link.protocol = self
+        log.info("key server of subnet {peer} connected from {address}", peer=link.peer.subnet,
+                 address=self._peer)
+        return answer
+
+    @PeerSide.responder
+    def side(self, **side):
+        self.broker.side_received(self._identified(), side)
+        return {}
+
+    @PeerNetKey.responder
+    def netkey(self, key, epoch):
+        link = self._identified()
+        if self.broker.leads(link.peer.subnet):
+            raise NotPermitted("this key server makes that NETKEY")
+        self.broker.netkey_received(link, key, epoch)
+        return {}
+
+
+class PeeringFactory(Factory):
+    """
+    The leader's listener: one L{PeerProtocol} per connection, inside TLS.
+    """
+
+    def __init__(self, broker):
+        self.broker = broker
+
+    def buildProtocol(self, addr):
+        protocol = PeerProtocol(self.broker)
+        protocol.factory = self
+        return protocol
+
+
+def say_hello(protocol, broker, link):
+    """
+    Follower: introduce ourselves on a new connection to the leader; fires
+    when the leader's side and NETKEY are taken in.
+    """
+    d = protocol.callRemote(PeerHello, version=PROTOCOL_VERSION, known_epoch=link.epoch,
+                            **broker.own_side())
+
+    def answered(answer):
+        # The handshake is over once the leader has answered.
+        group = negotiated_group(protocol.transport)
+        if group != EXPECTED_GROUP:
+            raise ConnectionAborted(f"key exchange {group} is not {EXPECTED_GROUP}")
+        key, epoch = answer.pop("key"), answer.pop("epoch")
+        # ClientService hands over a proxy; the connection's own protocol
+        # is what reports its loss.
+        link.protocol = getattr(protocol, "_protocol", protocol)
+        broker.side_received(link, answer)
+        broker.netkey_received(link, key, epoch)
+        log.info("connected to the key server of subnet {peer}", peer=link.peer.subnet)
+
+    def failed(failure):
+        log.warn("the key server of subnet {peer} refused us: {reason}", peer=link.peer.subnet,
+                 reason=failure.getErrorMessage())
+        close_unprepared(protocol)
+        return failure
+
+    return d.addCallback(answered).addErrback(failed)
+
+
+class PeeringService(service.MultiService):
+    """
+    The key server's peering: the listener (for links it leads) and one
+    reconnecting connection per link it follows.
+    """
+
+    def __init__(self, broker: NetKeyBroker, reactor):
+        super().__init__()
+        self.broker = broker
+        self.reactor = reactor
+        self.port = None
+        self._connectors = []
+        for subnet, link in sorted(broker.links.items()):
+            if broker.leads(subnet):
+                continue
+            endpoint = wrapClientTLS(broker.client_options(link),
+                                     HostnameEndpoint(reactor, link.peer.host, link.peer.port))
+            client = ClientService(
+                endpoint, Factory.forProtocol(lambda link=link: PeerProtocol(broker, link)),
+                retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0), clock=reactor,
+                prepareConnection=lambda p, link=link: say_hello(p, broker, link))
+            client.setServiceParent(self)
+            self._connectors.append(client)
+
+    def startService(self):
+        super().startService()
+        if self.broker.config.listen:
+            tls = TLSMemoryBIOFactory(self.broker.server_options(), False, PeeringFactory(self.broker))
+            d = serverFromString(self.reactor, self.broker.config.listen).listen(tls)
+
+            def listening(port):
+                self.port = port
+                log.info("NETKEY peering listening on {address}", address=port.getHost())
+                return port
+
+            return d.addCallback(listening)
+
+    def stopService(self):
+        d = super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.gatherResults([defer.maybeDeferred(port.stopListening), d or defer.succeed(None)])
+        return d
