@@ -397,8 +397,8 @@ def _limits(t: _Table) -> Limits:
 
 DEFAULT_ADMIN_SOCKET = "/run/securelan/keyserver.sock"
 
-#: The roles an agent can take today (border is coming).
-AGENT_ROLES = ("client", "gateway")
+#: The roles an agent can take.
+AGENT_ROLES = ("client", "gateway", "border")
 CARRIER_NAMES = ("udp", "ethernet")
 DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"
 
@@ -458,6 +458,22 @@ class GatewayConfig:
 
 
 @attrs.frozen
+class BorderConfig:
+    """
+    The border role: the TUN device its kernel routes other subnets' traffic
+    into, and the UDP socket (on the WAN) where peer borders reach it.
+    """
+
+    tun: str = "slnet0"
+    listen: str = "0.0.0.0"
+    port: int = 51872
+    underlay_mtu: int = 1500
+    #: Seconds without sending after which a link sends a keepalive (holds
+    #: a NAT's mapping); 0 for none.
+    keepalive: float = 25.0
+
+
+@attrs.frozen
 class AgentConfig:
     """
     An agent's configuration (see C{etc/agent.toml}).
@@ -475,6 +491,7 @@ class AgentConfig:
     carrier: CarrierConfig
     queue: QueueConfig
     gateway: GatewayConfig = GatewayConfig()
+    border: BorderConfig = BorderConfig()
     #: Where Prometheus scrapes /metrics: a server endpoint ("" for none).
     metrics: str = ""
 
@@ -566,6 +583,25 @@ def load_agent_config(path: str) -> AgentConfig:
     gateway = GatewayConfig(bridge=gw.string("bridge", "") if "bridge" in gw.data else "")
     gw.done()
 
+    bo = top.table("border")
+    b = BorderConfig()
+    border = BorderConfig(
+        tun=bo.string("tun", b.tun),
+        listen=bo.string("listen", b.listen),
+        port=bo.integer("port", b.port, minimum=1, maximum=65535),
+        underlay_mtu=bo.integer("underlay_mtu", b.underlay_mtu, minimum=1280, maximum=65535),
+        keepalive=bo.number("keepalive", b.keepalive, minimum=0),
+    )
+    if len(border.tun) > 15 or "/" in border.tun or " " in border.tun:
+        raise bo.error("tun", "must be an interface name of at most 15 characters")
+    if border.tun == device.name:
+        raise bo.error("tun", f"must differ from the TAP device's name ({device.name})")
+    try:
+        ipaddress.ip_address(border.listen)
+    except ValueError:
+        raise bo.error("listen", "must be an IP address to listen on") from None
+    bo.done()
+
     config = AgentConfig(
         path=path,
         role=ag.choice("role", AGENT_ROLES, "client"),
@@ -579,6 +615,7 @@ def load_agent_config(path: str) -> AgentConfig:
         carrier=carrier,
         queue=queue,
         gateway=gateway,
+        border=border,
         metrics=ag.endpoint("metrics", "") if ag.data.get("metrics") else _unused(ag, "metrics"),
     )
     if config.role == "gateway" and not gateway.bridge:

@@ -36,7 +36,7 @@ KEYSERVER_PORT = 7443
 MARKER = b"SECURELAN-MARKER"
 
 
-def overlay_in_clear(frames, port=4789) -> set:
+def overlay_in_clear(frames, port=4789, overlay=OVERLAY) -> set:
     """
     The overlay addresses found in captured frames outside securelan's
     ciphertext: anywhere in any other frame (an ARP, an IP packet, an ICMP
@@ -45,7 +45,7 @@ def overlay_in_clear(frames, port=4789) -> set:
     address about once in a thousand megabyte-sized captures, and the
     planted markers already prove no plaintext rides inside it.
     """
-    prefix = bytes(int(x) for x in OVERLAY.split("."))
+    prefix = bytes(int(x) for x in overlay.split("."))
     found = set()
     for frame in frames:
         ethertype = frame[12:14]
@@ -61,7 +61,7 @@ def overlay_in_clear(frames, port=4789) -> set:
         while index != -1:
             host = clear[index + 3:index + 4]
             if host:
-                found.add(f"{OVERLAY}.{host[0]}")
+                found.add(f"{overlay}.{host[0]}")
             index = clear.find(prefix, index + 1)
     return found
 
@@ -114,8 +114,8 @@ class Member:
         self.name = name
         self.index = index
         self.mac = member_mac(index)
-        self.underlay = f"{UNDERLAY}.{index}"
-        self.overlay = f"{OVERLAY}.{index}"
+        self.underlay = f"{lan.underlay}.{index}"
+        self.overlay = f"{lan.overlay}.{index}"
         self.host = lan.lab.host(name)
         lan.lab.link(self.host, lan.switch, addresses=[f"{self.underlay}/24"])
         self.config = os.path.join(lan.workdir, f"{name}.toml")
@@ -134,7 +134,7 @@ role = "{self.role}"
 ca = "{self.lan.ca}"
 certificate = "{cert}"
 private_key = "{key}"
-key_servers = ["keyserver.test@{KEYSERVER_ADDRESS}:{KEYSERVER_PORT}"]
+key_servers = ["keyserver.{self.lan.subnet}@{self.lan.keyserver_address}:{KEYSERVER_PORT}"]
 on_key_miss = "{on_key_miss}"
 status_socket = "{self.status_socket}"
 
@@ -228,6 +228,51 @@ class Gateway(Member):
         return '[gateway]\nbridge = "br-plain"\n'
 
 
+#: The UDP port borders listen on, on their WAN side.
+BORDER_PORT = 4800
+
+
+class Border(Member):
+    """
+    A subnet's border: a member on the subnet's switch (eth0, TAP address
+    .254 of the overlay, where members route other subnets), a router
+    between subnets with IP forwarding on, and a WAN link (wan0) to the
+    WAN router.
+    """
+
+    role = "border"
+
+    def __init__(self, lan, name, index):
+        super().__init__(lan, name, index)
+        self.overlay = f"{lan.overlay}.254"
+        self.wan_address = None
+        self.host.sysctl("net.ipv4.ip_forward", "1")
+
+    def device_addresses(self):
+        return f'"{self.overlay}/24"'
+
+    def extra_config(self):
+        return f'[border]\ntun = "slnet0"\nport = {BORDER_PORT}\n'
+
+    def net(self):
+        """
+        The border's links as its status shows them.
+        """
+        return (self.status() or {}).get("role", {}).get("net", {})
+
+    def wait_linked(self, subnet, timeout=20.0):
+        """
+        Wait until the link to C{subnet} is ready to send.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for link in self.net().get("links", []):
+                if link["subnet"] == subnet and link["ready"]:
+                    return link
+            time.sleep(0.1)
+        raise RuntimeError(f"border {self.name} has no link to {subnet}: {self.log_text()[-3000:]}")
+
+
 class PlainHost:
     """
     A host of the plaintext network: no agent, no certificate.
@@ -249,15 +294,25 @@ class EncryptedLAN:
     scratch folder.  Use as a context manager; everything is removed after.
     """
 
-    def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False, pair_key_lifetime=86400):
+    def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False, pair_key_lifetime=86400,
+                 lab=None, subnet="test", underlay=UNDERLAY, overlay=OVERLAY, switch="lan", keyserver="ks"):
         self.names = names
+        self.subnet = subnet
+        self.underlay = underlay
+        self.overlay = overlay
+        self.keyserver_address = f"{underlay}.10"
+        self._switch_name = switch
+        self._keyserver_name = keyserver
+        #: More [sections] for the key server's configuration.
+        self.keyserver_extra = ""
         self.pair_key_lifetime = pair_key_lifetime
         self.with_gateway = gateway
         self.gateway = None
         self.plain = None
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="sl-lan-")
-        self.lab = Lab()
+        self._own_lab = lab is None
+        self.lab = lab or Lab()
         self.members = {}
         self.keyserver = None
         self.keyserver_process = None
@@ -279,13 +334,13 @@ class EncryptedLAN:
 
     def _build(self):
         self.pki_dir = os.path.join(self.workdir, "pki")
-        self.ca, _ = pki.create_ca(self.pki_dir, "test", days=2)
-        pki.issue_keyserver(self.pki_dir, "keyserver.test", days=2)
+        self.ca, _ = pki.create_ca(self.pki_dir, self.subnet, days=2)
+        pki.issue_keyserver(self.pki_dir, f"keyserver.{self.subnet}", days=2)
         for name in self.names:
             pki.issue_member(self.pki_dir, name, days=2)
-        self.switch = self.lab.switch("lan")
-        self.keyserver = self.lab.host("ks")
-        self.lab.link(self.keyserver, self.switch, addresses=[f"{KEYSERVER_ADDRESS}/24"])
+        self.switch = self.lab.switch(self._switch_name)
+        self.keyserver = self.lab.host(self._keyserver_name)
+        self.lab.link(self.keyserver, self.switch, addresses=[f"{self.keyserver_address}/24"])
         for i, name in enumerate(self.names, start=1):
             self.members[name] = Member(self, name, i)
         if self.with_gateway:
@@ -293,28 +348,31 @@ class EncryptedLAN:
             self.plain_switch = self.lab.switch("plain")
             self.gateway = Gateway(self, "gw", 20, self.plain_switch)
             self.members["gw"] = self.gateway
-            self.plain = PlainHost(self, "printer", f"{OVERLAY}.200", self.plain_switch)
+            self.plain = PlainHost(self, "printer", f"{self.overlay}.200", self.plain_switch)
         self.ks_config = os.path.join(self.workdir, "keyserver.toml")
         self.admin_socket = os.path.join(self.workdir, "ks.sock")
         os.makedirs(os.path.join(self.workdir, "state"), exist_ok=True)
+        self.ks_log = os.path.join(self.workdir, "keyserver.log")
+
+    def write_keyserver_config(self):
         with open(self.ks_config, "w") as f:
             f.write(f"""
 [keyserver]
-subnet = "test"
-listen = "tcp:{KEYSERVER_PORT}:interface={KEYSERVER_ADDRESS}"
+subnet = "{self.subnet}"
+listen = "tcp:{KEYSERVER_PORT}:interface={self.keyserver_address}"
 ca = "{self.ca}"
-certificate = "{os.path.join(self.pki_dir, 'keyserver.test.pem')}"
-private_key = "{os.path.join(self.pki_dir, 'keyserver.test.key')}"
+certificate = "{os.path.join(self.pki_dir, f'keyserver.{self.subnet}.pem')}"
+private_key = "{os.path.join(self.pki_dir, f'keyserver.{self.subnet}.key')}"
 state_dir = "{os.path.join(self.workdir, 'state')}"
 admin_socket = "{self.admin_socket}"
 pair_key_lifetime = {self.pair_key_lifetime}
-""")
-        self.ks_log = os.path.join(self.workdir, "keyserver.log")
+{self.keyserver_extra}""")
 
     def pki_paths(self, name):
         return (os.path.join(self.pki_dir, f"{name}.pem"), os.path.join(self.pki_dir, f"{name}.key"))
 
     def start_keyserver(self, timeout=20.0):
+        self.write_keyserver_config()
         with open(self.ks_log, "ab") as log:
             self.keyserver_process = self.keyserver.popen(
                 _twistd("securelan-keyserver", self.ks_config), env=_env(), stdout=log,
@@ -389,6 +447,118 @@ pair_key_lifetime = {self.pair_key_lifetime}
         if self.keyserver_process is not None:
             terminate(self.keyserver_process)
             self.keyserver_process = None
+        if self._own_lab:
+            self.lab.close()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class BorderedSubnets:
+    """
+    Two encrypted subnets, C{east} (overlay 10.231.100.0/24: alice, bob)
+    and C{west} (10.231.101.0/24: carol, dave), each with its key server and
+    a border; the borders' WAN links meet at the router C{wan}
+    (10.231.250.0/24 east, 10.231.251.0/24 west); the key servers agree
+    their NETKEY over a management switch C{mgmt} (10.231.254.0/24).
+    Members route the other subnet through their border's overlay .254.
+    """
+
+    MGMT = "10.231.254"
+    PEERING_PORT = 7444
+
+    def __init__(self, workdir=None):
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="sl-borders-")
+        self.lab = Lab()
+        self.subnets = []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def subnet(self, name, names, index, mgmt_index):
+        workdir = os.path.join(self.workdir, name)
+        os.makedirs(workdir)
+        lan = EncryptedLAN(names, workdir=workdir, lab=self.lab, subnet=name, underlay=f"10.231.{index}",
+                           overlay=f"10.231.{100 + index}", switch=f"lan-{name[0]}", keyserver=f"ks-{name[0]}")
+        self.subnets.append(lan)
+        lan.mgmt_address = f"{self.MGMT}.{mgmt_index}"
+        self.lab.link(lan.keyserver, self.mgmt, ifname="eth1", addresses=[f"{lan.mgmt_address}/24"])
+        return lan
+
+    def _build(self):
+        self.mgmt = self.lab.switch("mgmt")
+        self.wan = self.lab.host("wan")
+        self.wan.sysctl("net.ipv4.ip_forward", "1")
+        self.east = self.subnet("east", ("alice", "bob"), 0, 1)
+        self.west = self.subnet("west", ("carol", "dave"), 1, 2)
+        for lan, wan_net, other in ((self.east, "10.231.250", "10.231.251"), (self.west, "10.231.251", "10.231.250")):
+            name = f"edge-{lan.subnet[0]}"
+            pki.issue_member(lan.pki_dir, name, days=2, roles=("border",))
+            border = Border(lan, name, 30)
+            lan.members[name] = border
+            lan.border = border
+            border.wan_address = f"{wan_net}.1"
+            self.lab.link_hosts(border.host, self.wan, a_ifname="wan0", b_ifname=f"to-{lan.subnet}",
+                                a_addresses=[f"{wan_net}.1/24"], b_addresses=[f"{wan_net}.254/24"])
+            border.host.add_route(f"{other}.0/24", via=f"{wan_net}.254")
+        for lan, peer in ((self.east, self.west), (self.west, self.east)):
+            lan.keyserver_extra = self.netkey_config(lan, [peer])
+
+    def netkey_config(self, lan, peers, listen=True):
+        """
+        The [netkey] section of C{lan}'s key server, linking it to C{peers}
+        (subnets whose CA and key server name it trusts).
+        """
+        lines = ["[netkey]"]
+        if listen:
+            lines.append(f'listen = "tcp:{self.PEERING_PORT}:interface={lan.mgmt_address}"')
+        border = getattr(lan, "border", None)
+        lines += [f'prefixes = ["{lan.overlay}.0/24"]',
+                  f'border = "{border.name if border else "edge-" + lan.subnet[0]}"',
+                  f'border_endpoint = "{border.wan_address if border else lan.mgmt_address}:{BORDER_PORT}"']
+        for peer in peers:
+            lines += ["", "[[netkey.peer]]", f'subnet = "{peer.subnet}"', f'name = "keyserver.{peer.subnet}"',
+                      f'ca = "{peer.ca}"']
+            if peer.subnet < lan.subnet:
+                lines.append(f'address = "{peer.mgmt_address}:{self.PEERING_PORT}"')
+        return "\n".join(lines) + "\n"
+
+    def start(self):
+        """
+        Start both subnets; route each member to the other subnet through
+        its border; return once both borders can send to each other.
+        """
+        for lan in (self.east, self.west):
+            lan.start_keyserver()
+        for lan in (self.east, self.west):
+            for member in lan.members.values():
+                member.start()
+        for lan, other in ((self.east, self.west), (self.west, self.east)):
+            for member in lan.members.values():
+                member.wait_registered()
+                if member is not lan.border:
+                    member.host.add_route(f"{other.overlay}.0/24", via=lan.border.overlay, dev="slan0")
+        self.east.border.wait_linked("west")
+        self.west.border.wait_linked("east")
+
+    def member(self, name):
+        for lan in self.subnets:
+            if name in lan.members:
+                return lan.members[name]
+        raise KeyError(name)
+
+    def close(self):
+        for lan in self.subnets:
+            lan.close()
         self.lab.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -15,7 +15,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from securelan import netns
 from securelan.addresses import format_mac
 from securelan.wire import parse_header
-from securelan.labnet import CODE_ROOT, KEYSERVER_ADDRESS, KEYSERVER_PORT, MARKER, EncryptedLAN, overlay_in_clear
+from securelan.labnet import (
+    BORDER_PORT,
+    CODE_ROOT,
+    KEYSERVER_ADDRESS,
+    KEYSERVER_PORT,
+    MARKER,
+    BorderedSubnets,
+    EncryptedLAN,
+    overlay_in_clear,
+)
 
 PING_PATTERN = MARKER[:16]
 
@@ -274,6 +283,144 @@ class GatewayTests(E2ETestCase):
         rogue = lan.lab.host("rogue")
         lan.lab.link(rogue, lan.switch, addresses=["10.231.100.201/24"])
         self.assertFalse(rogue.ping(alice.overlay, count=2, timeout=3))
+
+
+class BorderTests(E2ETestCase):
+    """
+    Two subnets, each with a key server, two members and a border, joined
+    by a routed WAN; their key servers agree a NETKEY over a management
+    network.
+    """
+
+    def _rogue_keyserver(self, nets, name, ca_dir, subnet, mgmt_index):
+        """
+        Start a key server that presents a certificate for C{name} from the
+        CA in C{ca_dir}, claims subnet C{subnet} and tries to peer with
+        east; return its log's path.
+        """
+        from securelan import pki
+
+        lab = nets.lab
+        workdir = os.path.join(nets.workdir, f"rogue-{mgmt_index}")
+        os.makedirs(os.path.join(workdir, "state"))
+        if ca_dir is None:
+            ca_dir = os.path.join(workdir, "pki")
+            pki.create_ca(ca_dir, subnet, days=2)
+        cert, key = pki.issue_keyserver(ca_dir, name, days=2)
+        host = lab.host(f"rogue{mgmt_index}")
+        address = f"{nets.MGMT}.{mgmt_index}"
+        lab.link(host, nets.mgmt, addresses=[f"{address}/24"])
+        config = os.path.join(workdir, "keyserver.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[keyserver]
+subnet = "{subnet}"
+listen = "tcp:7443:interface={address}"
+ca = "{os.path.join(ca_dir, 'ca.pem')}"
+certificate = "{cert}"
+private_key = "{key}"
+state_dir = "{os.path.join(workdir, 'state')}"
+admin_socket = ""
+
+[netkey]
+prefixes = ["10.231.102.0/24"]
+border = "edge-r"
+border_endpoint = "{address}:{BORDER_PORT}"
+
+[[netkey.peer]]
+subnet = "east"
+name = "keyserver.east"
+ca = "{nets.east.ca}"
+address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
+""")
+        log_path = os.path.join(workdir, "keyserver.log")
+        with open(log_path, "ab") as log:
+            host.popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                        "--pidfile=", "securelan-keyserver", "--config", config],
+                       env=dict(os.environ, PYTHONPATH=CODE_ROOT), stdout=log, stderr=log)
+        return log_path
+
+    def test_two_subnets_through_their_borders(self):
+        """
+        alice (east) and carol (west) ping and talk TCP both ways through
+        the two borders.  The WAN carries only NETKEY datagrams; each
+        subnet's wire only pair-key and group datagrams; no marker and no
+        overlay address crosses either in clear.  A third subnet's key
+        server (another CA), and a key server with a certificate of west's
+        CA but another name, are refused and get no NETKEY; a replayed WAN
+        datagram is dropped.
+        """
+        import time
+
+        nets = BorderedSubnets()
+        self.addCleanup(nets.close)
+        nets.start()
+        alice, bob = nets.member("alice"), nets.member("bob")
+        carol, dave = nets.member("carol"), nets.member("dave")
+        east_border, west_border = nets.east.border, nets.west.border
+        with nets.wan.capture("to-east") as wan, nets.east.switch.capture() as east, \
+                nets.west.switch.capture() as west:
+            self.assertTrue(alice.ping(carol, count=3, timeout=8, pattern=PING_PATTERN), "alice cannot reach carol")
+            self.assertTrue(dave.ping(bob, count=3, pattern=PING_PATTERN), "dave cannot reach bob")
+            self.assertTrue(nets.east.tcp_exchange(alice, dave))
+            self.assertTrue(nets.east.tcp_exchange(carol, bob, port=5002))
+        for capture in (wan, east, west):
+            capture.stop()
+        # The WAN: only NETKEY datagrams between the borders.
+        wan_datagrams = wan.udp_datagrams(BORDER_PORT)
+        self.assertTrue(wan_datagrams)
+        self.assertEqual({(d.payload[0], d.payload[1] & 0x7F) for d in wan_datagrams}, {(1, 4)})
+        self.assertEqual({d.src for d in wan_datagrams} | {d.dst for d in wan_datagrams},
+                         {east_border.wan_address, west_border.wan_address})
+        for capture, port in ((wan, BORDER_PORT), (east, 4789), (west, 4789)):
+            self.assertTrue(capture.packets())
+            self.assertFalse(capture.contains(MARKER), "the marker crossed in clear")
+            self.assertFalse(capture.contains(PING_PATTERN))
+            for overlay in (nets.east.overlay, nets.west.overlay):
+                self.assertEqual(overlay_in_clear(capture.packets(), port=port, overlay=overlay), set())
+        # The subnets: pair and group datagrams only, never NETKEY ones.
+        for capture in (east, west):
+            kinds = {d.payload[1] & 0x7F for d in capture.udp_datagrams(4789)}
+            self.assertTrue(kinds)
+            self.assertLessEqual(kinds, {1, 2})
+        # The borders' status: the link, its prefixes, traffic both ways.
+        [link] = east_border.net()["links"]
+        self.assertEqual((link["subnet"], link["prefixes"], link["epoch"]), ("west", ["10.231.101.0/24"], 1))
+        self.assertGreater(link["tx_frames"], 0)
+        self.assertGreater(link["rx_frames"], 0)
+
+        # What must fail: a replayed WAN datagram.
+        to_west = [segment for d in wan_datagrams if d.dst == west_border.wan_address
+                   for segment in gso_segments(d.payload, 1472)]
+        before = west_border.net()["links"][0]["drops"].get("replay", 0)
+        code = ("import socket,sys\n"
+                "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "for line in sys.stdin.read().split():\n"
+                f"    s.sendto(bytes.fromhex(line), ('{west_border.wan_address}', {BORDER_PORT}))\n")
+        nets.wan.run([sys.executable, "-c", code], input="\n".join(p.hex() for p in to_west[:10]))
+        time.sleep(0.5)
+        after = west_border.net()["links"][0]["drops"].get("replay", 0)
+        self.assertEqual(after - before, min(10, len(to_west)))
+        # A third subnet (its own CA) and an impostor of west (west's CA,
+        # another name) ask east for a NETKEY and are refused.
+        north = self._rogue_keyserver(nets, "keyserver.north", None, "north", 3)
+        impostor = self._rogue_keyserver(nets, "laptop.west", nets.west.pki_dir, "west", 4)
+        deadline = time.monotonic() + 20
+        east_log = ""
+        while time.monotonic() < deadline:
+            east_log = open(nets.east.ks_log, errors="replace").read()
+            if f"{nets.MGMT}.3" in east_log and "laptop.west" in east_log:
+                break
+            time.sleep(0.2)
+        self.assertIn(f"TLS handshake from key server at {nets.MGMT}.3", east_log)
+        self.assertIn("laptop.west", east_log)
+        self.assertIn("not that of a configured peer", east_log)
+        for log_path in (north, impostor):
+            text = open(log_path, errors="replace").read()
+            self.assertNotIn("connected to the key server of subnet east", text)
+            self.assertNotIn("new NETKEY", text)
+        # ... and the real link is untouched.
+        self.assertTrue(alice.ping(carol, count=2))
 
 
 class LifecycleE2ETests(E2ETestCase):

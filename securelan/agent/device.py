@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_device -*-
 """
 The TAP device through which the host's protocol stack sends and receives
-the frames that securelan encrypts.
+the frames that securelan encrypts, and the TUN device through which a
+border routes IP packets to and from other subnets.
 
 The device is opened with C{IFF_VNET_HDR} and the kernel is allowed to hand
 over TCP segmentation and checksum offloads (C{TUNSETOFFLOAD}): a TCP
@@ -34,6 +35,7 @@ log = Logger(namespace="securelan.agent")
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
+IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -81,7 +83,7 @@ class RealSystem:
         try:
             subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
         except FileNotFoundError:
-            raise DeviceError("the 'ip' command (iproute2) is needed to configure the TAP device") from None
+            raise DeviceError("the 'ip' command (iproute2) is needed to configure the device") from None
         except subprocess.CalledProcessError as e:
             message = e.stderr.decode(errors="replace").strip()
             raise DeviceError(f"ip {' '.join(args)}: {message}") from None
@@ -116,6 +118,8 @@ class TapDevice:
     #: Frames taken from the device per reactor turn at most, so one busy
     #: device cannot starve the rest of the agent.
     BATCH = 64
+    KIND = "TAP"
+    _MODE = IFF_TAP
 
     def __init__(self, name: str, mac: bytes, mtu: int, addresses=(), reactor=None, system=None):
         if reactor is None:
@@ -141,19 +145,19 @@ class TapDevice:
                 raise DeviceError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
             raise DeviceError(f"cannot open /dev/net/tun: {e.strerror}") from None
         try:
-            system.ioctl(fd, TUNSETIFF, struct.pack("16sH", self.name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+            system.ioctl(fd, TUNSETIFF, struct.pack("16sH", self.name.encode(), self._MODE | IFF_NO_PI | IFF_VNET_HDR))
             system.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         except OSError as e:
             system.close(fd)
             if e.errno in (errno.EPERM, errno.EACCES):
-                raise DeviceError(f"no permission to create TAP device {self.name}: run the agent as "
+                raise DeviceError(f"no permission to create {self.KIND} device {self.name}: run the agent as "
                                   "root or with CAP_NET_ADMIN") from None
             if e.errno == errno.EBUSY:
-                raise DeviceError(f"TAP device {self.name} is in use by another process") from None
-            raise DeviceError(f"cannot create TAP device {self.name}: {e.strerror}") from None
+                raise DeviceError(f"{self.KIND} device {self.name} is in use by another process") from None
+            raise DeviceError(f"cannot create {self.KIND} device {self.name}: {e.strerror}") from None
         self.fd = fd
         try:
-            system.ip(["link", "set", "dev", self.name, "address", format_mac(self.mac), "mtu", str(self.mtu)])
+            system.ip(["link", "set", "dev", self.name, *self._link_settings(), "mtu", str(self.mtu)])
             for address in self.addresses:
                 system.ip(["addr", "add", address, "dev", self.name])
             system.ip(["link", "set", "dev", self.name, "up"])
@@ -163,9 +167,12 @@ class TapDevice:
         self._receiver = receiver
         self._reader = _Reader(self, self._reactor)
         self._reader.startReading()
-        log.info("TAP device {name} up: MAC {mac}, MTU {mtu}, addresses {addresses}",
-                 name=self.name, mac=format_mac(self.mac), mtu=self.mtu,
+        log.info("{kind} device {name} up: MAC {mac}, MTU {mtu}, addresses {addresses}", kind=self.KIND,
+                 name=self.name, mac=format_mac(self.mac) if self.mac else "none", mtu=self.mtu,
                  addresses=", ".join(self.addresses) or "none")
+
+    def _link_settings(self):
+        return ["address", format_mac(self.mac)]
 
     def read_batch(self):
         read, fd, receiver = self.system.read, self.fd, self._receiver
@@ -177,7 +184,7 @@ class TapDevice:
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
-                log.error("reading TAP device {name}: {reason}", name=self.name, reason=e.strerror)
+                log.error("reading {kind} device {name}: {reason}", kind=self.KIND, name=self.name, reason=e.strerror)
                 return
             if len(data) <= VNET_HDR_LEN:
                 continue
@@ -208,3 +215,20 @@ class TapDevice:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             self.system.close(fd)
+
+
+@implementer(IDevice)
+class TunDevice(TapDevice):
+    """
+    A TUN device: IP packets rather than Ethernet frames, with the same
+    offloads (TSO super-packets with a virtio-net header).  It has no MAC.
+    """
+
+    KIND = "TUN"
+    _MODE = IFF_TUN
+
+    def __init__(self, name: str, mtu: int, addresses=(), reactor=None, system=None):
+        super().__init__(name, None, mtu, addresses, reactor=reactor, system=system)
+
+    def _link_settings(self):
+        return []

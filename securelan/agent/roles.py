@@ -11,8 +11,10 @@ from zope.interface import implementer
 
 from .._interfaces import IKeyListener, IRole
 from ..wire import frame_mtu
+from .carriers import UDPCarrier
 from .dataplane import DataPlane
-from .device import TapDevice
+from .device import DeviceError, TapDevice, TunDevice
+from .netplane import NetPlane
 
 log = Logger(namespace="securelan.agent")
 
@@ -105,6 +107,10 @@ class ClientRole:
         if self.dataplane is not None:
             self.dataplane.purge(peer_id)
 
+    def net_links_pushed(self, links):
+        # Links to other subnets are a border's business.
+        pass
+
     def status(self):
         base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready,
                 "device_write_errors": getattr(self.device, "write_errors", 0)}
@@ -145,4 +151,127 @@ class GatewayRole(ClientRole):
         log.info("gateway: {device} is a port of bridge {bridge}", device=self.device.name, bridge=bridge)
 
 
-ROLES = {"client": ClientRole, "gateway": GatewayRole}
+@implementer(IRole, IKeyListener)
+class BorderRole(ClientRole):
+    """
+    The seed's layer-3 port (ID_X86 plus NETID): a member of its subnet on
+    its TAP device, like a client, and a router between subnets.  The
+    kernel routes packets for other subnets into the TUN device; the
+    L{NetPlane} sends them under the link's NETKEY to that subnet's border,
+    and writes what peer borders send into the TUN device, from where the
+    kernel routes it to the TAP device and so, under pair keys, to the
+    member it is for.  The host must forward IP (net.ipv4.ip_forward=1).
+    """
+
+    name = "border"
+
+    def __init__(self, device_factory=None, tun_factory=None, wan=None):
+        super().__init__(device_factory)
+        self._tun_factory = tun_factory or TunDevice
+        self.wan = wan
+        self.tun = None
+        self.netplane = None
+        self._routes = []
+        self._net_tick = None
+        self.wan_not_ready = 0
+
+    def start(self, agent):
+        config = agent.config.border
+        if self.wan is None:
+            self.wan = UDPCarrier(config.listen, config.port, config.underlay_mtu, "", agent.reactor)
+        super().start(agent)
+        try:
+            self.tun = self._tun_factory(config.tun, frame_mtu(self.wan.max_datagram),
+                                         reactor=agent.reactor)
+            self.tun.start(self._packet)
+            self.wan.start(self._wan_datagrams)
+        except Exception:
+            self.stop()
+            raise
+        if _read_forwarding() == "0":
+            log.warn("IP forwarding is off on this host (net.ipv4.ip_forward=0): the border cannot "
+                     "route between its subnet and the others")
+
+    def stop(self):
+        if self._net_tick is not None and self._net_tick.running:
+            self._net_tick.stop()
+        if self.tun is not None:
+            self.tun.stop()
+        if self.wan is not None:
+            self.wan.stop()
+        super().stop()
+
+    def _packet(self, packet, offload):
+        if self.netplane is None:
+            self.not_ready += 1
+            return
+        self.netplane.packet_from_device(packet, offload)
+
+    def _wan_datagrams(self, datagrams, source):
+        if self.netplane is None:
+            self.wan_not_ready += len(datagrams)
+            return
+        self.netplane.datagrams_received(datagrams, source)
+
+    def registered(self, admission):
+        super().registered(admission)
+        if self.netplane is None:
+            self.netplane = NetPlane(admission.subnet, admission.member_id, admission.incarnation,
+                                     self.tun, self.wan, self.agent.reactor, ask=self.fetch_links,
+                                     routes=self._set_routes, keepalive=self.agent.config.border.keepalive)
+            self._net_tick = LoopingCall(self.netplane.tick)
+            self._net_tick.clock = self.agent.reactor
+            self._net_tick.start(1.0, now=False)
+        self.fetch_links()
+
+    def fetch_links(self):
+        """
+        Ask the key server for the links (at start, on every reconnection,
+        and when a peer border uses a NETKEY epoch we do not hold).
+        """
+        d = self.agent.keys.request_net_links()
+        d.addCallback(self.net_links_pushed)
+        d.addErrback(lambda f: log.warn("fetching links to other subnets failed: {reason}",
+                                        reason=f.getErrorMessage()))
+        return d
+
+    def net_links_pushed(self, links):
+        if self.netplane is not None:
+            self.netplane.install(links)
+
+    def _set_routes(self, prefixes):
+        """
+        Point the kernel's routes for the peer subnets' prefixes at the TUN
+        device, and take away those no longer linked.
+        """
+        system = self.tun.system
+        for prefix in prefixes:
+            try:
+                system.ip(["route", "replace", prefix, "dev", self.tun.name])
+            except DeviceError as e:
+                log.error("cannot route {prefix} to {tun}: {error}", prefix=prefix, tun=self.tun.name, error=e)
+        for prefix in set(self._routes) - set(prefixes):
+            try:
+                system.ip(["route", "del", prefix, "dev", self.tun.name])
+            except DeviceError:
+                pass
+        self._routes = list(prefixes)
+
+    def status(self):
+        base = super().status()
+        base["tun"] = self.tun.name if self.tun is not None else None
+        base["wan_not_ready"] = self.wan_not_ready
+        if self.netplane is not None:
+            base["net"] = self.netplane.status()
+        return base
+
+
+def _read_forwarding():
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+ROLES = {"client": ClientRole, "gateway": GatewayRole, "border": BorderRole}

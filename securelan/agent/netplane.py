@@ -1,0 +1,398 @@
+# -*- test-case-name: tests.test_netplane -*-
+"""
+A border's data plane between subnets (the seed's NETID leg): IP packets
+that the border's kernel routes into its TUN device leave encrypted under
+the NETKEY of the destination's subnet, over UDP to that subnet's border;
+packets from peer borders are decrypted into the TUN device, and the kernel
+routes them on into the subnet, where the border's member role encrypts
+them again under its pair keys (the far leg).
+
+Outbound (L{NetPlane.packet_from_device}): the destination address picks
+the link by the prefixes its key server announced (C{no_route} else); the
+packet is sealed as a L{TYPE_NET} datagram whose header names both subnets
+(L{subnet_tag}) and sent to the peer border's endpoint.
+
+Inbound (L{NetPlane.datagrams_received}): the header must name our subnet
+and a linked one; its epoch selects the NETKEY (a newer one than ours
+makes us ask our key server, the seed's PW_ID check); the tag is verified,
+then the replay window; the packet's source must lie in the peer's
+prefixes and its destination in ours (a peer subnet cannot speak for
+addresses it does not hold); the peer's endpoint follows its authenticated
+datagrams (a NAT that changed its mapping).
+
+Keepalives: each link sends an authenticated empty packet when it has sent
+nothing for C{keepalive} seconds, so a NAT in front of either border keeps
+its mapping.
+"""
+
+import ipaddress
+
+from twisted.logger import Logger
+
+from ..ratelimit import TokenBucket
+from ..wire import (
+    FLAG_OFFLOAD,
+    TYPE_NET,
+    VNET_HDR_LEN,
+    CounterExhausted,
+    Opener,
+    Reassembler,
+    Sealer,
+    WireError,
+    derive_net_key,
+    parse_header,
+    subnet_tag,
+)
+from .peers import Stats
+
+log = Logger(namespace="securelan.border")
+
+_ETHERTYPE_IPV4 = b"\x08\x00"
+_ETHERTYPE_IPV6 = b"\x86\xdd"
+#: A keepalive's EtherType (IEEE local experimental 1) and body.
+_KEEPALIVE = b"\x88\xb5securelan keepalive"
+_KIND_MASK = ~FLAG_OFFLOAD & 0xFF
+
+#: Seconds a replaced NETKEY epoch is still received (make-before-break).
+GRACE_SECONDS = 15.0
+#: Destination addresses remembered with their link.
+_ROUTE_CACHE = 4096
+
+
+def _addresses(packet):
+    """
+    The source and destination addresses of an IP packet (bytes), or None
+    when it is not a whole IPv4 or IPv6 header.
+    """
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return bytes(packet[12:16]), bytes(packet[16:20])
+    if version == 6 and len(packet) >= 40:
+        return bytes(packet[8:24]), bytes(packet[24:40])
+    return None
+
+
+def _inside(address: bytes, networks) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in network for network in networks)
+
+
+class NetLinkState:
+    """
+    One link as the border uses it: the peer border's endpoint, the NETKEY
+    epochs it may receive, its sending direction and its receiving ones.
+    """
+
+    def __init__(self, link, endpoint, my_subnet, my_border, my_incarnation, clock):
+        self.link = link
+        self.endpoint = endpoint
+        self.networks = [ipaddress.ip_network(p) for p in link.prefixes]
+        self.local_networks = [ipaddress.ip_network(p) for p in link.local_prefixes]
+        self.tag = subnet_tag(link.subnet)
+        self.stats = Stats()
+        #: When this link last sent anything (a keepalive is due
+        #: C{keepalive} seconds later).
+        self.last_sent = clock.seconds()
+        self._my = (my_subnet, my_border, my_incarnation)
+        self._clock = clock
+        #: epoch -> (NETKEY, received until: None for the current one).
+        self.keys = {link.epoch: (link.key, None)}
+        self.sealer = None
+        self._openers = {}
+        self._rx_incarnation = 0
+        self._derivations = TokenBucket(5.0, 10, clock)
+        self._make_sealer()
+
+    @property
+    def epoch(self):
+        return self.link.epoch
+
+    @property
+    def rx_incarnation(self):
+        """
+        The newest incarnation of the peer border seen authenticated.
+        """
+        return self._rx_incarnation
+
+    def _make_sealer(self):
+        subnet, border, incarnation = self._my
+        link = self.link
+        if not link.incarnation:
+            # The peer border has not registered: there is no key to send to.
+            self.sealer = None
+            return
+        key = derive_net_key(link.key, subnet, border, link.subnet, link.border, link.epoch,
+                             incarnation, link.incarnation)
+        self.sealer = Sealer(key, TYPE_NET, link.epoch, incarnation)
+
+    def update(self, link, endpoint):
+        """
+        The key server sent the link again: a new epoch (the old one is
+        received for L{GRACE_SECONDS} more), or a new peer incarnation or
+        endpoint.
+        """
+        old = self.link
+        self.link = link
+        self.networks = [ipaddress.ip_network(p) for p in link.prefixes]
+        self.local_networks = [ipaddress.ip_network(p) for p in link.local_prefixes]
+        if link.endpoint != old.endpoint:
+            self.endpoint = endpoint
+        if link.epoch != old.epoch or link.key != old.key:
+            now = self._clock.seconds()
+            self.keys[old.epoch] = (old.key, now + GRACE_SECONDS)
+            self.keys[link.epoch] = (link.key, None)
+            self._openers = {k: v for k, v in self._openers.items() if k[0] != link.epoch}
+            self._make_sealer()
+        elif link.incarnation != old.incarnation or link.border != old.border:
+            self._make_sealer()
+        self.expire()
+
+    def expire(self):
+        now = self._clock.seconds()
+        for epoch, (_, until) in list(self.keys.items()):
+            if until is not None and until <= now:
+                del self.keys[epoch]
+                self._openers = {k: v for k, v in self._openers.items() if k[0] != epoch}
+
+    def opener_for(self, epoch, incarnation):
+        """
+        The receiving direction for C{epoch} and the peer border's
+        C{incarnation}; None when this epoch is not held, the incarnation is
+        older than one already seen, or derivations are exhausted (forged
+        headers cost a derivation each).
+        """
+        opener = self._openers.get((epoch, incarnation))
+        if opener is not None:
+            return opener
+        held = self.keys.get(epoch)
+        if held is None or incarnation < self._rx_incarnation or not self._derivations.take():
+            return None
+        subnet, border, my_incarnation = self._my
+        link = self.link
+        key = derive_net_key(held[0], link.subnet, link.border, subnet, border, epoch, incarnation,
+                             my_incarnation)
+        opener = Opener(key, TYPE_NET, epoch, incarnation)
+        if len(self._openers) >= 8:
+            self._openers.clear()
+        self._openers[(epoch, incarnation)] = opener
+        return opener
+
+    def accepted(self, incarnation):
+        """
+        A datagram authenticated under C{incarnation}: older ones are over.
+        """
+        if incarnation > self._rx_incarnation:
+            self._rx_incarnation = incarnation
+            self._openers = {k: v for k, v in self._openers.items() if k[1] >= incarnation}
+
+    def status(self):
+        link = self.link
+        return {"subnet": link.subnet, "border": link.border, "endpoint": link.endpoint,
+                "prefixes": list(link.prefixes), "epoch": link.epoch,
+                "epochs_received": sorted(self.keys), "ready": self.sealer is not None,
+                **self.stats.as_dict()}
+
+
+class NetPlane:
+    """
+    The border's links to the borders of its peer subnets.
+
+    @param device: the TUN L{IDevice} (started with L{packet_from_device}).
+    @param carrier: the WAN L{ICarrier} (started with L{datagrams_received}).
+    @param ask: called with no argument to fetch the links again from the
+        key server (rate-limited here).
+    @param routes: called with the list of remote prefixes whenever they
+        change, to point the kernel's routes at the TUN device.
+    """
+
+    def __init__(self, my_subnet, my_border, incarnation, device, carrier, clock, ask=None,
+                 routes=None, keepalive=25.0):
+        self.my_subnet = my_subnet
+        self.my_border = my_border
+        self.incarnation = incarnation
+        self.my_tag = subnet_tag(my_subnet)
+        self.device = device
+        self.carrier = carrier
+        self.clock = clock
+        self.keepalive = keepalive
+        self._ask = ask or (lambda: None)
+        self._routes = routes or (lambda prefixes: None)
+        self._asks = TokenBucket(1.0, 1, clock)
+        self.links: dict[str, NetLinkState] = {}
+        self._by_tag: dict[bytes, NetLinkState] = {}
+        self._route_cache: dict[bytes, NetLinkState | None] = {}
+        self.reassembler = Reassembler(clock)
+        self.stats = Stats()
+        self.asked = 0
+
+    def install(self, links):
+        """
+        Take the key server's list of links (the whole list each time).
+        """
+        fresh = {}
+        for link in links:
+            endpoint = self.carrier.parse_endpoint(link.endpoint)
+            state = self.links.get(link.subnet)
+            if state is None:
+                state = NetLinkState(link, endpoint, self.my_subnet, self.my_border, self.incarnation,
+                                     self.clock)
+                log.info("link to subnet {subnet}: border {border} at {endpoint}, prefixes {prefixes}, "
+                         "NETKEY epoch {epoch}", subnet=link.subnet, border=link.border,
+                         endpoint=link.endpoint, prefixes=", ".join(link.prefixes), epoch=link.epoch)
+            else:
+                state.update(link, endpoint)
+            fresh[link.subnet] = state
+        for gone in set(self.links) - set(fresh):
+            log.info("link to subnet {subnet} removed", subnet=gone)
+        self.links = fresh
+        self._by_tag = {state.tag: state for state in fresh.values()}
+        self._route_cache = {}
+        self._routes(sorted({p for s in fresh.values() for p in s.link.prefixes}))
+
+    def _link_to(self, dst: bytes):
+        cache = self._route_cache
+        state = cache.get(dst, False)
+        if state is False:
+            ip = ipaddress.ip_address(dst)
+            best, best_len = None, -1
+            for candidate in self.links.values():
+                for network in candidate.networks:
+                    if ip in network and network.prefixlen > best_len:
+                        best, best_len = candidate, network.prefixlen
+            if len(cache) >= _ROUTE_CACHE:
+                cache.clear()
+            state = cache[dst] = best
+        return state
+
+    # Outbound ------------------------------------------------------------
+
+    def packet_from_device(self, packet, offload=None):
+        addresses = _addresses(packet)
+        if addresses is None:
+            self.stats.drop("malformed")
+            return
+        state = self._link_to(addresses[1])
+        if state is None:
+            self.stats.drop("no_route")
+            return
+        ethertype = _ETHERTYPE_IPV4 if packet[0] >> 4 == 4 else _ETHERTYPE_IPV6
+        self._send(state, b"".join((state.tag, self.my_tag, ethertype, packet)), offload, count=True)
+
+    def _send(self, state, frame, offload=None, count=False):
+        if state.sealer is None or state.endpoint is None:
+            state.stats.drop("peer_not_ready")
+            self.stats.drop("peer_not_ready")
+            return
+        try:
+            datagrams = state.sealer.seal(frame, self.carrier.max_datagram, offload)
+        except (ValueError, CounterExhausted) as e:
+            state.stats.drop("seal")
+            log.info("cannot send to subnet {subnet}: {error}", subnet=state.link.subnet,
+                     error=e.__class__.__name__)
+            if isinstance(e, CounterExhausted):
+                self.ask()
+            return
+        self.carrier.send(datagrams, state.endpoint)
+        state.last_sent = self.clock.seconds()
+        if count:
+            stats = state.stats
+            stats.tx_frames += 1
+            stats.tx_bytes += len(frame)
+            stats.last_tx = state.last_sent
+
+    def tick(self):
+        """
+        Once a second: keepalives, expired epochs and pieces.
+        """
+        now = self.clock.seconds()
+        self.reassembler.expire()
+        for state in self.links.values():
+            state.expire()
+            if self.keepalive and now - state.last_sent >= self.keepalive:
+                self._send(state, b"".join((state.tag, self.my_tag, _KEEPALIVE)))
+
+    def ask(self):
+        """
+        Fetch the links again from the key server, at most once a second.
+        """
+        if self._asks.take():
+            self.asked += 1
+            self._ask()
+
+    # Inbound -------------------------------------------------------------
+
+    def datagrams_received(self, datagrams, source):
+        for datagram in datagrams:
+            try:
+                self._datagram(datagram, source)
+            except WireError as e:
+                self.stats.drop(e.reason)
+            except Exception:
+                # Nothing a peer or an attacker sends may stop the border.
+                self.stats.drop("error")
+                log.failure("datagram from {source}", source=source)
+
+    def _drop(self, state, reason):
+        self.stats.drop(reason)
+        if state is not None:
+            state.stats.drop(reason)
+
+    def _datagram(self, datagram, source):
+        header = parse_header(datagram)
+        if header.type & _KIND_MASK != TYPE_NET:
+            return self._drop(None, "type")
+        if header.dst != self.my_tag:
+            return self._drop(None, "not_for_us")
+        state = self._by_tag.get(header.src)
+        if state is None:
+            return self._drop(None, "unknown_subnet")
+        opener = state.opener_for(header.epoch, header.incarnation)
+        if opener is None:
+            if header.epoch > state.epoch:
+                # The seed's PW_ID check: the peer has a newer NETKEY.
+                self.ask()
+            return self._drop(state, "epoch" if header.epoch not in state.keys else "incarnation")
+        try:
+            piece = opener.open_counter(datagram, header.counter)
+        except WireError as e:
+            return self._drop(state, e.reason)
+        state.accepted(header.incarnation)
+        if header.incarnation == state.rx_incarnation and source != state.endpoint and source is not None:
+            log.info("border of subnet {subnet} now at {source}", subnet=state.link.subnet, source=source)
+            state.endpoint = source
+        try:
+            frame = self.reassembler.add(header, piece)
+        except WireError as e:
+            return self._drop(state, e.reason)
+        if frame is None:
+            return
+        if header.type & FLAG_OFFLOAD:
+            vnet, body = frame[:VNET_HDR_LEN], frame[VNET_HDR_LEN + 12:]
+        else:
+            vnet, body = None, frame[12:]
+        stats = state.stats
+        stats.last_rx = self.clock.seconds()
+        if body == _KEEPALIVE:
+            return
+        packet = body[2:]
+        addresses = _addresses(packet)
+        if addresses is None or body[:2] not in (_ETHERTYPE_IPV4, _ETHERTYPE_IPV6):
+            return self._drop(state, "malformed")
+        if not _inside(addresses[0], state.networks):
+            return self._drop(state, "source_not_in_prefixes")
+        if not _inside(addresses[1], state.local_networks):
+            return self._drop(state, "destination_not_local")
+        stats.rx_frames += 1
+        stats.rx_bytes += len(packet)
+        if vnet is not None:
+            written = self.device.write(vnet + packet, offload=True)
+        else:
+            written = self.device.write(packet)
+        if not written:
+            self._drop(state, "device_full")
+
+    def status(self):
+        return {"subnet": self.my_subnet, "incarnation": self.incarnation, "asked": self.asked,
+                "drops": dict(self.stats.drops),
+                "links": [self.links[s].status() for s in sorted(self.links)]}
+

@@ -1,0 +1,275 @@
+"""
+Tests for a border's data plane between subnets (L{securelan.agent.netplane}),
+with two borders on an in-memory WAN.
+"""
+
+import struct
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from securelan.agent.netplane import GRACE_SECONDS, NetPlane
+from securelan.keys import SecretKey
+from securelan.protocol import NetLink
+from securelan.testing import MemoryDevice, MemoryLAN
+from securelan.wire import TYPE_NET, parse_header, subnet_tag
+
+MARKER = b"NETPLANE-MARKER-7f3a"
+
+
+def ipv4(src, dst, payload=MARKER, protocol=17):
+    """
+    An IPv4 packet (the checksum is not checked on this path).
+    """
+    def addr(text):
+        return bytes(int(x) for x in text.split("."))
+
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, protocol, 0, addr(src), addr(dst))
+    return header + payload
+
+
+class Border:
+    def __init__(self, test, lan, subnet, border_id, incarnation, host, clock):
+        self.device = MemoryDevice(name="slnet0", mac=None)
+        self.carrier = lan.carrier(host, 4800)
+        self.asked = 0
+        self.routes = []
+
+        def ask():
+            self.asked += 1
+
+        self.plane = NetPlane(subnet, border_id, incarnation, self.device, self.carrier, clock, ask=ask,
+                              routes=self.routes.append)
+        self.carrier.start(self.plane.datagrams_received)
+        self.device.start(self.plane.packet_from_device)
+
+
+class NetPlaneTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.lan = MemoryLAN()
+        self.netkey = SecretKey.generate()
+        self.alpha = Border(self, self.lan, "alpha", "edge-a", 3, "192.0.2.1", self.clock)
+        self.beta = Border(self, self.lan, "beta", "edge-b", 5, "192.0.2.2", self.clock)
+        self.link_both()
+
+    def link(self, peer, peer_border, endpoint, incarnation, prefixes, local, key=None, epoch=1):
+        return NetLink(subnet=peer, border=peer_border, endpoint=endpoint, incarnation=incarnation,
+                       prefixes=prefixes, local_prefixes=local, key=key or self.netkey, epoch=epoch)
+
+    def link_both(self, epoch=1, key=None, alpha_incarnation=3, beta_incarnation=5, alpha_sees=("10.2.0.0/24",)):
+        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", beta_incarnation,
+                                            alpha_sees, ("10.1.0.0/24",), key, epoch)])
+        self.beta.plane.install([self.link("alpha", "edge-a", "192.0.2.1:4800", alpha_incarnation,
+                                           ("10.1.0.0/24",), ("10.2.0.0/24",), key, epoch)])
+
+    def test_packet_crosses(self):
+        """
+        A packet the kernel routes into alpha's TUN device comes out of
+        beta's unchanged; the WAN carries only NETKEY datagrams naming the
+        two subnets, and no plaintext.
+        """
+        packet = ipv4("10.1.0.5", "10.2.0.7")
+        self.alpha.device.send(packet)
+        self.lan.flush()
+        self.assertEqual(self.beta.device.written, [packet])
+        [(source, destination, datagram)] = self.lan.wire
+        self.assertEqual((source, destination), (("192.0.2.1", 4800), ("192.0.2.2", 4800)))
+        self.assertNotIn(MARKER, datagram)
+        self.assertNotIn(bytes([10, 1, 0, 5]), datagram[32:])
+        header = parse_header(datagram)
+        self.assertEqual((header.type, header.dst, header.src, header.incarnation),
+                         (TYPE_NET, subnet_tag("beta"), subnet_tag("alpha"), 3))
+        # And back.
+        reply = ipv4("10.2.0.7", "10.1.0.5", b"reply")
+        self.beta.device.send(reply)
+        self.lan.flush()
+        self.assertEqual(self.alpha.device.written, [reply])
+
+    def test_routes(self):
+        """
+        The peers' prefixes are handed to the routes callback.
+        """
+        self.assertEqual(self.alpha.routes[-1], ["10.2.0.0/24"])
+        self.alpha.plane.install([])
+        self.assertEqual(self.alpha.routes[-1], [])
+
+    def test_no_route(self):
+        self.alpha.device.send(ipv4("10.1.0.5", "10.9.0.7"))
+        self.assertEqual(self.lan.wire, [])
+        self.assertEqual(self.alpha.plane.stats.drops, {"no_route": 1})
+
+    def test_malformed_packet(self):
+        self.alpha.device.send(b"\x45\x00")
+        self.assertEqual(self.alpha.plane.stats.drops, {"malformed": 1})
+
+    def test_replay_dropped(self):
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.lan.flush()
+        source, destination, datagram = self.lan.wire[0]
+        self.lan.inject(datagram, source, destination)
+        self.lan.flush()
+        self.assertEqual(len(self.beta.device.written), 1)
+        self.assertEqual(self.beta.plane.stats.drops, {"replay": 1})
+        self.assertEqual(self.beta.plane.links["alpha"].stats.drops, {"replay": 1})
+
+    def test_forged_and_foreign(self):
+        """
+        A datagram under another key fails the tag; one naming a subnet that
+        is not linked, or not ours, is dropped before any decryption.
+        """
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        source, destination, datagram = self.lan.wire[0]
+        self.lan.queue.clear()
+        tampered = bytearray(datagram)
+        tampered[-1] ^= 1
+        self.lan.inject(bytes(tampered), source, destination)
+        other = bytearray(datagram)
+        other[26:32] = subnet_tag("gamma")
+        self.lan.inject(bytes(other), source, destination)
+        elsewhere = bytearray(datagram)
+        elsewhere[20:26] = subnet_tag("gamma")
+        self.lan.inject(bytes(elsewhere), source, destination)
+        self.lan.flush()
+        self.assertEqual(self.beta.device.written, [])
+        self.assertEqual(self.beta.plane.stats.drops, {"auth": 1, "unknown_subnet": 1, "not_for_us": 1})
+
+    def test_source_must_be_the_peers(self):
+        """
+        A peer subnet cannot send in the name of addresses outside its
+        prefixes, nor to addresses outside ours.
+        """
+        self.beta.device.send(ipv4("10.9.9.9", "10.1.0.5"))
+        self.lan.flush()
+        # Alpha believes beta holds all of 10/8; beta holds only 10.2.0.0/24.
+        self.link_both(alpha_sees=("10.0.0.0/8",))
+        self.alpha.device.send(ipv4("10.1.0.5", "10.3.0.1"))
+        self.lan.flush()
+        self.assertEqual(self.alpha.device.written, [])
+        self.assertEqual(self.beta.device.written, [])
+        self.assertEqual(self.alpha.plane.stats.drops, {"source_not_in_prefixes": 1})
+        self.assertEqual(self.beta.plane.stats.drops, {"destination_not_local": 1})
+
+    def test_new_epoch_asks_and_grace(self):
+        """
+        The seed's PW_ID check: a datagram of an epoch the receiver does not
+        hold makes it ask its key server.  Once both hold the new epoch the
+        old one is still received for the grace period, then not.
+        """
+        old_packet = ipv4("10.1.0.5", "10.2.0.7", b"old")
+        self.alpha.device.send(old_packet)
+        old_datagram = self.lan.wire[-1]
+        self.lan.queue.clear()
+        new_key = SecretKey.generate()
+        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
+                                            ("10.1.0.0/24",), new_key, 2)])
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.lan.flush()
+        self.assertEqual(self.beta.device.written, [])
+        self.assertEqual(self.beta.asked, 1)
+        self.assertEqual(self.beta.plane.stats.drops, {"epoch": 1})
+        self.beta.plane.install([self.link("alpha", "edge-a", "192.0.2.1:4800", 3, ("10.1.0.0/24",),
+                                           ("10.2.0.0/24",), new_key, 2)])
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"new"))
+        self.lan.inject(old_datagram[2], old_datagram[0], old_datagram[1])
+        self.lan.flush()
+        self.assertEqual(len(self.beta.device.written), 2)
+        self.clock.advance(GRACE_SECONDS)
+        self.beta.plane.tick()
+        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
+                                            ("10.1.0.0/24",), self.netkey, 1)])
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"late"))
+        self.lan.flush()
+        self.assertEqual(len(self.beta.device.written), 2)
+
+    def test_asks_rate_limited(self):
+        """
+        A flood of datagrams naming newer epochs asks at most once a second.
+        """
+        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
+                                            ("10.1.0.0/24",), SecretKey.generate(), 9)])
+        for _ in range(50):
+            self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.lan.flush()
+        self.assertEqual(self.beta.asked, 1)
+
+    def test_restarted_border(self):
+        """
+        A border that restarts sends under a new incarnation; the peer takes
+        it up and refuses the old incarnation from then on.
+        """
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"first"))
+        old = self.lan.wire[-1]
+        self.lan.flush()
+        self.alpha = Border(self, self.lan, "alpha", "edge-a", 4, "192.0.2.1", self.clock)
+        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
+                                            ("10.1.0.0/24",))])
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"second"))
+        self.lan.inject(old[2], old[0], old[1])
+        self.lan.flush()
+        self.assertEqual([p[20:] for p in self.beta.device.written], [b"first", b"second"])
+        self.assertEqual(self.beta.plane.stats.drops, {"incarnation": 1})
+
+    def test_endpoint_follows_authentic_datagrams(self):
+        """
+        NAT: when the peer's datagrams come from a new address (its NAT
+        changed the mapping), replies go there; a forged datagram from
+        elsewhere moves nothing.
+        """
+        self.beta.device.send(ipv4("10.2.0.7", "10.1.0.5"))
+        _, destination, datagram = self.lan.wire[-1]
+        self.lan.queue.clear()
+        tampered = bytearray(datagram)
+        tampered[-1] ^= 1
+        self.lan.inject(bytes(tampered), ("198.51.100.66", 1), destination)
+        self.lan.flush()
+        self.assertEqual(self.alpha.plane.links["beta"].endpoint, ("192.0.2.2", 4800))
+        self.lan.inject(datagram, ("198.51.100.7", 40001), destination)
+        self.lan.flush()
+        self.assertEqual(self.alpha.plane.links["beta"].endpoint, ("198.51.100.7", 40001))
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.assertEqual(self.lan.queue[-1][1], ("198.51.100.7", 40001))
+
+    def test_keepalive(self):
+        """
+        A link that sent nothing for C{keepalive} seconds sends an
+        authenticated keepalive; the receiver consumes it (nothing reaches
+        its device) and counts it as heard.
+        """
+        self.clock.advance(24)
+        self.alpha.plane.tick()
+        self.assertEqual(self.lan.wire, [])
+        self.clock.advance(1)
+        self.alpha.plane.tick()
+        self.lan.flush()
+        self.assertEqual(len(self.lan.wire), 1)
+        self.assertEqual(self.beta.device.written, [])
+        self.assertEqual(self.beta.plane.stats.drops, {})
+        self.assertEqual(self.beta.plane.links["alpha"].stats.last_rx, self.clock.seconds())
+
+    def test_offload_header_travels(self):
+        vnet = b"\x01\x00" + struct.pack("<HHHH", 20, 1380, 20, 6)
+        packet = ipv4("10.1.0.5", "10.2.0.7", b"x" * 3000, protocol=6)
+        self.alpha.device.send(packet, vnet)
+        self.lan.flush()
+        self.assertEqual(self.beta.device.written, [packet])
+        self.assertEqual(self.beta.device.offloads, [vnet])
+
+    def test_peer_not_registered(self):
+        """
+        Until the peer border registered (incarnation 0) nothing is sent.
+        """
+        self.link_both(beta_incarnation=0)
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.assertEqual(self.lan.wire, [])
+        self.assertEqual(self.alpha.plane.stats.drops, {"peer_not_ready": 1})
+
+    def test_status(self):
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.lan.flush()
+        status = self.alpha.plane.status()
+        [link] = status["links"]
+        self.assertEqual((link["subnet"], link["prefixes"], link["epoch"], link["tx_frames"]),
+                         ("beta", ["10.2.0.0/24"], 1, 1))
+        self.assertNotIn(self.netkey.material.hex(), repr(status))
