@@ -352,6 +352,8 @@ def _add_keyserver_commands(subparsers) -> None:
     which = rekey.add_mutually_exclusive_group(required=True)
     which.add_argument("--pair", nargs=2, metavar="ID", help="the two member IDs")
     which.add_argument("--all", action="store_true", help="every pair")
+    which.add_argument("--netkey", metavar="SUBNET",
+                       help="the NETKEY of the link to SUBNET (on the key server that leads the link)")
     common(rekey)
     rekey.set_defaults(func=_run_rekey)
 
@@ -390,6 +392,13 @@ def _run_keys(args) -> int:
             acks = ", ".join(f"{who}@{epoch}" for who, epoch in sorted(pair.get("acknowledged", {}).items()))
             lines.append(f"{' - '.join(pair['members']):<40} {pair['epoch']:>5} "
                          f"{now - pair['created_at']:>8.0f} s {due:>12}  {pair['fingerprint']:<16}  {acks or '-'}")
+        for link in keys.get("netkeys", []):
+            due = f"{link['next_rekey']} s" if link.get("next_rekey") is not None else "-"
+            lines.append(f"NETKEY with subnet {link['subnet']} ({link['role']}, "
+                         f"{'connected' if link['connected'] else 'not connected'}): epoch {link['epoch']}, "
+                         f"age {link['age'] if link['age'] is not None else '-'} s, next rekey {due}, "
+                         f"fingerprint {link['fingerprint'] or '-'}; border {link['border'] or '?'}, "
+                         f"prefixes {', '.join(link['prefixes']) or '-'}")
         return "\n".join(lines)
 
     return _run_admin(args, "keys", show)
@@ -409,6 +418,8 @@ def _run_rekey(args) -> int:
         return "\n".join(f"rekeyed {' - '.join(p['members'])} to epoch {p['epoch']}" for p in done) \
             or "no pair keys"
 
+    if args.netkey:
+        return _run_admin(args, "rekey", show, netkey=args.netkey)
     return _run_admin(args, "rekey", show, pair=args.pair, all=args.all)
 
 

@@ -52,6 +52,35 @@ class StatusFormatTests(SynchronousTestCase):
         json.dumps(status)
 
 
+    def test_format_border(self):
+        """
+        A border's status shows its links: the peer subnet, its border and
+        endpoint, its prefixes, the NETKEY epoch and the traffic; never the
+        NETKEY.
+        """
+        from twisted.internet.task import Clock
+
+        from securelan.agent.netplane import NetPlane
+        from securelan.keys import SecretKey
+        from securelan.protocol import NetLink
+        from securelan.testing import MemoryDevice
+
+        clock = Clock()
+        lan = MemoryLAN()
+        carrier = lan.carrier("192.0.2.1", 4800)
+        plane = NetPlane("east", "edge-e", 1, MemoryDevice(mac=None), carrier, clock)
+        key = SecretKey.generate()
+        plane.install([NetLink(subnet="west", border="edge-w", endpoint="192.0.2.2:4800", incarnation=1,
+                               prefixes=("10.2.0.0/24",), local_prefixes=("10.1.0.0/24",), key=key, epoch=3)])
+        status = {"now": 0.0, "role_name": "border", "key_servers": [],
+                  "role": {"device": "slan0", "tun": "slnet0", "net": plane.status()}}
+        text = format_status(status)
+        self.assertIn("border of subnet east: TUN device slnet0", text)
+        self.assertIn("link: subnet west  border edge-w  endpoint 192.0.2.2:4800", text)
+        self.assertIn("prefixes: 10.2.0.0/24  NETKEY epoch: 3", text)
+        self.assertNotIn(key.material.hex(), text + json.dumps(status))
+
+
 class StatusSocketTests(TestCase):
     def test_socket_is_private_and_answers(self):
         """

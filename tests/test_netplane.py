@@ -151,37 +151,58 @@ class NetPlaneTests(SynchronousTestCase):
         self.assertEqual(self.alpha.plane.stats.drops, {"source_not_in_prefixes": 1})
         self.assertEqual(self.beta.plane.stats.drops, {"destination_not_local": 1})
 
-    def test_new_epoch_asks_and_grace(self):
+    def relink(self, border, epoch, key):
+        if border is self.alpha:
+            link = self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",), ("10.1.0.0/24",), key, epoch)
+        else:
+            link = self.link("alpha", "edge-a", "192.0.2.1:4800", 3, ("10.1.0.0/24",), ("10.2.0.0/24",), key, epoch)
+        border.plane.install([link])
+
+    def sent_epoch(self):
+        return parse_header(self.lan.wire[-1][2]).epoch
+
+    def test_new_epoch_make_before_break(self):
         """
-        The seed's PW_ID check: a datagram of an epoch the receiver does not
-        hold makes it ask its key server.  Once both hold the new epoch the
-        old one is still received for the grace period, then not.
+        A border told of a new epoch goes on sending under the old one for
+        a second (its peer hears of the rekey from another key server); a
+        peer that gets a datagram of an epoch it does not hold asks its key
+        server (the seed's PW_ID check); a border switches at once when the
+        peer shows it holds the new epoch; the old epoch is received for the
+        grace period, then not.  Nothing is lost on the way.
         """
-        old_packet = ipv4("10.1.0.5", "10.2.0.7", b"old")
-        self.alpha.device.send(old_packet)
-        old_datagram = self.lan.wire[-1]
-        self.lan.queue.clear()
         new_key = SecretKey.generate()
-        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
-                                            ("10.1.0.0/24",), new_key, 2)])
-        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"before"))
+        late_old = self.lan.wire[-1]
+        self.lan.queue.clear()
+        self.relink(self.alpha, 2, new_key)
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"one"))
+        self.assertEqual(self.sent_epoch(), 1)
         self.lan.flush()
-        self.assertEqual(self.beta.device.written, [])
+        self.clock.advance(1)
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"lost"))
+        self.assertEqual(self.sent_epoch(), 2)
+        self.lan.flush()
         self.assertEqual(self.beta.asked, 1)
         self.assertEqual(self.beta.plane.stats.drops, {"epoch": 1})
-        self.beta.plane.install([self.link("alpha", "edge-a", "192.0.2.1:4800", 3, ("10.1.0.0/24",),
-                                           ("10.2.0.0/24",), new_key, 2)])
-        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"new"))
-        self.lan.inject(old_datagram[2], old_datagram[0], old_datagram[1])
+        self.relink(self.beta, 2, new_key)
+        self.beta.device.send(ipv4("10.2.0.7", "10.1.0.5", b"reply"))
+        self.assertEqual(self.sent_epoch(), 1)
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"two"))
         self.lan.flush()
-        self.assertEqual(len(self.beta.device.written), 2)
+        # Beta saw alpha's epoch 2: it switches without waiting.
+        self.beta.device.send(ipv4("10.2.0.7", "10.1.0.5", b"reply2"))
+        self.assertEqual(self.sent_epoch(), 2)
+        self.lan.inject(late_old[2], late_old[0], late_old[1])
+        self.lan.flush()
+        self.assertEqual([p[20:] for p in self.beta.device.written], [b"one", b"two", b"before"])
+        self.assertEqual([p[20:] for p in self.alpha.device.written], [b"reply", b"reply2"])
         self.clock.advance(GRACE_SECONDS)
         self.beta.plane.tick()
-        self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
-                                            ("10.1.0.0/24",), self.netkey, 1)])
-        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"late"))
+        self.relink(self.alpha, 1, self.netkey)
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"stale"))
         self.lan.flush()
-        self.assertEqual(len(self.beta.device.written), 2)
+        self.assertEqual(len(self.beta.device.written), 3)
+        self.assertEqual(self.beta.plane.stats.drops, {"epoch": 2})
 
     def test_asks_rate_limited(self):
         """
@@ -189,6 +210,7 @@ class NetPlaneTests(SynchronousTestCase):
         """
         self.alpha.plane.install([self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
                                             ("10.1.0.0/24",), SecretKey.generate(), 9)])
+        self.clock.advance(1)
         for _ in range(50):
             self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
         self.lan.flush()

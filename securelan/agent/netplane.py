@@ -55,6 +55,10 @@ _KIND_MASK = ~FLAG_OFFLOAD & 0xFF
 
 #: Seconds a replaced NETKEY epoch is still received (make-before-break).
 GRACE_SECONDS = 15.0
+#: Seconds a border goes on sending under the previous epoch after it got a
+#: new one, unless the peer border shows sooner that it has the new one too
+#: (the two borders hear of a rekey from two key servers, not at once).
+SWITCH_SECONDS = 1.0
 #: Destination addresses remembered with their link.
 _ROUTE_CACHE = 4096
 
@@ -98,6 +102,11 @@ class NetLinkState:
         #: epoch -> (NETKEY, received until: None for the current one).
         self.keys = {link.epoch: (link.key, None)}
         self.sealer = None
+        #: The epoch sent under now (None: nothing can be sent).
+        self.sending_epoch = None
+        #: The sealer of a new epoch not yet used, and when to use it.
+        self._next_sealer = None
+        self._switch_at = 0.0
         self._openers = {}
         self._rx_incarnation = 0
         self._derivations = TokenBucket(5.0, 10, clock)
@@ -114,16 +123,35 @@ class NetLinkState:
         """
         return self._rx_incarnation
 
-    def _make_sealer(self):
+    def _make_sealer(self, later=False):
         subnet, border, incarnation = self._my
         link = self.link
+        self._next_sealer = None
         if not link.incarnation:
             # The peer border has not registered: there is no key to send to.
-            self.sealer = None
+            self.sealer = self.sending_epoch = None
             return
         key = derive_net_key(link.key, subnet, border, link.subnet, link.border, link.epoch,
                              incarnation, link.incarnation)
-        self.sealer = Sealer(key, TYPE_NET, link.epoch, incarnation)
+        sealer = Sealer(key, TYPE_NET, link.epoch, incarnation)
+        if later and self.sealer is not None:
+            self._next_sealer = sealer
+            self._switch_at = self._clock.seconds() + SWITCH_SECONDS
+        else:
+            self.sealer, self.sending_epoch = sealer, link.epoch
+
+    def sealer_now(self):
+        """
+        The sealer to send with now: a new epoch's once the peer showed it
+        holds it or L{SWITCH_SECONDS} passed.
+        """
+        if self._next_sealer is not None and self._clock.seconds() >= self._switch_at:
+            self._switch()
+        return self.sealer
+
+    def _switch(self):
+        self.sealer, self._next_sealer = self._next_sealer, None
+        self.sending_epoch = self.link.epoch
 
     def update(self, link, endpoint):
         """
@@ -142,7 +170,7 @@ class NetLinkState:
             self.keys[old.epoch] = (old.key, now + GRACE_SECONDS)
             self.keys[link.epoch] = (link.key, None)
             self._openers = {k: v for k, v in self._openers.items() if k[0] != link.epoch}
-            self._make_sealer()
+            self._make_sealer(later=link.epoch > old.epoch)
         elif link.incarnation != old.incarnation or link.border != old.border:
             self._make_sealer()
         self.expire()
@@ -177,10 +205,14 @@ class NetLinkState:
         self._openers[(epoch, incarnation)] = opener
         return opener
 
-    def accepted(self, incarnation):
+    def accepted(self, epoch, incarnation):
         """
-        A datagram authenticated under C{incarnation}: older ones are over.
+        A datagram authenticated under C{epoch} and C{incarnation}: older
+        incarnations are over, and a peer that sends under our newest epoch
+        holds it, so we send under it too.
         """
+        if self._next_sealer is not None and epoch == self.link.epoch:
+            self._switch()
         if incarnation > self._rx_incarnation:
             self._rx_incarnation = incarnation
             self._openers = {k: v for k, v in self._openers.items() if k[1] >= incarnation}
@@ -190,6 +222,7 @@ class NetLinkState:
         return {"subnet": link.subnet, "border": link.border, "endpoint": link.endpoint,
                 "prefixes": list(link.prefixes), "epoch": link.epoch,
                 "epochs_received": sorted(self.keys), "ready": self.sealer is not None,
+                "sending_epoch": self.sending_epoch,
                 **self.stats.as_dict()}
 
 
@@ -279,12 +312,13 @@ class NetPlane:
         self._send(state, b"".join((state.tag, self.my_tag, ethertype, packet)), offload, count=True)
 
     def _send(self, state, frame, offload=None, count=False):
-        if state.sealer is None or state.endpoint is None:
+        sealer = state.sealer_now()
+        if sealer is None or state.endpoint is None:
             state.stats.drop("peer_not_ready")
             self.stats.drop("peer_not_ready")
             return
         try:
-            datagrams = state.sealer.seal(frame, self.carrier.max_datagram, offload)
+            datagrams = sealer.seal(frame, self.carrier.max_datagram, offload)
         except (ValueError, CounterExhausted) as e:
             state.stats.drop("seal")
             log.info("cannot send to subnet {subnet}: {error}", subnet=state.link.subnet,
@@ -356,7 +390,7 @@ class NetPlane:
             piece = opener.open_counter(datagram, header.counter)
         except WireError as e:
             return self._drop(state, e.reason)
-        state.accepted(header.incarnation)
+        state.accepted(header.epoch, header.incarnation)
         if header.incarnation == state.rx_incarnation and source != state.endpoint and source is not None:
             log.info("border of subnet {subnet} now at {source}", subnet=state.link.subnet, source=source)
             state.endpoint = source

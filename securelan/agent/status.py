@@ -60,6 +60,24 @@ def format_status(status: dict) -> str:
                    f"last receive: {_ago(peer['last_rx'], status.get('now'))}")
         if peer["drops"]:
             out.append(f"  drops: {_drops(peer['drops'])}")
+    net = role.get("net")
+    if net is not None:
+        out.append("")
+        out.append(f"border of subnet {net['subnet']}: TUN device {role.get('tun')}  "
+                   f"drops: {_drops(net.get('drops', {}))}")
+        if not net["links"]:
+            out.append("  no links to other subnets yet")
+        for link in net["links"]:
+            out.append(f"link: subnet {link['subnet']}  border {link['border']}  endpoint {link['endpoint']}"
+                       f"{'' if link['ready'] else '  (its border has not registered)'}")
+            out.append(f"  prefixes: {', '.join(link['prefixes'])}  NETKEY epoch: {link['epoch']}  "
+                       f"received epochs: {', '.join(map(str, link['epochs_received']))}")
+            out.append(f"  transfer: {link['rx_bytes']} B received ({link['rx_frames']} packets), "
+                       f"{link['tx_bytes']} B sent ({link['tx_frames']} packets)")
+            out.append(f"  last send: {_ago(link['last_tx'], status.get('now'))}  "
+                       f"last receive: {_ago(link['last_rx'], status.get('now'))}")
+            if link["drops"]:
+                out.append(f"  drops: {_drops(link['drops'])}")
     return "\n".join(out)
 
 

@@ -2,7 +2,8 @@
 """
 The key server's control socket commands (see L{securelan.control}):
 C{members}, C{keys} (metadata only: epochs, ages, fingerprints, which holder
-acknowledged which epoch; never key material), C{revoke}, C{rekey} and
+acknowledged which epoch, the NETKEYs of links to other subnets; never key
+material), C{revoke}, C{rekey} (of pairs, or of a link's NETKEY) and
 C{rekey_group}.  C{securelan members|keys|revoke|rekey} are their client.
 """
 
@@ -56,6 +57,7 @@ def admin_handlers(server):
             "group": {"epoch": group.epoch, "created_at": group.created_at,
                       "fingerprint": group.key.fingerprint},
             "pairs": sorted(pairs, key=lambda p: p["members"]),
+            "netkeys": server.broker.status() if server.broker is not None else [],
         }
 
     @defer.inlineCallbacks
@@ -68,7 +70,13 @@ def admin_handlers(server):
         return result
 
     @defer.inlineCallbacks
-    def rekey(pair=None, all=False):
+    def rekey(pair=None, all=False, netkey=None):
+        if netkey is not None:
+            broker = server.broker
+            if broker is None or netkey not in broker.links:
+                raise UnknownPeer(f"subnet {server.subnet} has no link to {netkey!r}")
+            yield broker.rekey(netkey)
+            return [{"members": [server.subnet, netkey], "epoch": broker.links[netkey].epoch}]
         if all:
             pairs = yield server.all_pairs()
             done = []

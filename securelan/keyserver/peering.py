@@ -243,6 +243,9 @@ class NetKeyBroker:
         return [{"subnet": s, "role": "leader" if self.leads(s) else "follower",
                  "connected": link.protocol is not None, "epoch": link.epoch,
                  "age": int(now - link.created_at) if link.key is not None else None,
+                 "next_rekey": (int(link.created_at + self.config.lifetime - now)
+                                if link.key is not None and self.config.lifetime and self.leads(s) else None),
+                 "fingerprint": link.key.fingerprint if link.key is not None else None,
                  "border": (link.side or {}).get("border"), "prefixes": (link.side or {}).get("prefixes", [])}
                 for s, link in sorted(self.links.items())]
 
