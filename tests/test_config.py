@@ -264,3 +264,37 @@ class GatewayConfigTests(SynchronousTestCase):
         path = KeyServerConfigTests.write(self, AGENT.replace("[agent]", '[agent]\nrole = "gateway"'))
         e = self.assertRaises(ConfigError, load_agent_config, path)
         self.assertEqual(e.key, "gateway.bridge")
+
+
+class BorderConfigTests(SynchronousTestCase):
+    def test_example_loads(self):
+        """
+        etc/border.toml is a valid border configuration; the [netkey]
+        example in etc/keyserver.toml, uncommented, is a valid one.
+        """
+        from securelan.config import load_agent_config
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load_agent_config(os.path.join(here, "etc", "border.toml"))
+        self.assertEqual((config.role, config.border.tun, config.border.port), ("border", "slnet0", 51872))
+        with open(os.path.join(here, "etc", "keyserver.toml")) as f:
+            text = f.read()
+        example = text[text.index("# [netkey]"):]
+        uncommented = "\n".join(line[2:] if line.startswith("# ") else "" for line in example.splitlines())
+        path = KeyServerConfigTests.write(self, text[:text.index("# [netkey]")] + uncommented)
+        netkey = load_keyserver_config(path).netkey
+        self.assertEqual((netkey.border, [p.subnet for p in netkey.peers]), ("edge1", ["branch"]))
+
+    def test_bad_values(self):
+        from securelan.config import load_agent_config
+
+        for extra, key, fragment in (
+            ('[border]\ntun = "slan0"\n', "border.tun", "must differ"),
+            ('[border]\ntun = "a-name-far-too-long"\n', "border.tun", "15 characters"),
+            ('[border]\nlisten = "anywhere"\n', "border.listen", "IP address"),
+            ('[border]\nkeepalive = -1\n', "border.keepalive", "at least"),
+        ):
+            path = KeyServerConfigTests.write(self, AGENT + extra)
+            e = self.assertRaises(ConfigError, load_agent_config, path)
+            self.assertEqual(e.key, key)
+            self.assertIn(fragment, str(e))
