@@ -466,9 +466,13 @@ class BorderedSubnets:
     MGMT = "10.231.254"
     PEERING_PORT = 7444
 
-    def __init__(self, workdir=None):
+    def __init__(self, workdir=None, nat=False):
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="sl-borders-")
+        #: Put east's border behind a NAT router (``nat-e``: 10.231.249.0/24
+        #: inside, masquerading as 10.231.250.1 with random ports).
+        self.nat = None
+        self._with_nat = nat
         self.lab = Lab()
         self.subnets = []
         try:
@@ -507,11 +511,37 @@ class BorderedSubnets:
             lan.members[name] = border
             lan.border = border
             border.wan_address = f"{wan_net}.1"
+            if self._with_nat and lan is self.east:
+                self._nat(border, wan_net, other)
+                continue
             self.lab.link_hosts(border.host, self.wan, a_ifname="wan0", b_ifname=f"to-{lan.subnet}",
                                 a_addresses=[f"{wan_net}.1/24"], b_addresses=[f"{wan_net}.254/24"])
             border.host.add_route(f"{other}.0/24", via=f"{wan_net}.254")
         for lan, peer in ((self.east, self.west), (self.west, self.east)):
             lan.keyserver_extra = self.netkey_config(lan, [peer])
+
+    def _nat(self, border, wan_net, other):
+        """
+        Put C{border} behind a NAT router: its WAN side is 10.231.249.1 on
+        the NAT's inside; the NAT's outside is C{wan_net}.1, the address
+        the border's key server announces (nothing reaches the border there
+        until it sent something out: the peer border learns the mapping
+        from its authenticated datagrams).
+        """
+        self.nat = nat = self.lab.host("nat-e")
+        nat.sysctl("net.ipv4.ip_forward", "1")
+        self.lab.link_hosts(border.host, nat, a_ifname="wan0", b_ifname="inside",
+                            a_addresses=["10.231.249.1/24"], b_addresses=["10.231.249.254/24"])
+        self.lab.link_hosts(nat, self.wan, a_ifname="outside", b_ifname="to-east",
+                            a_addresses=[f"{wan_net}.1/24"], b_addresses=[f"{wan_net}.254/24"])
+        border.host.add_route(f"{other}.0/24", via="10.231.249.254")
+        nat.add_route(f"{other}.0/24", via=f"{wan_net}.254")
+        # Random ports: every new mapping (after a conntrack flush, say)
+        # shows the peer a new source port.
+        nat.run(["nft", "-f", "-"], input=(
+            "table ip nat {\n"
+            "  chain post { type nat hook postrouting priority 100; oifname \"outside\" masquerade random; }\n"
+            "}\n"))
 
     def netkey_config(self, lan, peers, listen=True):
         """

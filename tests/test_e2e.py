@@ -469,6 +469,53 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         self.assertIn("prefixes: 10.231.101.0/24  NETKEY epoch: 2", status.stdout)
 
 
+class BorderNATTests(E2ETestCase):
+    def test_border_behind_nat_survives_conntrack_flush(self):
+        """
+        East's border sits behind a NAT router (nftables masquerade, random
+        ports); its key server announces only the NAT's outside address.
+        West's border learns the mapping from east's authenticated
+        datagrams; when the NAT's connection tracking is flushed in the
+        middle of a transfer the mapping changes, west follows it, and the
+        transfer survives.  The NAT's outside carries only NETKEY
+        ciphertext.
+        """
+        import subprocess
+        import time
+
+        nets = BorderedSubnets(nat=True)
+        self.addCleanup(nets.close)
+        nets.start()
+        alice, dave = nets.member("alice"), nets.member("dave")
+        west_border = nets.west.border
+        self.assertTrue(alice.ping(dave, count=2, timeout=8))
+        before = west_border.net()["links"][0]["endpoint"]
+        self.assertTrue(before.startswith("10.231.250.1:"), before)
+        with nets.wan.capture("to-east") as wan:
+            server = dave.host.popen(["iperf3", "-s", "-1", "-B", dave.overlay], stdout=subprocess.DEVNULL)
+            time.sleep(0.5)
+            client = alice.host.popen(["iperf3", "-c", dave.overlay, "-t", "8", "-J"], stdout=subprocess.PIPE)
+            time.sleep(3)
+            flushed = nets.nat.run(["conntrack", "-F"], check=False)
+            report = json.loads(client.communicate(timeout=60)[0])
+            server.wait(timeout=10)
+            self.assertTrue(alice.ping(dave, count=2, pattern=PING_PATTERN))
+        wan.stop()
+        self.assertEqual(flushed.returncode, 0, flushed.stderr)
+        self.assertNotIn("error", report)
+        intervals = [i["sum"]["bytes"] for i in report["intervals"]]
+        self.assertGreaterEqual(len(intervals), 8)
+        self.assertGreater(intervals[-1], 0, f"the transfer did not survive: {intervals}")
+        after = west_border.net()["links"][0]["endpoint"]
+        self.assertTrue(after.startswith("10.231.250.1:"), after)
+        self.assertNotEqual(after, before, "the NAT mapping did not change")
+        self.assertIn("border of subnet east now at", west_border.log_text())
+        self.assertFalse(wan.contains(MARKER))
+        self.assertFalse(wan.contains(PING_PATTERN))
+        kinds = {d.payload[1] & 0x7F for d in wan.udp_datagrams(BORDER_PORT)}
+        self.assertEqual(kinds, {4})
+
+
 class LifecycleE2ETests(E2ETestCase):
     def admin(self, lan, *args):
         return lan.keyserver.run(

@@ -53,6 +53,11 @@ class NetPlaneTests(SynchronousTestCase):
         self.alpha = Border(self, self.lan, "alpha", "edge-a", 3, "192.0.2.1", self.clock)
         self.beta = Border(self, self.lan, "beta", "edge-b", 5, "192.0.2.2", self.clock)
         self.link_both()
+        # Each new link said hello (a keepalive); start the tests from a
+        # quiet wire.
+        self.assertEqual(self.lan.flush(), 2)
+        self.assertEqual(self.alpha.plane.stats.drops, {})
+        self.lan.wire.clear()
 
     def link(self, peer, peer_border, endpoint, incarnation, prefixes, local, key=None, epoch=1):
         return NetLink(subnet=peer, border=peer_border, endpoint=endpoint, incarnation=incarnation,
@@ -269,6 +274,26 @@ class NetPlaneTests(SynchronousTestCase):
         self.assertEqual(self.beta.device.written, [])
         self.assertEqual(self.beta.plane.stats.drops, {})
         self.assertEqual(self.beta.plane.links["alpha"].stats.last_rx, self.clock.seconds())
+
+    def test_hello_when_ready(self):
+        """
+        A link says hello (a keepalive) as soon as it can send: when it is
+        new, and when the peer border registered at last.  Its peer learns
+        its endpoint from it, which is how a border behind a NAT is found.
+        """
+        self.link_both(beta_incarnation=0)
+        self.lan.wire.clear()
+        self.alpha.plane.links["beta"].endpoint = ("192.0.2.99", 1)
+        self.beta.plane.links["alpha"].endpoint = ("192.0.2.99", 1)
+        self.link_both()
+        self.lan.flush()
+        self.assertEqual([(w[0], w[1]) for w in self.lan.wire], [(("192.0.2.1", 4800), ("192.0.2.99", 1))])
+        # The same traffic key again: its counter goes on (the first hello
+        # used counter 0), so no nonce is used twice.
+        self.assertEqual(parse_header(self.lan.wire[0][2]).counter, 1)
+        self.lan.inject(self.lan.wire[0][2], ("198.51.100.7", 999), ("192.0.2.2", 4800))
+        self.lan.flush()
+        self.assertEqual(self.beta.plane.links["alpha"].endpoint, ("198.51.100.7", 999))
 
     def test_offload_header_travels(self):
         vnet = b"\x01\x00" + struct.pack("<HHHH", 20, 1380, 20, 6)

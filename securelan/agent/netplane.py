@@ -29,6 +29,7 @@ import ipaddress
 
 from twisted.logger import Logger
 
+from ..addresses import format_host_port
 from ..ratelimit import TokenBucket
 from ..wire import (
     FLAG_OFFLOAD,
@@ -104,6 +105,10 @@ class NetLinkState:
         self.sealer = None
         #: The epoch sent under now (None: nothing can be sent).
         self.sending_epoch = None
+        #: Where each traffic key used so far stopped: (NETKEY fingerprint,
+        #: epoch, peer border, its incarnation) -> next counter.
+        self._counters = {}
+        self._sealer_ids = {}
         #: The sealer of a new epoch not yet used, and when to use it.
         self._next_sealer = None
         self._switch_at = 0.0
@@ -123,9 +128,20 @@ class NetLinkState:
         """
         return self._rx_incarnation
 
+    def _save_counters(self):
+        for name, sealer in (("current", self.sealer), ("next", self._next_sealer)):
+            if sealer is not None:
+                self._counters[self._sealer_ids[name]] = sealer.counter
+        while len(self._counters) > 64:
+            del self._counters[next(iter(self._counters))]
+
     def _make_sealer(self, later=False):
         subnet, border, incarnation = self._my
         link = self.link
+        # A traffic key taken up again (the peer border's incarnation went
+        # away and came back, one key pushed twice) goes on from its
+        # counter: a nonce is never used twice under one key.
+        self._save_counters()
         self._next_sealer = None
         if not link.incarnation:
             # The peer border has not registered: there is no key to send to.
@@ -133,12 +149,15 @@ class NetLinkState:
             return
         key = derive_net_key(link.key, subnet, border, link.subnet, link.border, link.epoch,
                              incarnation, link.incarnation)
-        sealer = Sealer(key, TYPE_NET, link.epoch, incarnation)
+        ident = (link.key.fingerprint, link.epoch, link.border, link.incarnation)
+        sealer = Sealer(key, TYPE_NET, link.epoch, incarnation, counter=self._counters.get(ident, 0))
         if later and self.sealer is not None:
             self._next_sealer = sealer
+            self._sealer_ids["next"] = ident
             self._switch_at = self._clock.seconds() + SWITCH_SECONDS
         else:
             self.sealer, self.sending_epoch = sealer, link.epoch
+            self._sealer_ids["current"] = ident
 
     def sealer_now(self):
         """
@@ -150,7 +169,10 @@ class NetLinkState:
         return self.sealer
 
     def _switch(self):
+        if self.sealer is not None:
+            self._counters[self._sealer_ids["current"]] = self.sealer.counter
         self.sealer, self._next_sealer = self._next_sealer, None
+        self._sealer_ids["current"] = self._sealer_ids["next"]
         self.sending_epoch = self.link.epoch
 
     def update(self, link, endpoint):
@@ -219,7 +241,11 @@ class NetLinkState:
 
     def status(self):
         link = self.link
-        return {"subnet": link.subnet, "border": link.border, "endpoint": link.endpoint,
+        endpoint = self.endpoint
+        if isinstance(endpoint, tuple):
+            endpoint = format_host_port(ipaddress.ip_address(endpoint[0]), endpoint[1])
+        return {"subnet": link.subnet, "border": link.border, "endpoint": endpoint,
+                "announced_endpoint": link.endpoint,
                 "prefixes": list(link.prefixes), "epoch": link.epoch,
                 "epochs_received": sorted(self.keys), "ready": self.sealer is not None,
                 "sending_epoch": self.sending_epoch,
@@ -261,19 +287,26 @@ class NetPlane:
     def install(self, links):
         """
         Take the key server's list of links (the whole list each time).
+        A link that becomes ready (new, or its peer border registered at
+        last) sends a keepalive at once: a NAT in front of this border opens
+        its mapping, and the peer border learns where it is.
         """
-        fresh = {}
+        fresh, hello = {}, []
         for link in links:
             endpoint = self.carrier.parse_endpoint(link.endpoint)
             state = self.links.get(link.subnet)
             if state is None:
                 state = NetLinkState(link, endpoint, self.my_subnet, self.my_border, self.incarnation,
                                      self.clock)
+                hello.append(state)
                 log.info("link to subnet {subnet}: border {border} at {endpoint}, prefixes {prefixes}, "
                          "NETKEY epoch {epoch}", subnet=link.subnet, border=link.border,
                          endpoint=link.endpoint, prefixes=", ".join(link.prefixes), epoch=link.epoch)
             else:
+                was_ready = state.sealer is not None
                 state.update(link, endpoint)
+                if not was_ready:
+                    hello.append(state)
             fresh[link.subnet] = state
         for gone in set(self.links) - set(fresh):
             log.info("link to subnet {subnet} removed", subnet=gone)
@@ -281,6 +314,12 @@ class NetPlane:
         self._by_tag = {state.tag: state for state in fresh.values()}
         self._route_cache = {}
         self._routes(sorted({p for s in fresh.values() for p in s.link.prefixes}))
+        for state in hello:
+            if state.sealer is not None:
+                self._keepalive(state)
+
+    def _keepalive(self, state):
+        self._send(state, b"".join((state.tag, self.my_tag, _KEEPALIVE)))
 
     def _link_to(self, dst: bytes):
         cache = self._route_cache
@@ -343,7 +382,7 @@ class NetPlane:
         for state in self.links.values():
             state.expire()
             if self.keepalive and now - state.last_sent >= self.keepalive:
-                self._send(state, b"".join((state.tag, self.my_tag, _KEEPALIVE)))
+                self._keepalive(state)
 
     def ask(self):
         """
