@@ -32,10 +32,12 @@ class IStore(Interface):
     def register(member, max_members):
         """
         Insert or update C{member} (a L{securelan.records.Member}), keyed by
-        its member ID.  A member re-registering may change MAC: its old MAC
-        is released.  Fails with L{MacInUse} when another member holds the
-        MAC, and with L{TableFull} when the member is new and the registry
-        already holds C{max_members} members.  Fires with the stored record.
+        its member ID.  A member re-registering may change MAC and
+        addresses: its old ones are released.  Fails with L{MacInUse} when
+        another member holds the MAC, L{AddressInUse} when another holds one
+        of its addresses, and with L{TableFull} when the member is new and
+        the registry already holds C{max_members} members.  Fires with the
+        stored record.
 
         C{member.incarnation} is the incarnation the registering agent
         already uses (0 for a new agent): kept when it is not below the
@@ -51,6 +53,12 @@ class IStore(Interface):
     def member_by_mac(mac):
         """
         Fires with the L{Member} that holds C{mac} (6 bytes), or None.
+        """
+
+    def member_by_address(address):
+        """
+        Fires with the L{Member} that holds the overlay IP C{address} (its
+        text form, as C{str(ipaddress.ip_address(...))} gives it), or None.
         """
 
     def members():

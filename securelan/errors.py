@@ -31,6 +31,12 @@ class MacInUse(SecurelanError):
     """
 
 
+class AddressInUse(SecurelanError):
+    """
+    The overlay IP address (layer 3) is registered to another member.
+    """
+
+
 class NotPermitted(SecurelanError):
     """
     The member's certificate does not allow this (a MAC other than the one it

@@ -21,6 +21,7 @@ ERRORS = {
     errors.NotRegistered: b"NOT_REGISTERED",
     errors.UnknownPeer: b"UNKNOWN_PEER",
     errors.MacInUse: b"MAC_IN_USE",
+    errors.AddressInUse: b"ADDRESS_IN_USE",
     errors.NotPermitted: b"NOT_PERMITTED",
     errors.RateLimited: b"RATE_LIMITED",
     errors.VersionMismatch: b"VERSION_MISMATCH",

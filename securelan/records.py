@@ -34,6 +34,10 @@ class Member:
     #: member's agent mixes it into its sending keys, so an agent restarted
     #: with the same pair key never reuses a nonce.
     incarnation: int = 0
+    #: The member's overlay IP addresses, in layer-3 (TUN) mode: keys are
+    #: looked up by them, and no other member may hold them.  Sorted text
+    #: forms; empty for a layer-2 member.
+    addresses: tuple = field(default=(), converter=lambda a: tuple(sorted(a)))
 
 
 @frozen

@@ -25,9 +25,14 @@ MAC_3 = parse_mac("02:00:00:00:00:03")
 
 _DEFAULT = object()
 
+#: The schema version this code builds, and the one after it (for tests
+#: that pretend a newer securelan).
+CURRENT = store_sqlite.SCHEMA_VERSION
+NEXT = CURRENT + 1
 
-def a_member(member_id, mac, role="client", endpoint="", registered_at=100.0, incarnation=0):
-    return Member(member_id, role, mac, endpoint, registered_at, incarnation)
+
+def a_member(member_id, mac, role="client", endpoint="", registered_at=100.0, incarnation=0, addresses=()):
+    return Member(member_id, role, mac, endpoint, registered_at, incarnation, addresses)
 
 
 def a_pair_key(id_a, id_b, epoch=1, key=None):
@@ -153,6 +158,35 @@ class RegistryTests(StoreTestMixin, SynchronousTestCase):
         bob = a_member("bob", MAC_1)
         self.assertEqual(self.successResultOf(store.register(bob, 10)), a_member("bob", MAC_1, incarnation=1))
         self.assertEqual(self.successResultOf(store.counts())["members"], 2)
+
+    def test_addresses(self):
+        """
+        Layer 3: a member's overlay IP addresses find it; another member
+        cannot take one (L{AddressInUse}, nothing registered); moving
+        releases the old ones; a revocation releases them; they survive a
+        restart.
+        """
+        from securelan.errors import AddressInUse
+
+        store = self.opened()
+        alice = self.successResultOf(store.register(a_member("alice", MAC_1, addresses=("10.9.0.1", "fd00::1")), 10))
+        self.assertEqual(alice.addresses, ("10.9.0.1", "fd00::1"))
+        self.assertEqual(self.successResultOf(store.member_by_address("fd00::1")), alice)
+        e = self.failureResultOf(store.register(a_member("mallory", MAC_2, addresses=("10.9.0.1",)), 10),
+                                 AddressInUse).value
+        self.assertIn("10.9.0.1", str(e))
+        self.assertIsNone(self.successResultOf(store.member("mallory")))
+        moved = self.successResultOf(store.register(a_member("alice", MAC_1, addresses=("10.9.0.2",)), 10))
+        self.assertIsNone(self.successResultOf(store.member_by_address("10.9.0.1")))
+        self.assertEqual(self.successResultOf(store.member_by_address("10.9.0.2")), moved)
+        bob = self.successResultOf(store.register(a_member("bob", MAC_2, addresses=("10.9.0.1",)), 10))
+        self.successResultOf(store.close())
+        again = self.opened()
+        self.assertEqual(self.successResultOf(again.member_by_address("10.9.0.1")), bob)
+        self.assertEqual(self.successResultOf(again.member("alice")).addresses, ("10.9.0.2",))
+        self.successResultOf(again.revoke("bob", "test", 300.0))
+        self.assertIsNone(self.successResultOf(again.member_by_address("10.9.0.1")))
+        self.successResultOf(again.register(a_member("carol", MAC_3, addresses=("10.9.0.1",)), 10))
 
     def test_registryFull(self):
         """
@@ -545,7 +579,7 @@ class UpgradeTests(StoreTestMixin, SynchronousTestCase):
             return real(name)
 
         self.patch(store_sqlite, "_read_schema", read_schema)
-        self.patch(store_sqlite, "SCHEMA_VERSION", 2)
+        self.patch(store_sqlite, "SCHEMA_VERSION", NEXT)
 
     def test_upgrade(self):
         """
@@ -556,15 +590,36 @@ class UpgradeTests(StoreTestMixin, SynchronousTestCase):
         alice = self.successResultOf(store.register(a_member("alice", MAC_1), 10))
         key = self.successResultOf(store.issue_pair_key(a_pair_key("alice", "bob"), 10))
         self.successResultOf(store.close())
-        self.pretend_newer_code({"upgrade-to-v2.sql": "CREATE TABLE added (x INTEGER);"})
+        self.pretend_newer_code({f"upgrade-to-v{NEXT}.sql": "CREATE TABLE added (x INTEGER);"})
         again = self.opened()
         self.assertEqual(self.successResultOf(again.member("alice")), alice)
         self.assertEqual(self.successResultOf(again.pair_key("alice", "bob")), key)
-        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(), [(2,)])
+        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(), [(NEXT,)])
         self.raw().execute("SELECT x FROM added")
-        backup = self.raw(self.path + ".backup-v1")
-        self.assertEqual(backup.execute("SELECT version FROM version").fetchall(), [(1,)])
+        backup = self.raw(self.path + f".backup-v{CURRENT}")
+        self.assertEqual(backup.execute("SELECT version FROM version").fetchall(), [(CURRENT,)])
         self.assertEqual(backup.execute("SELECT member_id FROM members").fetchall(), [("alice",)])
+
+    def test_upgrade_v1_to_v2(self):
+        """
+        A schema v1 database (before layer 3: no member_addresses) is
+        upgraded by the real upgrade script; its members stay, and they can
+        register addresses afterwards.
+        """
+        store = self.opened()
+        self.successResultOf(store.register(a_member("alice", MAC_1), 10))
+        self.successResultOf(store.close())
+        raw = self.raw()
+        raw.execute("DROP TABLE member_addresses")
+        raw.execute("UPDATE version SET version = 1")
+        raw.commit()
+        raw.close()
+        again = self.opened()
+        self.assertEqual(self.successResultOf(again.member("alice")).mac, MAC_1)
+        moved = a_member("alice", MAC_1, addresses=("10.9.0.1",))
+        self.successResultOf(again.register(moved, 10))
+        self.assertEqual(self.successResultOf(again.member_by_address("10.9.0.1")).member_id, "alice")
+        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(), [(2,)])
 
     def test_failedUpgrade(self):
         """
@@ -572,10 +627,10 @@ class UpgradeTests(StoreTestMixin, SynchronousTestCase):
         says where the backup is.
         """
         self.successResultOf(self.opened().close())
-        self.pretend_newer_code({"upgrade-to-v2.sql": "CREATE TABLE added (x); CREATE TABLE broken (;"})
+        self.pretend_newer_code({f"upgrade-to-v{NEXT}.sql": "CREATE TABLE added (x); CREATE TABLE broken (;"})
         e = self.open_failure(self.make_store(), StoreOpenError)
-        self.assertIn(self.path + ".backup-v1", str(e))
-        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(), [(1,)])
+        self.assertIn(self.path + f".backup-v{CURRENT}", str(e))
+        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(), [(CURRENT,)])
         tables = {name for (name,) in self.raw().execute("SELECT name FROM sqlite_master")}
         self.assertNotIn("added", tables)
 
@@ -584,9 +639,9 @@ class UpgradeTests(StoreTestMixin, SynchronousTestCase):
         A version with no upgrade file is refused.
         """
         self.successResultOf(self.opened().close())
-        self.patch(store_sqlite, "SCHEMA_VERSION", 2)
+        self.patch(store_sqlite, "SCHEMA_VERSION", NEXT)
         e = self.open_failure(self.make_store(), StoreOpenError)
-        self.assertIn("no upgrade from schema v1 to v2", str(e))
+        self.assertIn(f"no upgrade from schema v{NEXT - 1} to v{NEXT}", str(e))
 
 
 class WriteFailureTests(StoreTestMixin, SynchronousTestCase):

@@ -44,8 +44,8 @@ HOST_MAC = parse_mac("0a:00:00:00:00:09")
 _DEFAULT = object()
 
 
-def a_member(member_id, mac, role="client", endpoint="", registered_at=100.0, incarnation=0):
-    return Member(member_id, role, mac, endpoint, registered_at, incarnation)
+def a_member(member_id, mac, role="client", endpoint="", registered_at=100.0, incarnation=0, addresses=()):
+    return Member(member_id, role, mac, endpoint, registered_at, incarnation, addresses)
 
 
 def a_pair_key(id_a, id_b, epoch=1, key=None):
@@ -202,6 +202,35 @@ class RegistryTests(PostgresTestMixin, TestCase):
         self.assertNotIn("alice", str(e))
         self.assertIsNone((yield store.member("mallory")))
         self.assertEqual((yield store.member_by_mac(MAC_1)).member_id, "alice")
+
+    @defer.inlineCallbacks
+    def test_addresses(self):
+        """
+        Layer 3: a member's overlay IP addresses find it, here and on a
+        second key server of the cascade; another member cannot take one
+        (L{AddressInUse}, nothing half done); moving and revoking release
+        them.
+        """
+        from securelan.errors import AddressInUse
+
+        store = yield self.opened()
+        other = yield self.opened()
+        alice = yield store.register(a_member("alice", MAC_1, addresses=("10.9.0.1", "fd00::1")), 10)
+        self.assertEqual((yield store.member_by_address("fd00::1")), alice)
+        yield self.eventually(lambda: other._by_address.get("10.9.0.1") is not None, what="the other mirror")
+        self.assertEqual((yield other.member_by_address("10.9.0.1")), alice)
+        e = yield self.assertFailure(other.register(a_member("mallory", MAC_2, addresses=("10.9.0.1",)), 10),
+                                     AddressInUse)
+        self.assertIn("10.9.0.1", str(e))
+        self.assertIsNone((yield store.member("mallory")))
+        self.assertEqual(self.raw().execute("SELECT COUNT(*) FROM members").fetchone(), (1,))
+        yield store.register(a_member("alice", MAC_1, addresses=("10.9.0.2",)), 10)
+        self.assertIsNone((yield store.member_by_address("10.9.0.1")))
+        yield other.register(a_member("bob", MAC_2, addresses=("10.9.0.1",)), 10)
+        yield store.revoke("bob", "test", 300.0)
+        self.assertIsNone((yield store.member_by_address("10.9.0.1")))
+        rows = self.raw().execute("SELECT address, member_id FROM member_addresses").fetchall()
+        self.assertEqual(rows, [("10.9.0.2", "alice")])
 
     @defer.inlineCallbacks
     def test_macRace(self):
@@ -681,14 +710,14 @@ class DurabilityTests(PostgresTestMixin, TestCase):
         sqlite_conn = sqlite3.connect(":memory:")
         self.addCleanup(sqlite_conn.close)
         sqlite_conn.executescript(
-            resources.files("securelan.store").joinpath("schema", "v1.sql").read_text("utf-8")
+            resources.files("securelan.store").joinpath("schema", "v2.sql").read_text("utf-8")
         )
         expected = {
             table: [column[1] for column in sqlite_conn.execute(f"PRAGMA table_info({table})")]
             for (table,) in sqlite_conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
         raw = self.raw()
-        raw.execute(resources.files("securelan.store").joinpath("schema", "postgres-v1.sql").read_text("utf-8"))
+        raw.execute(resources.files("securelan.store").joinpath("schema", "postgres-v2.sql").read_text("utf-8"))
         columns = raw.execute(
             "SELECT table_name, column_name, data_type FROM information_schema.columns"
             " WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"
@@ -720,12 +749,12 @@ class OpenTests(PostgresTestMixin, TestCase):
     @defer.inlineCallbacks
     def test_created(self):
         """
-        An empty database gets the schema at version 1, the master key
+        An empty database gets the schema at the current version, the master key
         check value and a new master key file (mode 0600).
         """
         yield self.opened()
         raw = self.raw()
-        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(1,)])
+        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(store_postgres.SCHEMA_VERSION,)])
         names = sorted(name for (name,) in raw.execute("SELECT name FROM meta"))
         self.assertEqual(names, ["created_at", "master_key_check"])
         self.assertEqual(os.stat(self.key_path).st_mode & 0o777, 0o600)
@@ -740,7 +769,8 @@ class OpenTests(PostgresTestMixin, TestCase):
         yield defer.gatherResults([one.open(), two.open()])
         self.addCleanup(one.close)
         self.addCleanup(two.close)
-        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(), [(1,)])
+        self.assertEqual(self.raw().execute("SELECT version FROM version").fetchall(),
+                         [(store_postgres.SCHEMA_VERSION,)])
         alice = yield one.register(a_member("alice", MAC_1), 10)
         self.assertEqual((yield self.eventually(lambda: two.member_by_mac(MAC_1))), alice)
 
@@ -785,11 +815,12 @@ class OpenTests(PostgresTestMixin, TestCase):
         """
         yield self.make_database()
         raw = self.raw()
-        raw.execute("UPDATE version SET version = 2")
+        newer = store_postgres.SCHEMA_VERSION + 1
+        raw.execute("UPDATE version SET version = %s", (newer,))
         e = yield self.assertFailure(self.make_store().open(), StoreOpenError)
         self.assertIn(self.dsn, str(e))
-        self.assertIn("v2", str(e))
-        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(2,)])
+        self.assertIn(f"v{newer}", str(e))
+        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(newer,)])
 
     @defer.inlineCallbacks
     def test_upgrade(self):
@@ -799,19 +830,38 @@ class OpenTests(PostgresTestMixin, TestCase):
         """
         yield self.make_database()
         real = store_postgres._read_schema
-        upgrades = {"postgres-upgrade-to-v2.sql": "CREATE TABLE added (x INTEGER); CREATE TABLE broken (;"}
+        current = store_postgres.SCHEMA_VERSION
+        following = current + 1
+        upgrade = f"postgres-upgrade-to-v{following}.sql"
+        upgrades = {upgrade: "CREATE TABLE added (x INTEGER); CREATE TABLE broken (;"}
         self.patch(store_postgres, "_read_schema", lambda name: upgrades.get(name) or real(name))
-        self.patch(store_postgres, "SCHEMA_VERSION", 2)
+        self.patch(store_postgres, "SCHEMA_VERSION", following)
         e = yield self.assertFailure(self.make_store().open(), StoreOpenError)
-        self.assertIn("stays at v1", str(e))
+        self.assertIn(f"stays at v{current}", str(e))
         raw = self.raw()
-        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(1,)])
+        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(current,)])
         self.assertIsNone(raw.execute("SELECT to_regclass('added')").fetchone()[0])
-        upgrades["postgres-upgrade-to-v2.sql"] = "CREATE TABLE added (x INTEGER);"
+        upgrades[upgrade] = "CREATE TABLE added (x INTEGER);"
         store = yield self.opened()
         self.assertEqual((yield store.member("alice")).mac, MAC_1)
-        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(2,)])
+        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(following,)])
         raw.execute("SELECT x FROM added")
+
+    @defer.inlineCallbacks
+    def test_upgrade_v1_to_v2(self):
+        """
+        A schema v1 database (no member_addresses) is upgraded by the real
+        script; its members stay and can then register addresses.
+        """
+        yield self.make_database()
+        raw = self.raw()
+        raw.execute("DROP TABLE member_addresses")
+        raw.execute("UPDATE version SET version = 1")
+        store = yield self.opened()
+        self.assertEqual((yield store.member("alice")).mac, MAC_1)
+        yield store.register(a_member("alice", MAC_1, addresses=("10.9.0.1",)), 10)
+        self.assertEqual((yield store.member_by_address("10.9.0.1")).member_id, "alice")
+        self.assertEqual(raw.execute("SELECT version FROM version").fetchall(), [(2,)])
 
     @defer.inlineCallbacks
     def test_notSecurelan(self):

@@ -68,16 +68,24 @@ except ImportError:  # pragma: no cover - reported when a store is made
 
 from .._interfaces import IStore
 from ..addresses import check_mac, format_mac, pair_of, parse_mac
-from ..errors import BadRequest, MacInUse, NotPermitted, StoreUnavailable, TableFull
+from ..errors import AddressInUse, BadRequest, MacInUse, NotPermitted, StoreUnavailable, TableFull
 from ..keys import MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
-from .sqlite import _CHECK_CONTEXT, _CHECK_NAME, MAX_INCARNATION, _group_context, _pair_context, coalesce
+from .sqlite import (
+    _CHECK_CONTEXT,
+    _CHECK_NAME,
+    MAX_INCARNATION,
+    _group_context,
+    _pair_context,
+    coalesce,
+    forget_member,
+)
 
 __all__ = ["CHANNEL", "KINDS", "SCHEMA_VERSION", "PostgreSQLStore"]
 
 #: The schema version this code builds, and the newest it can open.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The NOTIFY channel on which every write names what it changed.
 CHANNEL = "securelan_changes"
@@ -300,11 +308,12 @@ def _group_key_from_row(master, name, group_id, epoch, wrapped, created_at):
     return GroupKey(epoch, key, created_at)
 
 
-def _member_from_row(member_id, role, mac, endpoint, registered_at, incarnation):
-    return Member(member_id, role, parse_mac(mac), endpoint, registered_at, incarnation)
+def _member_from_row(member_id, role, mac, endpoint, registered_at, incarnation, addresses):
+    return Member(member_id, role, parse_mac(mac), endpoint, registered_at, incarnation, addresses)
 
 
-_MEMBER_COLUMNS = "member_id, role, mac, endpoint, registered_at, incarnation"
+_MEMBER_COLUMNS = ("member_id, role, mac, endpoint, registered_at, incarnation, ARRAY(SELECT a.address"
+                   " FROM member_addresses a WHERE a.member_id = members.member_id ORDER BY a.address)")
 _PAIR_COLUMNS = "id_a, id_b, epoch, wrapped_key, created_at, expires_at"
 _SELECT_MEMBER = f"SELECT {_MEMBER_COLUMNS} FROM members WHERE member_id = %s"
 _SELECT_PAIR = f"SELECT {_PAIR_COLUMNS} FROM pair_keys WHERE id_a = %s AND id_b = %s"
@@ -538,6 +547,16 @@ def _register_txn(conn, origin, member, max_members):
         raise MacInUse(f"{mac} is registered to another member") from None
     if incarnation >= MAX_INCARNATION:
         raise BadRequest(f"incarnation {incarnation} is out of range")
+    conn.execute("DELETE FROM member_addresses WHERE member_id = %s", (member.member_id,))
+    for address in member.addresses:
+        # The primary key settles a race between members for one address
+        # across key servers: DO NOTHING waits for the rival's insert, and
+        # the loser inserts nothing.
+        inserted = conn.execute(
+            "INSERT INTO member_addresses (address, member_id) VALUES (%s, %s)"
+            " ON CONFLICT (address) DO NOTHING RETURNING 1", (address, member.member_id)).fetchone()
+        if inserted is None:
+            raise AddressInUse(f"{address} is registered to another member")
     _notify(conn, origin, "member", (member.member_id,))
     return evolve(member, incarnation=incarnation)
 
@@ -651,6 +670,7 @@ def _revoke_txn(conn, origin, name, master, member_id, reason, now):
     ).fetchall()
     destroyed = [_pair_key_from_row(master, name, *row) for row in rows]
     conn.execute("DELETE FROM foreign_macs WHERE gateway_id = %s", (member_id,))
+    conn.execute("DELETE FROM member_addresses WHERE member_id = %s", (member_id,))
     conn.execute("DELETE FROM members WHERE member_id = %s", (member_id,))
     _notify(conn, origin, "revoked", (member_id,))
     return destroyed
@@ -772,6 +792,7 @@ class PostgreSQLStore:
     _origin: str = field(init=False, factory=lambda: secrets.token_hex(8), repr=False)
     _members: dict = field(init=False, factory=dict, repr=False)
     _by_mac: dict = field(init=False, factory=dict, repr=False)
+    _by_address: dict = field(init=False, factory=dict, repr=False)
     _pair_keys: dict = field(init=False, factory=dict, repr=False)
     #: member ID -> the pairs (id_a, id_b) it is part of.
     _pairs_of: dict = field(init=False, factory=dict, repr=False)
@@ -1056,6 +1077,7 @@ class PostgreSQLStore:
         ]
         self._members = members
         self._by_mac = {m.mac: m for m in loaded.members}
+        self._by_address = {a: m for m in loaded.members for a in m.addresses}
         self._pair_keys = {}
         self._pairs_of = {}
         for pair_key in loaded.pair_keys:
@@ -1106,12 +1128,12 @@ class PostgreSQLStore:
     def _set_member(self, member_id, member):
         previous = self._members.pop(member_id, None)
         if previous is not None:
-            holder = self._by_mac.get(previous.mac)
-            if holder is not None and holder.member_id == member_id:
-                del self._by_mac[previous.mac]
+            forget_member(self._by_mac, self._by_address, previous)
         if member is not None:
             self._members[member_id] = member
             self._by_mac[member.mac] = member
+            for address in member.addresses:
+                self._by_address[address] = member
 
     def _set_pair(self, pair, pair_key):
         if pair_key is None:
@@ -1246,6 +1268,9 @@ class PostgreSQLStore:
 
     def member_by_mac(self, mac):
         return defer.succeed(self._by_mac.get(mac))
+
+    def member_by_address(self, address):
+        return defer.succeed(self._by_address.get(address))
 
     def members(self):
         return defer.succeed(list(self._members.values()))

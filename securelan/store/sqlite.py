@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from .._interfaces import IStore
 from ..addresses import check_mac, format_mac, pair_of, parse_mac
-from ..errors import BadRequest, MacInUse, StoreUnavailable, TableFull
+from ..errors import AddressInUse, BadRequest, MacInUse, StoreUnavailable, TableFull
 from ..keys import KEY_BYTES, MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
@@ -44,7 +44,7 @@ from . import StoreOpenError
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "run_synchronously"]
 
 #: The schema version this code builds, and the newest it can open.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MEMORY = ":memory:"
 _CHECK_NAME = "master_key_check"
@@ -273,8 +273,12 @@ class _Opened:
 
 
 def _load(conn, path, master, version):
+    addresses = {}
+    for address, member_id in conn.execute("SELECT address, member_id FROM member_addresses"):
+        addresses.setdefault(member_id, []).append(address)
     members = [
-        Member(member_id, role, parse_mac(mac), endpoint, registered_at, incarnation)
+        Member(member_id, role, parse_mac(mac), endpoint, registered_at, incarnation,
+               addresses.get(member_id, ()))
         for member_id, role, mac, endpoint, registered_at, incarnation in conn.execute(
             "SELECT member_id, role, mac, endpoint, registered_at, incarnation FROM members"
         )
@@ -369,6 +373,10 @@ def _register_txn(conn, member, max_members):
     holder = conn.execute("SELECT member_id FROM members WHERE mac = ?", (mac,)).fetchone()
     if holder is not None and holder[0] != member.member_id:
         raise MacInUse(f"{mac} is registered to another member")
+    for address in member.addresses:
+        holder = conn.execute("SELECT member_id FROM member_addresses WHERE address = ?", (address,)).fetchone()
+        if holder is not None and holder[0] != member.member_id:
+            raise AddressInUse(f"{address} is registered to another member")
     known = conn.execute(
         "SELECT incarnation FROM members WHERE member_id = ?", (member.member_id,)
     ).fetchone()
@@ -394,6 +402,9 @@ def _register_txn(conn, member, max_members):
         (member.member_id, member.role, mac, member.endpoint, member.registered_at,
          member.registered_at, member.incarnation),
     )
+    conn.execute("DELETE FROM member_addresses WHERE member_id = ?", (member.member_id,))
+    conn.executemany("INSERT INTO member_addresses (address, member_id) VALUES (?, ?)",
+                     [(address, member.member_id) for address in member.addresses])
     return member
 
 
@@ -473,6 +484,7 @@ def _revoke_txn(conn, path, master, member_id, reason, now):
     destroyed = [_pair_key_from_row(master, path, *row) for row in rows]
     conn.execute("DELETE FROM pair_keys WHERE id_a = ? OR id_b = ?", (member_id, member_id))
     conn.execute("DELETE FROM foreign_macs WHERE gateway_id = ?", (member_id,))
+    conn.execute("DELETE FROM member_addresses WHERE member_id = ?", (member_id,))
     conn.execute("DELETE FROM members WHERE member_id = ?", (member_id,))
     return destroyed
 
@@ -490,6 +502,18 @@ def _rekey_group_txn(conn, path, master, candidate):
         (GROUP_ID, candidate.epoch, wrapped, candidate.created_at),
     )
     return candidate
+
+
+def forget_member(by_mac, by_address, member):
+    """
+    Take C{member}'s MAC and addresses out of a mirror's indexes, where
+    they still name it (another member may have taken one since).
+    """
+    if by_mac.get(member.mac) is not None and by_mac[member.mac].member_id == member.member_id:
+        del by_mac[member.mac]
+    for address in member.addresses:
+        if by_address.get(address) is not None and by_address[address].member_id == member.member_id:
+            del by_address[address]
 
 
 def coalesce(in_flight, key, start):
@@ -553,6 +577,7 @@ class SQLiteStore:
     _shutdown_trigger: object = field(init=False, default=None, repr=False)
     _members: dict = field(init=False, factory=dict, repr=False)
     _by_mac: dict = field(init=False, factory=dict, repr=False)
+    _by_address: dict = field(init=False, factory=dict, repr=False)
     _pair_keys: dict = field(init=False, factory=dict, repr=False)
     #: member ID -> the pairs (id_a, id_b) it is part of.
     _pairs_of: dict = field(init=False, factory=dict, repr=False)
@@ -596,6 +621,7 @@ class SQLiteStore:
         self._master = opened.master
         self._members = {m.member_id: m for m in opened.members}
         self._by_mac = {m.mac: m for m in opened.members}
+        self._by_address = {a: m for m in opened.members for a in m.addresses}
         self._pair_keys = {}
         self._pairs_of = {}
         for pair_key in opened.pair_keys:
@@ -669,11 +695,11 @@ class SQLiteStore:
     def _registered(self, member):
         previous = self._members.get(member.member_id)
         if previous is not None:
-            holder = self._by_mac.get(previous.mac)
-            if holder is not None and holder.member_id == member.member_id:
-                del self._by_mac[previous.mac]
+            forget_member(self._by_mac, self._by_address, previous)
         self._members[member.member_id] = member
         self._by_mac[member.mac] = member
+        for address in member.addresses:
+            self._by_address[address] = member
         return member
 
     def issue_pair_key(self, candidate, max_pair_keys):
@@ -727,8 +753,8 @@ class SQLiteStore:
             self._revoked.add(member_id)
             self._foreign = {m: v for m, v in self._foreign.items() if v[0] != member_id}
             member = self._members.pop(member_id, None)
-            if member is not None and self._by_mac.get(member.mac) is member:
-                del self._by_mac[member.mac]
+            if member is not None:
+                forget_member(self._by_mac, self._by_address, member)
             for pair in self._pairs_of.pop(member_id, set()):
                 self._pair_keys.pop(pair, None)
                 other = pair[1] if pair[0] == member_id else pair[0]
@@ -765,6 +791,9 @@ class SQLiteStore:
 
     def member_by_mac(self, mac):
         return defer.succeed(self._by_mac.get(mac))
+
+    def member_by_address(self, address):
+        return defer.succeed(self._by_address.get(address))
 
     def members(self):
         return defer.succeed(list(self._members.values()))

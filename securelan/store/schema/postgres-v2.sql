@@ -1,7 +1,7 @@
--- securelan key-server store on PostgreSQL, schema version 1 (the latest):
+-- securelan key-server store on PostgreSQL, schema version 2 (the latest):
 -- builds a new database from nothing, in one transaction with the version
 -- row and the master key check value.  The same tables and columns as the
--- SQLite schema v1.sql, in PostgreSQL types.  An older database is brought
+-- SQLite schema v2.sql, in PostgreSQL types.  An older database is brought
 -- here by the postgres-upgrade-to-vN.sql files instead.
 --
 -- Every key column holds a key wrapped under the master key
@@ -38,6 +38,15 @@ CREATE TABLE members
  -- keys they derive, so a restarted agent never reuses a nonce.
  incarnation BIGINT NOT NULL DEFAULT 0
 );
+
+-- The overlay IP addresses of members in layer-3 (TUN) mode: the seed's
+-- ID-IP list for the layer-3 level, one member per address.
+CREATE TABLE member_addresses
+(
+ address TEXT PRIMARY KEY, -- the ipaddress module's text form
+ member_id TEXT COLLATE "C" NOT NULL REFERENCES members (member_id) ON DELETE CASCADE
+);
+CREATE INDEX member_addresses_member_id ON member_addresses (member_id);
 
 -- The pair-key table (the seed's ID-ID-KEY list): one current key for each
 -- unordered pair, stored in canonical order.

@@ -1,4 +1,4 @@
--- securelan key-server store, schema version 1 (the latest): builds a new
+-- securelan key-server store, schema version 2 (the latest): builds a new
 -- database from nothing.  An older database is brought here by the
 -- upgrade-to-vN.sql files instead.
 --
@@ -33,6 +33,15 @@ CREATE TABLE members
  -- keys they derive, so a restarted agent never reuses a nonce.
  incarnation INTEGER NOT NULL DEFAULT 0
 );
+
+-- The overlay IP addresses of members in layer-3 (TUN) mode: the seed's
+-- ID-IP list for the layer-3 level, one member per address.
+CREATE TABLE member_addresses
+(
+ address TEXT PRIMARY KEY, -- the ipaddress module's text form
+ member_id TEXT NOT NULL REFERENCES members (member_id) ON DELETE CASCADE
+);
+CREATE INDEX member_addresses_member_id ON member_addresses (member_id);
 
 -- The pair-key table (the seed's ID-ID-KEY list): one current key for each
 -- unordered pair, stored in canonical order.
