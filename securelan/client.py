@@ -41,6 +41,7 @@ from .protocol import (
     PushNetLinks,
     Register,
     RequestNetLinks,
+    RequestPairKeyByAddress,
     RequestGroupKey,
     RequestPairKey,
 )
@@ -135,12 +136,15 @@ class AgentProtocol(amp.AMP):
         return {}
 
 
-def register(protocol, mac: bytes, role: str, endpoint: str, incarnation=None):
+def register(protocol, mac: bytes, role: str, endpoint: str, incarnation=None, addresses=()):
     """
     Send C{Register} on C{protocol}; fires with an L{Admission}.
-    C{incarnation}: the one this agent already uses, when it reconnects.
+    C{incarnation}: the one this agent already uses, when it reconnects;
+    C{addresses}: its overlay IP addresses, in layer-3 mode.
     """
     kw = {} if incarnation is None else {"incarnation": incarnation}
+    if addresses:
+        kw["addresses"] = list(addresses)
     d = protocol.callRemote(Register, version=PROTOCOL_VERSION, mac=mac, role=role, endpoint=endpoint, **kw)
     return d.addCallback(lambda response: Admission(**response))
 
@@ -152,6 +156,16 @@ def request_pair_key(protocol, peer_mac: bytes, epoch=None):
     """
     kw = {} if epoch is None else {"epoch": epoch}
     d = protocol.callRemote(RequestPairKey, peer_mac=peer_mac, **kw)
+    return d.addCallback(lambda response: PairKeyGrant(**response))
+
+
+def request_pair_key_by_address(protocol, peer_address: str, epoch=None):
+    """
+    Layer 3: ask for the pair key with whoever holds the overlay IP
+    C{peer_address}; fires with a L{PairKeyGrant}.
+    """
+    kw = {} if epoch is None else {"epoch": epoch}
+    d = protocol.callRemote(RequestPairKeyByAddress, peer_address=peer_address, **kw)
     return d.addCallback(lambda response: PairKeyGrant(**response))
 
 
@@ -203,7 +217,7 @@ class KeyServerClient(service.Service):
     REQUEST_TIMEOUT = 10.0
 
     def __init__(self, addresses, credentials, mac: bytes, role: str = "client",
-                 endpoint: str = "", listener=None, reactor=None, retry_policy=None):
+                 endpoint: str = "", listener=None, reactor=None, retry_policy=None, overlay_addresses=()):
         if reactor is None:
             from twisted.internet import reactor
         if listener is not None and not IKeyListener.providedBy(listener):
@@ -213,6 +227,8 @@ class KeyServerClient(service.Service):
         self.mac = mac
         self.role = role
         self.endpoint = endpoint
+        #: Layer 3: the member's overlay IP addresses, registered with it.
+        self.overlay_addresses = tuple(overlay_addresses)
         self.listener = listener
         self.admission = None
         self._reactor = reactor
@@ -268,7 +284,7 @@ class KeyServerClient(service.Service):
         # Keep the incarnation of the first admission for the agent's life:
         # its keys are derived with it.
         incarnation = self.admission.incarnation if self.admission is not None else None
-        d = register(protocol, self.mac, self.role, self.endpoint, incarnation)
+        d = register(protocol, self.mac, self.role, self.endpoint, incarnation, self.overlay_addresses)
         self._timeout(d, protocol)
         return d.addCallback(admitted).addErrback(refused)
 
@@ -346,6 +362,9 @@ class KeyServerClient(service.Service):
         reached now.
         """
         return self._ask(request_pair_key, peer_mac, epoch)
+
+    def request_pair_key_by_address(self, peer_address: str, epoch=None):
+        return self._ask(request_pair_key_by_address, peer_address, epoch)
 
     def request_group_key(self):
         return self._ask(request_group_key)

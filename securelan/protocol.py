@@ -48,7 +48,9 @@ class Register(amp.Command):
     Admission (seed step 1): record this member's MAC, role and underlay
     endpoint.  C{endpoint} is ``host:port``; a bare ``:port`` means "the
     address you see me connect from".  C{incarnation} is the one the agent
-    already uses, when it reconnects.  Answers with the subnet's facts.
+    already uses, when it reconnects.  C{addresses}: the member's overlay
+    IP addresses, in layer-3 mode (keys are then looked up by them).
+    Answers with the subnet's facts.
     """
 
     arguments = [
@@ -57,6 +59,7 @@ class Register(amp.Command):
         (b"role", amp.Unicode()),
         (b"endpoint", amp.Unicode()),
         (b"incarnation", amp.Integer(optional=True)),
+        (b"addresses", amp.ListOf(amp.Unicode(), optional=True)),
     ]
     response = [
         (b"member_id", amp.Unicode()),
@@ -80,6 +83,7 @@ _PAIR_KEY_FIELDS = [
     (b"epoch", amp.Integer()),
     (b"lifetime", amp.Integer()),
     (b"age", amp.Integer()),
+    (b"peer_addresses", amp.ListOf(amp.Unicode(), optional=True)),
 ]
 
 _GROUP_KEY_FIELDS = [
@@ -98,6 +102,20 @@ class RequestPairKey(amp.Command):
 
     arguments = [
         (b"peer_mac", amp.String()),
+        (b"epoch", amp.Integer(optional=True)),
+    ]
+    response = _PAIR_KEY_FIELDS
+    errors = ERRORS
+
+
+class RequestPairKeyByAddress(amp.Command):
+    """
+    Layer 3: the pair key shared with whoever holds the overlay IP
+    C{peer_address} (the seed's lookup by IP at the layer-3 level).
+    """
+
+    arguments = [
+        (b"peer_address", amp.Unicode()),
         (b"epoch", amp.Integer(optional=True)),
     ]
     response = _PAIR_KEY_FIELDS
@@ -292,6 +310,8 @@ class PairKeyGrant:
     #: Seconds since this epoch's key was made: a holder told of a new epoch
     #: long after it began switches to it at once (its peer has had time).
     age: int = 0
+    #: The peer's overlay IP addresses (layer 3): what it may send from.
+    peer_addresses: tuple = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen

@@ -883,3 +883,73 @@ class RekeyPolicyTests(SubnetTestCase):
         net.server.group_key_lifetime = 50
         self.successResultOf(net.server.rekey_due())
         self.assertEqual(net.server.group_key().epoch, 2)
+
+
+class Layer3Tests(SubnetTestCase):
+    """
+    Layer 3: the key server keeps ID <-> IP as it keeps ID <-> MAC, and
+    answers key requests by the peer's overlay IP.
+    """
+
+    def join_l3(self, net, member_id, mac, addresses, listener=None):
+        conn = net.connect(member_id, listener=listener)
+        outcome = []
+        conn.run(register(conn.client, mac, "client", ":4789", addresses=addresses)).addBoth(outcome.append)
+        return conn, outcome[0]
+
+    def by_address(self, conn, address, **kw):
+        from securelan.client import request_pair_key_by_address
+
+        outcome = []
+        conn.run(request_pair_key_by_address(conn.client, address, **kw)).addBoth(outcome.append)
+        return outcome[0]
+
+    def test_key_by_address(self):
+        """
+        alice asks by bob's overlay IP and gets K(alice, bob), the one she
+        would get by his MAC, with his addresses; bob is pushed the key with
+        alice's addresses (what she may send from).
+        """
+        from securelan.protocol import Admission
+
+        net = self.subnet()
+        heard = RecordingListener()
+        alice, admitted = self.join_l3(net, "alice", MAC_1, ["10.9.0.1"])
+        self.assertIsInstance(admitted, Admission)
+        self.join_l3(net, "bob", MAC_2, ["10.9.0.2", "fd00::2"], listener=heard)
+        grant = self.by_address(alice, "10.9.0.2")
+        self.assertEqual((grant.peer_id, grant.peer_mac, grant.peer_addresses),
+                         ("bob", MAC_2, ("10.9.0.2", "fd00::2")))
+        self.assertEqual(self.pair_key(alice, MAC_2).key, grant.key)
+        self.assertEqual(self.by_address(alice, "fd00:0::2").key, grant.key)
+        net.flush()
+        pushed = [g for kind, g in heard.events if kind == "pair_key"]
+        self.assertEqual(pushed[0].peer_addresses, ("10.9.0.1",))
+
+    def test_unknown_address(self):
+        net = self.subnet()
+        alice, _ = self.join_l3(net, "alice", MAC_1, ["10.9.0.1"])
+        failure = self.by_address(alice, "10.9.0.77")
+        failure.trap(UnknownPeer)
+        self.assertIn("10.9.0.77", failure.getErrorMessage())
+
+    def test_address_taken(self):
+        """
+        An address held by another member is refused (as a held MAC is):
+        a member cannot take over another's traffic by claiming its IP.
+        """
+        from securelan.errors import AddressInUse
+
+        net = self.subnet()
+        self.join_l3(net, "alice", MAC_1, ["10.9.0.1"])
+        _, outcome = self.join_l3(net, "bob", MAC_2, ["10.9.0.1"])
+        outcome.trap(AddressInUse)
+
+    def test_bad_addresses(self):
+        net = self.subnet()
+        for addresses in (["10.9.0.300"], ["224.0.0.1"], ["127.0.0.1"], ["0.0.0.0"],
+                          [f"10.9.1.{i}" for i in range(17)]):
+            _, outcome = self.join_l3(net, "alice", MAC_1, addresses)
+            outcome.trap(BadRequest)
+        alice, _ = self.join_l3(net, "alice", MAC_1, ["10.9.0.1"])
+        self.by_address(alice, "not an address").trap(BadRequest)

@@ -16,6 +16,7 @@ purges over the same connection.
 
 import bisect
 import collections
+import ipaddress
 
 import attrs
 from twisted.internet import defer
@@ -63,12 +64,36 @@ from ..protocol import (
     RequestGroupKey,
     RequestNetLinks,
     RequestPairKey,
+    RequestPairKeyByAddress,
 )
 from ..ratelimit import TokenBucket
 from ..records import GROUP_ID, ROLES, GroupKey, Member, PairKey
 from ..tls import EXPECTED_GROUP, describe_tls_failure, negotiated_group, peer_certificate
 
 log = Logger(namespace="securelan.keyserver")
+
+
+#: Overlay addresses one member may register, at most.
+MAX_ADDRESSES = 16
+
+
+def _check_addresses(addresses) -> tuple:
+    """
+    A member's overlay IP addresses (layer 3), in canonical text form:
+    unicast, not loopback or unspecified, at most L{MAX_ADDRESSES}.
+    """
+    if len(addresses) > MAX_ADDRESSES:
+        raise BadRequest(f"at most {MAX_ADDRESSES} addresses")
+    checked = set()
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise BadRequest(f"{text!r} is not an IP address") from None
+        if address.is_multicast or address.is_unspecified or address.is_loopback:
+            raise BadRequest(f"{address} is not a unicast address a member can hold")
+        checked.add(str(address))
+    return tuple(sorted(checked))
 
 
 def _check_endpoint(endpoint: str, seen_host: str | None) -> str:
@@ -202,7 +227,7 @@ class KeyServer:
     # The seed's steps ----------------------------------------------------
 
     @defer.inlineCallbacks
-    def register(self, identity, seen_host, version, mac, role, endpoint, incarnation=None):
+    def register(self, identity, seen_host, version, mac, role, endpoint, incarnation=None, addresses=()):
         """
         Step 1, admission: record (ID, MAC) for the authenticated member.
         Fires with the stored L{Member}.  When its MAC, endpoint or
@@ -230,6 +255,7 @@ class KeyServer:
             )
         if incarnation is not None and not 0 < incarnation < 2**31:
             raise BadRequest(f"incarnation {incarnation} is out of range")
+        addresses = _check_addresses(addresses or ())
         member = Member(
             member_id=identity.member_id,
             role=role,
@@ -237,6 +263,7 @@ class KeyServer:
             endpoint=_check_endpoint(endpoint, seen_host),
             registered_at=self.clock.seconds(),
             incarnation=incarnation or 0,
+            addresses=addresses,
         )
         if (yield self.store.is_revoked(member.member_id)):
             raise NotPermitted(f"member {member.member_id} is revoked")
@@ -246,8 +273,9 @@ class KeyServer:
             self._sorted_ids = None
         if self.broker is not None and member.role == "border" and member.member_id == self.broker.config.border:
             self.broker.border_registered(member.incarnation)
-        changed = previous is not None and (previous.mac, previous.endpoint, previous.incarnation) != (
-            member.mac, member.endpoint, member.incarnation)
+        changed = previous is not None and (
+            previous.mac, previous.endpoint, previous.incarnation, previous.addresses) != (
+            member.mac, member.endpoint, member.incarnation, member.addresses)
         if changed:
             pairs = yield self.store.pairs_of(member.member_id)
             for pair_key in pairs:
@@ -283,6 +311,27 @@ class KeyServer:
         foreign = peer is None
         if foreign:
             peer = yield self._gateway_for(member, peer_mac)
+        grant = yield self._pair_key_with(member, peer, epoch)
+        if foreign:
+            # The seed's K(ID_1, ID_X86), held against the plaintext host's
+            # MAC: the member reaches that MAC through the gateway.
+            grant = attrs.evolve(grant, peer_mac=peer_mac)
+        return grant
+
+    @defer.inlineCallbacks
+    def pair_key_by_address(self, member: Member, address: str, epoch):
+        """
+        Layer 3: the pair key of C{member} and whoever holds the overlay IP
+        C{address}.
+        """
+        [text] = _check_addresses([address])
+        peer = yield self.store.member_by_address(text)
+        if peer is None:
+            raise UnknownPeer(f"no member of subnet {self.subnet} holds {text}")
+        return (yield self._pair_key_with(member, peer, epoch))
+
+    @defer.inlineCallbacks
+    def _pair_key_with(self, member: Member, peer: Member, epoch):
         if peer.member_id == member.member_id:
             raise NotPermitted("a member needs no key with itself")
         pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
@@ -296,19 +345,15 @@ class KeyServer:
         # recovery case (the peer is behind): push again regardless.
         me = yield self.store.member(member.member_id)
         if me is not None:
-            facts = (pair_key.epoch, pair_key.key.fingerprint, me.mac, me.endpoint, me.incarnation)
+            facts = (pair_key.epoch, pair_key.key.fingerprint, me.mac, me.endpoint, me.incarnation,
+                     me.addresses)
             pushed = (peer.member_id, me.member_id)
             if epoch == pair_key.epoch or self._pushed.get(pushed) != facts:
                 if len(self._pushed) >= self.limits.max_pair_keys * 2:
                     self._pushed.clear()
                 self._pushed[pushed] = facts
                 self._push_to(peer.member_id, self._grant(pair_key, me))
-        grant = self._grant(pair_key, peer)
-        if foreign:
-            # The seed's K(ID_1, ID_X86), held against the plaintext host's
-            # MAC: the member reaches that MAC through the gateway.
-            grant = attrs.evolve(grant, peer_mac=peer_mac)
-        return grant
+        return self._grant(pair_key, peer)
 
     @defer.inlineCallbacks
     def _gateway_for(self, member: Member, mac: bytes):
@@ -380,6 +425,7 @@ class KeyServer:
             epoch=pair_key.epoch,
             lifetime=lifetime,
             age=max(0, int(self.clock.seconds() - pair_key.created_at)),
+            peer_addresses=peer.addresses,
         )
 
     def list_peers(self, member: Member, after: str):
@@ -742,9 +788,9 @@ class MemberSession(TimeoutMixin, amp.AMP):
     # Responders ----------------------------------------------------------
 
     @Register.responder
-    def register(self, version, mac, role, endpoint, incarnation=None):
+    def register(self, version, mac, role, endpoint, incarnation=None, addresses=()):
         d = self._charged("register", self.server.register,
-                          self.identity, self._peer_host, version, mac, role, endpoint, incarnation)
+                          self.identity, self._peer_host, version, mac, role, endpoint, incarnation, addresses)
 
         def registered(member):
             self.member = member
@@ -782,6 +828,13 @@ class MemberSession(TimeoutMixin, amp.AMP):
     def request_pair_key(self, peer_mac, epoch=None):
         def ask():
             return self.server.pair_key_for(self._registered_member(), peer_mac, epoch)
+
+        return self._charged("pair key", ask).addCallback(attrs.asdict, recurse=False)
+
+    @RequestPairKeyByAddress.responder
+    def request_pair_key_by_address(self, peer_address, epoch=None):
+        def ask():
+            return self.server.pair_key_by_address(self._registered_member(), peer_address, epoch)
 
         return self._charged("pair key", ask).addCallback(attrs.asdict, recurse=False)
 
