@@ -406,10 +406,12 @@ DEFAULT_STATUS_SOCKET = "/run/securelan/agent.sock"
 @attrs.frozen
 class DeviceConfig:
     """
-    The TAP device the agent creates.
+    The device the agent creates: a TAP device (layer 2, the default) or a
+    TUN device (layer 3: keys are looked up by the peers' overlay IPs).
     """
 
     name: str = "slan0"
+    type: str = "tap"
     #: The device's MAC; None to derive a stable one from the member ID.
     mac: bytes | None = None
     #: 0: the largest MTU whose frames fit one carrier datagram.
@@ -542,6 +544,7 @@ def load_agent_config(path: str) -> AgentConfig:
         raise dev.error("name", "must be an interface name of at most 15 characters")
     device = DeviceConfig(
         name=name,
+        type=dev.choice("type", ("tap", "tun"), "tap"),
         mac=_mac_value(dev, "mac"),
         mtu=dev.integer("mtu", 0, minimum=0, maximum=65535),
         addresses=tuple(addresses),
@@ -618,6 +621,10 @@ def load_agent_config(path: str) -> AgentConfig:
         border=border,
         metrics=ag.endpoint("metrics", "") if ag.data.get("metrics") else _unused(ag, "metrics"),
     )
+    if device.type == "tun" and config.role != "client":
+        raise dev.error("type", f'"tun" (layer 3) is for role = "client"; a {config.role} needs "tap"')
+    if device.type == "tun" and not device.addresses:
+        raise dev.error("addresses", 'is required with type = "tun": the key server looks members up by them')
     if config.role == "gateway" and not gateway.bridge:
         raise gw.error("bridge", "is required with role = \"gateway\": the bridge on the plaintext network")
     ag.done()

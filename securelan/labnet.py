@@ -140,6 +140,7 @@ status_socket = "{self.status_socket}"
 
 [device]
 name = "slan0"
+type = "{"tun" if self.lan.layer3 else "tap"}"
 mac = "{format_mac(self.mac)}"
 addresses = [{self.device_addresses()}]
 
@@ -295,8 +296,11 @@ class EncryptedLAN:
     """
 
     def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False, pair_key_lifetime=86400,
-                 lab=None, subnet="test", underlay=UNDERLAY, overlay=OVERLAY, switch="lan", keyserver="ks"):
+                 lab=None, subnet="test", underlay=UNDERLAY, overlay=OVERLAY, switch="lan", keyserver="ks",
+                 layer3=False):
         self.names = names
+        #: Members on TUN devices, keys looked up by overlay IP.
+        self.layer3 = layer3
         self.subnet = subnet
         self.underlay = underlay
         self.overlay = overlay

@@ -402,10 +402,11 @@ class Host(_Namespace):
             args += ["dev", dev]
         self.ip(*args)
 
-    def ping(self, address, count=3, timeout=5.0, interval=0.2, size=None, pattern=None):
+    def ping(self, address, count=3, timeout=5.0, interval=0.2, size=None, pattern=None, source=None):
         """
         Ping C{address} from this host.
 
+        @param source: the source address to send from (C{ping -I}).
         @param count: how many echo requests to send.
         @param timeout: the deadline in seconds for all C{count} replies.
         @param pattern: bytes to fill the payload with (at most 16;
@@ -420,6 +421,8 @@ class Host(_Namespace):
             if not 0 < len(pattern) <= 16:
                 raise ValueError("a ping pattern has 1 to 16 bytes")
             argv += ["-p", pattern.hex()]
+        if source is not None:
+            argv += ["-I", str(source)]
         argv.append(str(address))
         result = self.run(argv, timeout=timeout + 5, check=False)
         return result.returncode == 0

@@ -271,16 +271,17 @@ class MemorySubnet:
             for conn in self.connections:
                 moved = conn.pump.pump() or moved
 
-    def join(self, member_id, mac, role="client", endpoint=":4789", listener=None):
+    def join(self, member_id, mac, role="client", endpoint=":4789", listener=None, addresses=()):
         """
-        Connect C{member_id} and register C{mac}; return the connection and
-        the L{Admission}.  Raises what the key server refused with.
+        Connect C{member_id} and register C{mac} (and, at layer 3, its
+        overlay C{addresses}); return the connection and the L{Admission}.
+        Raises what the key server refused with.
         """
         from .client import register
 
         conn = self.connect(member_id, listener=listener)
         outcome = []
-        conn.run(register(conn.client, mac, role, endpoint)).addBoth(outcome.append)
+        conn.run(register(conn.client, mac, role, endpoint, addresses=addresses)).addBoth(outcome.append)
         if not outcome:
             raise AssertionError("register was not answered")
         if isinstance(outcome[0], Failure):
@@ -483,6 +484,12 @@ class MemoryKeys:
         self.requests.append(mac)
         return self._answer(lambda client: request_pair_key(client, mac, epoch))
 
+    def request_pair_key_by_address(self, address, epoch=None):
+        from .client import request_pair_key_by_address
+
+        self.requests.append(address)
+        return self._answer(lambda client: request_pair_key_by_address(client, address, epoch))
+
     def request_group_key(self):
         from .client import request_group_key
 
@@ -498,12 +505,17 @@ class MemoryKeys:
 class MemoryMember:
     """
     One member in a L{MemorySubnet} with a data plane on a L{MemoryLAN}.
+    With C{addresses} (``address/prefix`` strings) it is a layer-3 member:
+    its device is a L{Layer3Device} over a TUN device in memory (C{tun}),
+    and it registers those addresses.
     """
 
     __test__ = False
 
-    def __init__(self, net, lan, member_id, mac, host, on_key_miss="queue", role="client", **queue):
+    def __init__(self, net, lan, member_id, mac, host, on_key_miss="queue", role="client", addresses=(),
+                 **queue):
         from .agent.dataplane import DataPlane
+        from .agent.layer3 import Layer3Device
 
         self.net = net
         self.member_id = member_id
@@ -513,10 +525,18 @@ class MemoryMember:
         # Pushes that arrive while joining, before the data plane exists.
         self._early = []
         self.carrier = lan.carrier(host)
-        self.device = MemoryDevice(mac=mac)
+        self.layer3 = None
+        if addresses:
+            self.tun = MemoryDevice(mac=None, addresses=tuple(addresses))
+            self.device = self.layer3 = Layer3Device(
+                self.tun, mac, net.clock, resolve=lambda address: self.keys.request_pair_key_by_address(address),
+                on_grant=lambda grant: self.dataplane.install_pair_key(grant))
+        else:
+            self.device = MemoryDevice(mac=mac)
         self.role = role
+        overlay = [a.split("/")[0] for a in addresses]
         self.conn, self.admission = net.join(member_id, mac, role=role, endpoint=self.carrier.endpoint,
-                                             listener=self)
+                                             listener=self, addresses=overlay)
         self.keys = MemoryKeys(self.conn)
         self.dataplane = DataPlane(member_id, mac, self.admission.incarnation, self.keys, self.carrier,
                                    self.device, net.clock, on_key_miss=on_key_miss,
@@ -544,6 +564,8 @@ class MemoryMember:
         if self.deaf:
             return
         self.listener.pair_key_pushed(grant)
+        if self.layer3 is not None:
+            self.layer3.learn(grant)
         self._install("install_pair_key", grant)
 
     def group_key_pushed(self, grant):
@@ -554,6 +576,9 @@ class MemoryMember:
         self.listener.purged(peer_id, reason)
         if self.dataplane is not None:
             self.dataplane.purge(peer_id)
+
+    def net_links_pushed(self, links):
+        pass
 
     def reconnect(self):
         """

@@ -251,6 +251,36 @@ class KeyServerLossTests(E2ETestCase):
         self.assertGreater(bob.peer("alice")["rx_frames"], 0)
 
 
+class Layer3Tests(E2ETestCase):
+    def test_layer3_on_tun(self):
+        """
+        Members on TUN devices: IP packets are sent under the pair key of
+        the member that holds the destination address (the key server
+        looks it up by IP).  Ping and TCP flow; the wire carries only
+        ciphertext; carol, claiming alice's address as her source, gets
+        nothing through (bob's agent counts it).
+        """
+        lan = self.lan(layer3=True)
+        lan.start()
+        alice, bob, carol = lan["alice"], lan["bob"], lan["carol"]
+        with lan.switch.capture() as capture:
+            self.assertTrue(alice.ping(bob, count=3, pattern=PING_PATTERN), "alice cannot ping bob")
+            self.assertTrue(carol.ping(alice, count=2, pattern=PING_PATTERN))
+            self.assertTrue(lan.tcp_exchange(alice, bob))
+            self.assertTrue(lan.tcp_exchange(bob, carol, port=5002))
+        capture.stop()
+        self.assertNoPlaintext(capture, lan)
+        kinds = {d.payload[1] & 0x7F for d in capture.udp_datagrams(4789)}
+        self.assertIn(1, kinds)
+        status = alice.status()["role"]
+        self.assertEqual(status["layer3"]["layer"], 3)
+        self.assertEqual({p["member_id"] for p in status["peers"]}, {"bob", "carol"})
+        # What must fail: carol sends from alice's address.
+        carol.host.ip("addr", "add", f"{alice.overlay}/32", "dev", "slan0")
+        self.assertFalse(carol.host.ping(bob.overlay, count=2, timeout=3, source=alice.overlay))
+        self.assertGreaterEqual(bob.status()["role"]["layer3"]["drops"].get("spoofed_src_ip", 0), 2)
+
+
 class GatewayTests(E2ETestCase):
     MEMBERS_ONLY = b"MEMBERS-ONLY-MRK"
 

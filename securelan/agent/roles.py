@@ -13,6 +13,7 @@ from .._interfaces import IKeyListener, IRole
 from ..wire import frame_mtu
 from .carriers import UDPCarrier
 from .dataplane import DataPlane
+from .layer3 import Layer3Device
 from .device import DeviceError, TapDevice, TunDevice
 from .netplane import NetPlane
 
@@ -31,10 +32,13 @@ class ClientRole:
 
     name = "client"
 
-    def __init__(self, device_factory=None):
+    def __init__(self, device_factory=None, tun_factory=None):
         self._device_factory = device_factory or TapDevice
+        self._tun_factory = tun_factory or TunDevice
         self.agent = None
         self.device = None
+        #: The L{Layer3Device} in layer-3 mode (``[device] type = "tun"``).
+        self.layer3 = None
         self.dataplane = None
         self._refresh = None
         self._tick = None
@@ -43,9 +47,21 @@ class ClientRole:
     def start(self, agent):
         self.agent = agent
         config = agent.config.device
-        self.device = self._device_factory(config.name, agent.mac, self.device_mtu(agent),
-                                           config.addresses, reactor=agent.reactor)
+        if config.type == "tun":
+            tun = self._tun_factory(config.name, self.device_mtu(agent), config.addresses, reactor=agent.reactor)
+            self.device = self.layer3 = Layer3Device(
+                tun, agent.mac, agent.reactor, resolve=lambda address: agent.keys.request_pair_key_by_address(address),
+                on_grant=self._resolved)
+        else:
+            self.device = self._device_factory(config.name, agent.mac, self.device_mtu(agent),
+                                               config.addresses, reactor=agent.reactor)
         self.device.start(self._frame)
+
+    def _resolved(self, grant):
+        # Layer 3: the key server named the member that holds an address,
+        # with our key: the data plane takes it as it takes a pushed one.
+        if self.dataplane is not None:
+            self.dataplane.install_pair_key(grant)
 
     def device_mtu(self, agent):
         return agent.config.device.mtu or frame_mtu(agent.carrier.max_datagram)
@@ -95,6 +111,8 @@ class ClientRole:
             self.dataplane.recheck()
 
     def pair_key_pushed(self, grant):
+        if self.layer3 is not None:
+            self.layer3.learn(grant)
         if self.dataplane is not None:
             self.dataplane.install_pair_key(grant)
 
@@ -116,6 +134,8 @@ class ClientRole:
                 "device_write_errors": getattr(self.device, "write_errors", 0)}
         if self.dataplane is not None:
             base.update(self.dataplane.status())
+        if self.layer3 is not None:
+            base["layer3"] = self.layer3.status()
         return base
 
 
@@ -166,8 +186,7 @@ class BorderRole(ClientRole):
     name = "border"
 
     def __init__(self, device_factory=None, tun_factory=None, wan=None):
-        super().__init__(device_factory)
-        self._tun_factory = tun_factory or TunDevice
+        super().__init__(device_factory, tun_factory)
         self.wan = wan
         self.tun = None
         self.netplane = None

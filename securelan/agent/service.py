@@ -5,6 +5,7 @@ status socket, started and stopped together.
 """
 
 import hashlib
+import ipaddress
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -62,10 +63,12 @@ class AgentService(service.Service):
         except DeviceError as e:
             self.carrier.stop()
             return fail_startup(self.reactor, "securelan-agent", str(e))
+        device = self.config.device
+        overlay = [str(ipaddress.ip_interface(a).ip) for a in device.addresses] if device.type == "tun" else []
         self.keys = KeyServerClient(self.config.key_servers, self._credentials, mac=self.mac,
                                     role=self.config.role, endpoint=self.carrier.endpoint,
                                     listener=self.role, reactor=self.reactor,
-                                    retry_policy=self._retry_policy)
+                                    retry_policy=self._retry_policy, overlay_addresses=overlay)
         self.keys.startService()
         if self.config.metrics:
             from ..metrics import AgentCollector, listen_metrics
