@@ -298,3 +298,24 @@ class BorderConfigTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, load_agent_config, path)
             self.assertEqual(e.key, key)
             self.assertIn(fragment, str(e))
+
+
+class Layer3ConfigTests(SynchronousTestCase):
+    def test_tun(self):
+        from securelan.config import load_agent_config
+
+        path = KeyServerConfigTests.write(self, AGENT.replace("[device]", '[device]\ntype = "tun"'))
+        self.assertEqual(load_agent_config(path).device.type, "tun")
+
+    def test_tun_needs_addresses_and_client(self):
+        from securelan.config import load_agent_config
+
+        for text, key in (
+            (AGENT.replace("[device]", '[device]\ntype = "tun"').replace('addresses = ["10.77.0.1/24"]', ""),
+             "device.addresses"),
+            (AGENT.replace("[device]", '[device]\ntype = "tun"').replace("[agent]", '[agent]\nrole = "border"'),
+             "device.type"),
+            (AGENT.replace("[device]", '[device]\ntype = "tunnel"'), "device.type"),
+        ):
+            e = self.assertRaises(ConfigError, load_agent_config, KeyServerConfigTests.write(self, text))
+            self.assertEqual(e.key, key)
