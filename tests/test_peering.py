@@ -164,8 +164,15 @@ class AgreementTests(SynchronousTestCase):
         """
         A NETKEY older than its lifetime is replaced by the leader.
         """
-        _, _, pump, _ = self.pair.hello()
-        self.pair.clock.advance(3599)
+        client, _, pump, _ = self.pair.hello()
+        from securelan.protocol import Ping
+
+        for _ in range(59):
+            # The follower's pings keep the link's connection open.
+            self.pair.clock.advance(61)
+            client.wrappedProtocol.callRemote(Ping)
+            pump.flush()
+        self.pair.clock.advance(3599 - 59 * 61)
         self.pair.alpha.rekey_due()
         self.assertEqual(self.pair.alpha.links["beta"].epoch, 1)
         self.pair.clock.advance(2)
@@ -213,6 +220,58 @@ class AgreementTests(SynchronousTestCase):
         self.assertEqual(link.epoch, 2)
         self.assertNotEqual(link.key, before)
         self.assertEqual(restarted.links["beta"].key, link.key)
+
+    def test_silent_connection_closed(self):
+        """
+        A connection that says no hello within 15 s is closed by the
+        leader; one that said hello is closed after 120 s of silence, and
+        pings keep it open.
+        """
+        from securelan.keyserver.peering import IDLE_TIMEOUT
+        from securelan.protocol import Ping
+
+        client, server, pump, _ = self.pair.hello()
+        self.assertFalse(server.disconnected)
+        self.pair.clock.advance(IDLE_TIMEOUT - 1)
+        client.wrappedProtocol.callRemote(Ping)
+        pump.flush()
+        self.pair.clock.advance(IDLE_TIMEOUT - 1)
+        pump.flush()
+        self.assertFalse(server.disconnected, "pinged, yet closed")
+        self.pair.clock.advance(2)
+        pump.flush()
+        self.assertTrue(server.disconnected)
+        self.assertIsNone(self.pair.alpha.links["beta"].protocol)
+
+    def test_no_hello_closed(self):
+        """
+        A peer that completes TLS but never says hello is closed after 15 s.
+        """
+        from securelan.keyserver.peering import HELLO_TIMEOUT
+
+        follower = self.pair.broker("beta", "alpha")
+        link = follower.links["alpha"]
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test import iosim
+
+        server_factory = TLSMemoryBIOFactory(self.pair.alpha.server_options(), False,
+                                             PeeringFactory(self.pair.alpha), clock=self.pair.clock)
+        client_factory = TLSMemoryBIOFactory(follower.client_options(link), True,
+                                             Factory.forProtocol(lambda: PeerProtocol(follower, link)),
+                                             clock=self.pair.clock)
+        here, there = IPv4Address("TCP", "127.0.0.2", 50001), IPv4Address("TCP", "127.0.0.1", 7444)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: server_factory.buildProtocol(here), lambda: client_factory.buildProtocol(there),
+            clientTransportFactory=lambda p: iosim.FakeTransport(p, False, hostAddress=here, peerAddress=there),
+            serverTransportFactory=lambda p: iosim.FakeTransport(p, True, hostAddress=there, peerAddress=here),
+            clock=self.pair.clock)
+        pump.flush()
+        self.assertFalse(server.disconnected)
+        self.pair.clock.advance(HELLO_TIMEOUT)
+        pump.flush()
+        self.assertTrue(server.disconnected)
 
     def test_tls_group(self):
         """
@@ -381,3 +440,41 @@ class BorderAccessTests(SynchronousTestCase):
         self.net.flush()
         pushed = [e[1] for e in listener.events if e[0] == "net_links"]
         self.assertEqual([links[0].epoch for links in pushed], [2])
+
+
+class PingTests(SynchronousTestCase):
+    def test_unanswered_ping_drops_the_connection(self):
+        """
+        The follower pings each leader; a connection whose ping is not
+        answered in 10 s is aborted (ClientService then makes a new one).
+        """
+        from twisted.internet import defer
+
+        from securelan.keyserver.peering import PING_TIMEOUT, PeeringService
+        from securelan.protocol import Ping
+
+        path = self.mktemp()
+        os.makedirs(path)
+        pair = Pair(path)
+        calls, aborted = [], []
+
+        class Transport:
+            def abortConnection(self):
+                aborted.append(True)
+
+        class Stuck:
+            transport = Transport()
+
+            def callRemote(self, command, **kw):
+                calls.append(command)
+                return defer.Deferred()
+
+        follower = pair.beta
+        follower.links["alpha"].protocol = Stuck()
+        peering = PeeringService(follower, pair.clock)
+        peering.ping()
+        self.assertEqual(calls, [Ping])
+        pair.clock.advance(PING_TIMEOUT - 0.1)
+        self.assertEqual(aborted, [])
+        pair.clock.advance(0.2)
+        self.assertEqual(aborted, [True])

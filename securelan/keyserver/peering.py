@@ -37,9 +37,11 @@ from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapC
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.internet._sslverify import TLSVersion
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -48,7 +50,8 @@ from ..client import close_unprepared
 from ..config import NetKeyConfig, NetKeyPeer
 from ..errors import BadRequest, NotPermitted, VersionMismatch
 from ..keys import SecretKey
-from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide
+from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide, Ping
+from .server import ConnectionLimit
 from ..tls import EXPECTED_GROUP, TLSConfigError, describe_tls_failure, negotiated_group, peer_certificate
 
 log = Logger(namespace="securelan.peering")
@@ -294,18 +297,30 @@ class NetKeyBroker:
             extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_3})
 
 
+#: Seconds a peer key server has to complete TLS and say hello; seconds a
+#: link's connection may stay silent (the follower pings every
+#: L{PING_INTERVAL}); and how long a ping may go unanswered.
+HELLO_TIMEOUT = 15.0
+IDLE_TIMEOUT = 120.0
+PING_INTERVAL = 30.0
+PING_TIMEOUT = 10.0
+
+
 @implementer(IHandshakeListener)
-class PeerProtocol(amp.AMP):
+class PeerProtocol(TimeoutMixin, amp.AMP):
     """
     One connection between two key servers, either end.  On the leader's
     end nothing is answered before the TLS handshake identified a
     configured peer; on the follower's end TLS itself checked the leader
-    (its CA, its name) and L{PeerConnector} says hello.
+    (its CA, its name) and L{say_hello} says hello.  A connection that has
+    not said hello within L{HELLO_TIMEOUT}, or stays silent for
+    L{IDLE_TIMEOUT}, is closed.
     """
 
     def __init__(self, broker: NetKeyBroker, link=None):
         super().__init__()
         self.broker = broker
+        self.callLater = broker.clock.callLater
         #: Known from the start on the follower's end; found from the
         #: certificate on the leader's.
         self.link = link
@@ -315,7 +330,17 @@ class PeerProtocol(amp.AMP):
     def makeConnection(self, transport):
         peer = transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.setTimeout(HELLO_TIMEOUT)
         super().makeConnection(transport)
+
+    def timeoutConnection(self):
+        log.info("closed connection with key server at {peer}: {what}", peer=self._peer,
+                 what="silent" if self.link is not None and self.link.protocol is self else "no hello in time")
+        self._refused = True
+        self.transport.abortConnection()
+
+    def hello_done(self):
+        self.setTimeout(IDLE_TIMEOUT)
 
     def _refuse(self, why):
         self.broker.refused += 1
@@ -348,6 +373,7 @@ class PeerProtocol(amp.AMP):
         self.link = link
 
     def connectionLost(self, reason):
+        self.setTimeout(None)
         link = self.link
         if link is not None and link.protocol is self:
             link.protocol = None
@@ -366,6 +392,7 @@ class PeerProtocol(amp.AMP):
     def ampBoxReceived(self, box):
         if self._refused:
             return
+        self.resetTimeout()
         try:
             super().ampBoxReceived(box)
         except Exception as e:
@@ -383,9 +410,15 @@ class PeerProtocol(amp.AMP):
         if link.protocol is not None and link.protocol is not self:
             link.protocol.transport.loseConnection()
         link.protocol = self
+        self.hello_done()
         log.info("key server of subnet {peer} connected from {address}", peer=link.peer.subnet,
                  address=self._peer)
         return answer
+
+    @Ping.responder
+    def ping(self):
+        self._identified()
+        return {}
 
     @PeerSide.responder
     def side(self, **side):
@@ -432,6 +465,7 @@ def say_hello(protocol, broker, link):
         # ClientService hands over a proxy; the connection's own protocol
         # is what reports its loss.
         link.protocol = getattr(protocol, "_protocol", protocol)
+        link.protocol.hello_done()
         broker.side_received(link, answer)
         broker.netkey_received(link, key, epoch)
         log.info("connected to the key server of subnet {peer}", peer=link.peer.subnet)
@@ -445,6 +479,12 @@ def say_hello(protocol, broker, link):
     return d.addCallback(answered).addErrback(failed)
 
 
+#: Connections the peering listener holds at most, in all and from one
+#: address (a peer needs one).
+MAX_PEER_CONNECTIONS = 64
+MAX_PEER_CONNECTIONS_PER_SOURCE = 4
+
+
 class PeeringService(service.MultiService):
     """
     The key server's peering: the listener (for links it leads) and one
@@ -456,6 +496,7 @@ class PeeringService(service.MultiService):
         self.broker = broker
         self.reactor = reactor
         self.port = None
+        self._pinger = None
         self._connectors = []
         for subnet, link in sorted(broker.links.items()):
             if broker.leads(subnet):
@@ -469,10 +510,30 @@ class PeeringService(service.MultiService):
             client.setServiceParent(self)
             self._connectors.append(client)
 
+    def ping(self):
+        """
+        Follower: ping the leader of every link; a connection whose ping is
+        not answered in L{PING_TIMEOUT} is dropped (and made again).
+        """
+        for subnet, link in self.broker.links.items():
+            protocol = link.protocol
+            if protocol is None or self.broker.leads(subnet):
+                continue
+            timer = self.reactor.callLater(PING_TIMEOUT, protocol.transport.abortConnection)
+            d = protocol.callRemote(Ping)
+            d.addBoth(lambda result, timer=timer: timer.cancel() if timer.active() else None)
+
     def startService(self):
         super().startService()
+        if any(not self.broker.leads(s) for s in self.broker.links):
+            self._pinger = LoopingCall(self.ping)
+            self._pinger.clock = self.reactor
+            self._pinger.start(PING_INTERVAL, now=False)
         if self.broker.config.listen:
-            tls = TLSMemoryBIOFactory(self.broker.server_options(), False, PeeringFactory(self.broker))
+            # A few connections per address: peers need one each.
+            tls = ConnectionLimit(
+                TLSMemoryBIOFactory(self.broker.server_options(), False, PeeringFactory(self.broker)),
+                MAX_PEER_CONNECTIONS, MAX_PEER_CONNECTIONS_PER_SOURCE)
             d = serverFromString(self.reactor, self.broker.config.listen).listen(tls)
 
             def listening(port):
@@ -483,6 +544,8 @@ class PeeringService(service.MultiService):
             return d.addCallback(listening)
 
     def stopService(self):
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
         d = super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
