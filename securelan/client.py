@@ -42,6 +42,7 @@ from .protocol import (
     Register,
     RequestNetLinks,
     RequestPairKeyByAddress,
+    RequestRekey,
     RequestGroupKey,
     RequestPairKey,
 )
@@ -167,6 +168,15 @@ def request_pair_key_by_address(protocol, peer_address: str, epoch=None):
     kw = {} if epoch is None else {"epoch": epoch}
     d = protocol.callRemote(RequestPairKeyByAddress, peer_address=peer_address, **kw)
     return d.addCallback(lambda response: PairKeyGrant(**response))
+
+
+def request_rekey(protocol, peer_id: str, epoch: int):
+    """
+    Ask for the next epoch of the key shared with C{peer_id} (a packet or
+    byte limit was reached); fires with the pair's epoch.
+    """
+    d = protocol.callRemote(RequestRekey, peer_id=peer_id, epoch=epoch)
+    return d.addCallback(lambda response: response["epoch"])
 
 
 def request_group_key(protocol):
@@ -365,6 +375,9 @@ class KeyServerClient(service.Service):
 
     def request_pair_key_by_address(self, peer_address: str, epoch=None):
         return self._ask(request_pair_key_by_address, peer_address, epoch)
+
+    def request_rekey(self, peer_id: str, epoch: int):
+        return self._ask(request_rekey, peer_id, epoch)
 
     def request_group_key(self):
         return self._ask(request_group_key)

@@ -257,6 +257,10 @@ class KeyServerConfig:
     master_key: str
     pair_key_lifetime: int
     limits: Limits
+    #: Datagrams or bytes a sender may send under one epoch of a pair key
+    #: before it asks for the next (0: no limit).
+    pair_key_max_packets: int = 0
+    pair_key_max_bytes: int = 0
     #: Seconds between group rekeys (0: never, as the seed does; the group
     #: key is replaced on every revocation anyway).
     group_key_lifetime: int = 0
@@ -291,6 +295,8 @@ def load_keyserver_config(path: str) -> KeyServerConfig:
         store=_store_spec(ks, "store", "sqlite:" + os.path.join(state_dir, "keyserver.sqlite")),
         master_key=ks.path_value("master_key", os.path.join(state_dir, "master.key")),
         pair_key_lifetime=ks.integer("pair_key_lifetime", 86400, minimum=0),
+        pair_key_max_packets=ks.integer("pair_key_max_packets", 0, minimum=0, maximum=2**60),
+        pair_key_max_bytes=ks.integer("pair_key_max_bytes", 0, minimum=0, maximum=2**62),
         group_key_lifetime=ks.integer("group_key_lifetime", 0, minimum=0),
         limits=_limits(top.table("limits")),
         admin_socket=_optional_path(ks, "admin_socket", DEFAULT_ADMIN_SOCKET),

@@ -69,6 +69,8 @@ class Register(amp.Command):
         (b"incarnation", amp.Integer()),
         (b"group_epoch", amp.Integer()),
         (b"pair_key_lifetime", amp.Integer()),
+        (b"rekey_after_packets", amp.Integer(optional=True)),
+        (b"rekey_after_bytes", amp.Integer(optional=True)),
     ]
     errors = ERRORS
 
@@ -119,6 +121,19 @@ class RequestPairKeyByAddress(amp.Command):
         (b"epoch", amp.Integer(optional=True)),
     ]
     response = _PAIR_KEY_FIELDS
+    errors = ERRORS
+
+
+class RequestRekey(amp.Command):
+    """
+    A sender that reached the key server's packet or byte limit under the
+    pair key it shares with C{peer_id} at C{epoch} asks for the next one.
+    The key server rekeys the pair (and pushes it to both) if C{epoch} is
+    still current, and answers with the pair's current epoch.
+    """
+
+    arguments = [(b"peer_id", amp.Unicode()), (b"epoch", amp.Integer())]
+    response = [(b"epoch", amp.Integer())]
     errors = ERRORS
 
 
@@ -288,6 +303,10 @@ class Admission:
     incarnation: int
     group_epoch: int
     pair_key_lifetime: int
+    #: A sender asks for a new key (L{RequestRekey}) once it has sent this
+    #: many datagrams, or this many bytes, under one epoch (0: no limit).
+    rekey_after_packets: int = 0
+    rekey_after_bytes: int = 0
 
 
 @attrs.frozen

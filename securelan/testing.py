@@ -490,6 +490,12 @@ class MemoryKeys:
         self.requests.append(address)
         return self._answer(lambda client: request_pair_key_by_address(client, address, epoch))
 
+    def request_rekey(self, peer_id, epoch):
+        from .client import request_rekey
+
+        self.requests.append(("rekey", peer_id, epoch))
+        return self._answer(lambda client: request_rekey(client, peer_id, epoch))
+
     def request_group_key(self):
         from .client import request_group_key
 
@@ -540,7 +546,9 @@ class MemoryMember:
         self.keys = MemoryKeys(self.conn)
         self.dataplane = DataPlane(member_id, mac, self.admission.incarnation, self.keys, self.carrier,
                                    self.device, net.clock, on_key_miss=on_key_miss,
-                                   gateway=role == "gateway", **queue)
+                                   gateway=role == "gateway",
+                                   rekey_after_packets=self.admission.rekey_after_packets,
+                                   rekey_after_bytes=self.admission.rekey_after_bytes, **queue)
         self.carrier.start(self.dataplane.datagrams_received)
         self.device.start(self.dataplane.frame_from_device)
         self.dataplane.start()

@@ -781,6 +781,50 @@ class RekeyTests(SynchronousTestCase):
         self.assertEqual(alice.dataplane.group.epoch, 2)
 
 
+class CountRekeyTests(SynchronousTestCase):
+    """
+    A key server that limits what one epoch may carry: the sender asks for
+    the next key when it reaches the limit, and nothing is lost.
+    """
+
+    def net(self, **limits):
+        subnet = MemorySubnet(self.mktemp())
+        for name, value in limits.items():
+            setattr(subnet.server, name, value)
+        lan = MemoryLAN()
+        alice = MemoryMember(subnet, lan, "alice", MAC_1, "10.0.0.1")
+        bob = MemoryMember(subnet, lan, "bob", MAC_2, "10.0.0.2")
+
+        def settle():
+            for _ in range(10):
+                subnet.flush()
+                if not lan.flush():
+                    break
+
+        return subnet, alice, bob, settle
+
+    def test_packet_limit(self):
+        subnet, alice, bob, settle = self.net(pair_key_max_packets=5)
+        sent = [b"frame %d" % i for i in range(12)]
+        for i, payload in enumerate(sent):
+            alice.send(MAC_2, payload)
+            settle()
+            subnet.clock.advance(0.6)
+        self.assertEqual([f[14:] for f in bob.device.written if f[12:14] == b"\x08\x00"], sent)
+        self.assertGreaterEqual(alice.dataplane.rekeys_asked, 2)
+        self.assertGreaterEqual(bob.dataplane.peers[MAC_1].epoch, 3)
+        self.assertEqual(alice.dataplane.peers[MAC_2].epoch, bob.dataplane.peers[MAC_1].epoch)
+
+    def test_byte_limit(self):
+        subnet, alice, bob, settle = self.net(pair_key_max_bytes=3000)
+        for _ in range(4):
+            alice.send(MAC_2, b"x" * 1000)
+            settle()
+        self.assertEqual(alice.dataplane.rekeys_asked, 1)
+        self.assertEqual(bob.dataplane.peers[MAC_1].epoch, 2)
+        self.assertEqual(len([f for f in bob.device.written if f[12:14] == b"\x08\x00"]), 4)
+
+
 class GatewayTests(SynchronousTestCase):
     """
     The gateway (the seed's ID_X86): members reach the hosts of a plaintext

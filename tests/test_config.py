@@ -82,6 +82,13 @@ class KeyServerConfigTests(SynchronousTestCase):
         self.assertIn(fragment, str(e))
         self.assertNotIn("\n", str(e))
 
+    def test_count_limits(self):
+        path = self.write(GOOD.replace('state_dir = "state"', 'state_dir = "state"\npair_key_max_packets = 1000000'))
+        config = load_keyserver_config(path)
+        self.assertEqual((config.pair_key_max_packets, config.pair_key_max_bytes), (1000000, 0))
+        self.assertConfigError(GOOD.replace('state_dir = "state"', 'state_dir = "state"\npair_key_max_bytes = -1'),
+                               "keyserver.pair_key_max_bytes", "at least")
+
     def test_netkey(self):
         """
         Peer subnets load: the one that sorts first ("branch" < "lab") needs

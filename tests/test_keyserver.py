@@ -885,6 +885,57 @@ class RekeyPolicyTests(SubnetTestCase):
         self.assertEqual(net.server.group_key().epoch, 2)
 
 
+class CountRekeyTests(SubnetTestCase):
+    """
+    Rekey by packet or byte count: senders ask when they reach the key
+    server's limits; the key server rekeys once per epoch, at most once a
+    second per pair.
+    """
+
+    def ask(self, conn, peer_id, epoch):
+        from securelan.client import request_rekey
+
+        outcome = []
+        conn.run(request_rekey(conn.client, peer_id, epoch)).addBoth(outcome.append)
+        return outcome[0]
+
+    def test_limits_in_admission(self):
+        net = self.subnet()
+        net.server.pair_key_max_packets = 1000
+        net.server.pair_key_max_bytes = 10**9
+        _, admission = net.join("alice", MAC_1)
+        self.assertEqual((admission.rekey_after_packets, admission.rekey_after_bytes), (1000, 10**9))
+
+    def test_rekey_once_per_epoch(self):
+        """
+        The first sender to ask rekeys the pair (both holders are pushed
+        epoch 2); the other end asking for the same epoch after it gets
+        epoch 2 and no second rekey; asking again at once for epoch 2 is
+        held back for a second.
+        """
+        net = self.subnet()
+        heard = RecordingListener()
+        alice, _ = net.join("alice", MAC_1)
+        bob, _ = net.join("bob", MAC_2, listener=heard)
+        self.pair_key(alice, MAC_2)
+        net.flush()
+        self.assertEqual(self.ask(alice, "bob", 1), 2)
+        self.assertEqual(self.ask(bob, "alice", 1), 2)
+        net.flush()
+        self.assertEqual([g.epoch for kind, g in heard.events if kind == "pair_key"][-1], 2)
+        self.assertEqual(self.ask(alice, "bob", 2), 2)
+        net.clock.advance(1)
+        self.assertEqual(self.ask(alice, "bob", 2), 3)
+        self.assertEqual(net.server.counters[("rekeys", "count")], 2)
+
+    def test_refusals(self):
+        net, (alice, bob, carol) = self.three()
+        self.pair_key(alice, MAC_2)
+        self.ask(alice, "bob", 7).trap(BadRequest)
+        self.ask(alice, "carol", 1).trap(UnknownPeer)
+        self.assertEqual(self.successResultOf(net.store.pair_key("alice", "bob")).epoch, 1)
+
+
 class Layer3Tests(SubnetTestCase):
     """
     Layer 3: the key server keeps ID <-> IP as it keeps ID <-> MAC, and

@@ -72,6 +72,10 @@ ANNOUNCE_ETHERTYPE = b"\x88\xb5"
 _ANNOUNCE_BODY = b"securelan announce"
 _ANNOUNCE_PAYLOAD = ANNOUNCE_ETHERTYPE + _ANNOUNCE_BODY
 
+#: However a key server sets its limits, a sender asks for a new key long
+#: before its message counter could run out (L{REJECT_AFTER_MESSAGES}).
+REKEY_SAFETY_PACKETS = 2**60
+
 #: How long a MAC the key server does not know is not asked about again.
 NEGATIVE_CACHE_SECONDS = 5.0
 _NEGATIVE_CACHE_SIZE = 4096
@@ -93,7 +97,8 @@ class DataPlane:
 
     def __init__(self, my_id: str, my_mac: bytes, incarnation: int, keys, carrier, device, clock,
                  on_key_miss: str = "queue", queue_per_peer: int = 64, queue_total: int = 1024,
-                 queue_timeout: float = 2.0, gateway: bool = False):
+                 queue_timeout: float = 2.0, gateway: bool = False, rekey_after_packets: int = 0,
+                 rekey_after_bytes: int = 0):
         self.my_id = my_id
         self.my_mac = my_mac
         self.incarnation = incarnation
@@ -141,6 +146,11 @@ class DataPlane:
         self._inbound_requests = TokenBucket(20.0, 40, clock)
         self._held: OrderedDict[bytes, list] = OrderedDict()
         self._held_count = 0
+        #: Past these (datagrams, bytes) under one epoch a sender asks for
+        #: the next key; a counter is never let near exhaustion either way.
+        self.rekey_after_packets = min(rekey_after_packets or REKEY_SAFETY_PACKETS, REKEY_SAFETY_PACKETS)
+        self.rekey_after_bytes = rekey_after_bytes or 0
+        self.rekeys_asked = 0
 
     def start(self):
         """
@@ -237,6 +247,11 @@ class DataPlane:
         except ValueError:
             return self._drop("too_big", peer)
         self.carrier.send(datagrams, peer.endpoint)
+        if sealer is peer.sealer:
+            peer.epoch_bytes += len(frame)
+            if not peer.rekey_asked and (sealer.counter >= self.rekey_after_packets or (
+                    self.rekey_after_bytes and peer.epoch_bytes >= self.rekey_after_bytes)):
+                self._ask_rekey(peer)
         stats = peer.stats
         stats.tx_frames += 1
         stats.tx_bytes += len(frame)
@@ -279,6 +294,23 @@ class DataPlane:
             return True
         del self._unknown[mac]
         return False
+
+    def _ask_rekey(self, peer):
+        """
+        This epoch's key has carried what it may: ask the key server for the
+        next (once per epoch; the push of the new key does the rest).
+        """
+        peer.rekey_asked = True
+        self.rekeys_asked += 1
+        log.info("asking for a new key with {peer_id}: epoch {epoch} carried {packets} datagrams, "
+                 "{bytes} bytes", peer_id=peer.member_id, epoch=peer.epoch, packets=peer.sealer.counter,
+                 bytes=peer.epoch_bytes)
+        request = getattr(self.keys, "request_rekey", None)
+        if request is None:
+            return
+        d = request(peer.member_id, peer.epoch)
+        d.addErrback(lambda f: log.info("rekey request for {peer_id} failed: {reason}",
+                                        peer_id=peer.member_id, reason=f.getErrorMessage()))
 
     def _request_pair_key(self, mac: bytes, epoch=None):
         if mac in self._inflight:
@@ -761,6 +793,7 @@ class DataPlane:
             "pending": len(self.pending),
             "pending_drops": dict(self.pending.dropped),
             "reassembly_drops": self.reassembler.dropped,
+            "rekeys_asked": self.rekeys_asked,
             "drops": dict(self.stats.drops),
         }
 

@@ -50,7 +50,8 @@ class Peer:
     """
 
     __slots__ = ("member_id", "mac", "macs", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
-                 "granted_at", "sealer", "stats", "older", "switch_at", "_key", "_my_id",
+                 "granted_at", "sealer", "stats", "older", "switch_at", "epoch_bytes", "rekey_asked",
+                 "_key", "_my_id",
                  "_my_incarnation", "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations",
                  "_resume", "_resync_at")
 
@@ -87,6 +88,10 @@ class Peer:
         #: Until when to send under the newest of C{older} (see
         #: DataPlane.SWITCH_DELAY).
         self.switch_at = 0.0
+        #: Bytes sent under this epoch, and whether the next was asked for
+        #: (the key server's packet and byte limits).
+        self.epoch_bytes = 0
+        self.rekey_asked = False
         self._resync_at = 0.0
         self._send_to(max(1, grant.peer_incarnation))
 

@@ -97,7 +97,8 @@ class ClientRole:
                 admission.member_id, agent.mac, admission.incarnation, agent.keys, agent.carrier,
                 self.device, agent.reactor, on_key_miss=agent.config.on_key_miss,
                 queue_per_peer=q.per_peer, queue_total=q.total, queue_timeout=q.timeout,
-                gateway=self.name == "gateway")
+                gateway=self.name == "gateway", rekey_after_packets=admission.rekey_after_packets,
+                rekey_after_bytes=admission.rekey_after_bytes)
             self._refresh = LoopingCall(self.dataplane.refresh_members)
             self._refresh.clock = agent.reactor
             self._refresh.start(MEMBER_REFRESH_SECONDS, now=False)

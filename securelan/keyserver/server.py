@@ -65,6 +65,7 @@ from ..protocol import (
     RequestNetLinks,
     RequestPairKey,
     RequestPairKeyByAddress,
+    RequestRekey,
 )
 from ..ratelimit import TokenBucket
 from ..records import GROUP_ID, ROLES, GroupKey, Member, PairKey
@@ -120,6 +121,10 @@ class KeyServer:
     clock: object
     limits: Limits = attrs.Factory(Limits)
     pair_key_lifetime: int = 86400
+    #: Datagrams or bytes a sender may send under one epoch of a pair key
+    #: before it asks for the next (0: no limit).
+    pair_key_max_packets: int = 0
+    pair_key_max_bytes: int = 0
     group_key_lifetime: int = 0
     #: Makes new keys; tests replace it to plant a known key.
     keygen: object = SecretKey.generate
@@ -135,6 +140,8 @@ class KeyServer:
     #: Member IDs in order, for paging ListPeers (rebuilt when members join).
     _sorted_ids: list | None = None
     _group_key: GroupKey | None = None
+    #: (id_a, id_b) -> when a count-based rekey of the pair was last done.
+    _count_rekeys: dict = attrs.Factory(dict)
     #: The L{securelan.keyserver.peering.NetKeyBroker} when this subnet has
     #: links to other subnets (through its border), else None.
     broker: object = None
@@ -581,6 +588,34 @@ class KeyServer:
         self.push_pair_key(pair_key)
         return pair_key
 
+    #: Seconds between two count-based rekeys of one pair, at least: a sender
+    #: that asks too often (or lies about its counts) cannot start a storm.
+    COUNT_REKEY_INTERVAL = 1.0
+
+    @defer.inlineCallbacks
+    def rekey_on_count(self, member: Member, peer_id: str, epoch: int):
+        """
+        C{member} sent as much as it may under C{epoch} of its key with
+        C{peer_id}: rekey the pair unless that epoch is over already (the
+        other end asked first) or the pair was rekeyed less than
+        L{COUNT_REKEY_INTERVAL} ago.  Fires with the pair's epoch.
+        """
+        pair_key = yield self.store.pair_key(member.member_id, peer_id)
+        if pair_key is None:
+            raise UnknownPeer(f"{member.member_id} and {peer_id} share no key")
+        if epoch > pair_key.epoch:
+            raise BadRequest(f"epoch {epoch} is ahead of the pair's ({pair_key.epoch})")
+        pair = (pair_key.id_a, pair_key.id_b)
+        now = self.clock.seconds()
+        if epoch < pair_key.epoch or now - self._count_rekeys.get(pair, -1e18) < self.COUNT_REKEY_INTERVAL:
+            return pair_key.epoch
+        if len(self._count_rekeys) >= 65536:
+            self._count_rekeys.clear()
+        self._count_rekeys[pair] = now
+        self.counters[("rekeys", "count")] += 1
+        new = yield self.rekey_pair(member.member_id, peer_id)
+        return new.epoch
+
     @defer.inlineCallbacks
     def all_pairs(self):
         """
@@ -815,6 +850,8 @@ class MemberSession(TimeoutMixin, amp.AMP):
                 "incarnation": member.incarnation,
                 "group_epoch": group.epoch,
                 "pair_key_lifetime": self.server.pair_key_lifetime,
+                "rekey_after_packets": self.server.pair_key_max_packets,
+                "rekey_after_bytes": self.server.pair_key_max_bytes,
             }
 
         return d.addCallback(registered)
@@ -837,6 +874,13 @@ class MemberSession(TimeoutMixin, amp.AMP):
             return self.server.pair_key_by_address(self._registered_member(), peer_address, epoch)
 
         return self._charged("pair key", ask).addCallback(attrs.asdict, recurse=False)
+
+    @RequestRekey.responder
+    def request_rekey(self, peer_id, epoch):
+        def ask():
+            return self.server.rekey_on_count(self._registered_member(), peer_id, epoch)
+
+        return self._charged("rekey", ask).addCallback(lambda epoch: {"epoch": epoch})
 
     @ListPeers.responder
     def list_peers(self, after):

@@ -61,6 +61,8 @@ class KeyServerService(service.Service):
             clock=reactor,
             limits=config.limits,
             pair_key_lifetime=config.pair_key_lifetime,
+            pair_key_max_packets=config.pair_key_max_packets,
+            pair_key_max_bytes=config.pair_key_max_bytes,
             group_key_lifetime=config.group_key_lifetime,
         )
         self.peering = None
