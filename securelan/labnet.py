@@ -134,7 +134,7 @@ role = "{self.role}"
 ca = "{self.lan.ca}"
 certificate = "{cert}"
 private_key = "{key}"
-key_servers = ["keyserver.{self.lan.subnet}@{self.lan.keyserver_address}:{KEYSERVER_PORT}"]
+key_servers = [{self.lan.key_server_list(self.index)}]
 on_key_miss = "{on_key_miss}"
 status_socket = "{self.status_socket}"
 
@@ -297,8 +297,13 @@ class EncryptedLAN:
 
     def __init__(self, names=("alice", "bob", "carol"), workdir=None, gateway=False, pair_key_lifetime=86400,
                  lab=None, subnet="test", underlay=UNDERLAY, overlay=OVERLAY, switch="lan", keyserver="ks",
-                 layer3=False):
+                 layer3=False, store=None):
         self.names = names
+        #: A cascade: a second key server (``ks2``, underlay .11) shares this
+        #: store (a PostgreSQL URL) with the first; members are split, odd
+        #: ones preferring the first, even ones the second.
+        self.store = store
+        self.keyserver2 = None
         #: Members on TUN devices, keys looked up by overlay IP.
         self.layer3 = layer3
         self.subnet = subnet
@@ -320,6 +325,7 @@ class EncryptedLAN:
         self.members = {}
         self.keyserver = None
         self.keyserver_process = None
+        self.keyserver2_process = None
         try:
             self._build()
         except BaseException:
@@ -345,6 +351,9 @@ class EncryptedLAN:
         self.switch = self.lab.switch(self._switch_name)
         self.keyserver = self.lab.host(self._keyserver_name)
         self.lab.link(self.keyserver, self.switch, addresses=[f"{self.keyserver_address}/24"])
+        if self.store:
+            self.keyserver2 = self.lab.host(self._keyserver_name + "2")
+            self.lab.link(self.keyserver2, self.switch, addresses=[f"{self.keyserver2_address}/24"])
         for i, name in enumerate(self.names, start=1):
             self.members[name] = Member(self, name, i)
         if self.with_gateway:
@@ -357,53 +366,84 @@ class EncryptedLAN:
         self.admin_socket = os.path.join(self.workdir, "ks.sock")
         os.makedirs(os.path.join(self.workdir, "state"), exist_ok=True)
         self.ks_log = os.path.join(self.workdir, "keyserver.log")
+        self.ks2_config = os.path.join(self.workdir, "keyserver2.toml")
+        self.admin_socket2 = os.path.join(self.workdir, "ks2.sock")
+        self.ks2_log = os.path.join(self.workdir, "keyserver2.log")
 
-    def write_keyserver_config(self):
-        with open(self.ks_config, "w") as f:
+    @property
+    def keyserver2_address(self):
+        return f"{self.underlay}.11"
+
+    def key_server_list(self, index):
+        """
+        The key_servers line of member C{index}: in a cascade, odd members
+        prefer the first key server and even ones the second.
+        """
+        servers = [f'"keyserver.{self.subnet}@{self.keyserver_address}:{KEYSERVER_PORT}"']
+        if self.store:
+            servers.append(f'"keyserver.{self.subnet}@{self.keyserver2_address}:{KEYSERVER_PORT}"')
+            if index % 2 == 0:
+                servers.reverse()
+        return ", ".join(servers)
+
+    def write_keyserver_config(self, second=False):
+        state = os.path.join(self.workdir, "state")
+        store = (f'store = "{self.store}"\nmaster_key = "{os.path.join(state, "master.key")}"' if self.store
+                 else f'state_dir = "{state}"')
+        with open(self.ks2_config if second else self.ks_config, "w") as f:
             f.write(f"""
 [keyserver]
 subnet = "{self.subnet}"
-listen = "tcp:{KEYSERVER_PORT}:interface={self.keyserver_address}"
+listen = "tcp:{KEYSERVER_PORT}:interface={self.keyserver2_address if second else self.keyserver_address}"
 ca = "{self.ca}"
 certificate = "{os.path.join(self.pki_dir, f'keyserver.{self.subnet}.pem')}"
 private_key = "{os.path.join(self.pki_dir, f'keyserver.{self.subnet}.key')}"
-state_dir = "{os.path.join(self.workdir, 'state')}"
-admin_socket = "{self.admin_socket}"
+{store}
+admin_socket = "{self.admin_socket2 if second else self.admin_socket}"
 pair_key_lifetime = {self.pair_key_lifetime}
 {self.keyserver_extra}""")
 
     def pki_paths(self, name):
         return (os.path.join(self.pki_dir, f"{name}.pem"), os.path.join(self.pki_dir, f"{name}.key"))
 
-    def start_keyserver(self, timeout=20.0):
-        self.write_keyserver_config()
-        with open(self.ks_log, "ab") as log:
-            self.keyserver_process = self.keyserver.popen(
-                _twistd("securelan-keyserver", self.ks_config), env=_env(), stdout=log,
-                stderr=subprocess_stdout())
+    def start_keyserver(self, timeout=20.0, second=False):
+        self.write_keyserver_config(second)
+        log_path = self.ks2_log if second else self.ks_log
+        host = self.keyserver2 if second else self.keyserver
+        with open(log_path, "ab") as log:
+            process = host.popen(_twistd("securelan-keyserver", self.ks2_config if second else self.ks_config),
+                                 env=_env(), stdout=log, stderr=subprocess_stdout())
+        if second:
+            self.keyserver2_process = process
+        else:
+            self.keyserver_process = process
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if b"listening on" in open(self.ks_log, "rb").read():
+            if b"listening on" in open(log_path, "rb").read():
                 return
-            if self.keyserver_process.poll() is not None:
+            if process.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"key server did not start: {open(self.ks_log, errors='replace').read()[-3000:]}")
+        raise RuntimeError(f"key server did not start: {open(log_path, errors='replace').read()[-3000:]}")
 
-    def kill_keyserver(self):
+    def kill_keyserver(self, second=False):
         """
         SIGKILL: the key server vanishes without a goodbye.
         """
-        if self.keyserver_process is not None:
-            self.keyserver_process.send_signal(signal.SIGKILL)
-            self.keyserver_process.wait(10)
-            self.keyserver_process = None
+        attribute = "keyserver2_process" if second else "keyserver_process"
+        process = getattr(self, attribute)
+        if process is not None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+            setattr(self, attribute, None)
 
     def start(self, carrier="udp", on_key_miss="queue"):
         """
         Start the key server and every member; return once all registered.
         """
         self.start_keyserver()
+        if self.store:
+            self.start_keyserver(second=True)
         for member in self.members.values():
             member.start(carrier, on_key_miss)
         for member in self.members.values():
@@ -448,9 +488,11 @@ pair_key_lifetime = {self.pair_key_lifetime}
     def close(self):
         for member in self.members.values():
             member.stop()
-        if self.keyserver_process is not None:
-            terminate(self.keyserver_process)
-            self.keyserver_process = None
+        for attribute in ("keyserver_process", "keyserver2_process"):
+            process = getattr(self, attribute)
+            if process is not None:
+                terminate(process)
+                setattr(self, attribute, None)
         if self._own_lab:
             self.lab.close()
         if self._own_workdir:

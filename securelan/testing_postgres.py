@@ -221,6 +221,13 @@ class PostgreSQLCluster:
         """
         return f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
 
+    def socket_dsn(self, dbname="postgres"):
+        """
+        A libpq URL for C{dbname} over the server's unix socket: it reaches
+        the server from any network namespace of this host.
+        """
+        return f"postgresql://{_SUPERUSER}@/{dbname}?host={self.directory}&port={self.port}"
+
     def admin(self):
         """
         An autocommit connection to the C{postgres} database; close it.
@@ -289,7 +296,7 @@ def shared_cluster():
         return _shared
 
 
-def fresh_database(testcase, cluster=None, icu_locale="en-US"):
+def fresh_database(testcase, cluster=None, icu_locale="en-US", unix_socket=False):
     """
     Create an empty database for C{testcase} (on the shared cluster unless
     C{cluster} is given), dropped at its cleanup; return its DSN.
@@ -299,7 +306,8 @@ def fresh_database(testcase, cluster=None, icu_locale="en-US"):
     that leans on the database's order of text; None for code point order.
 
     Register this before the cleanups that close stores on it, so that the
-    database outlives them.
+    database outlives them.  With C{unix_socket}, the DSN goes through the
+    server's unix socket (for key servers in network namespaces).
     """
     cluster = cluster or shared_cluster()
     try:
@@ -322,4 +330,4 @@ def fresh_database(testcase, cluster=None, icu_locale="en-US"):
                     time.sleep(0.05)
 
     testcase.addCleanup(drop)
-    return cluster.dsn(name)
+    return cluster.socket_dsn(name) if unix_socket else cluster.dsn(name)

@@ -281,6 +281,55 @@ class Layer3Tests(E2ETestCase):
         self.assertGreaterEqual(bob.status()["role"]["layer3"]["drops"].get("spoofed_src_ip", 0), 2)
 
 
+class CascadeE2ETests(E2ETestCase):
+    def test_keyserver_killed_mid_transfer(self):
+        """
+        Two key servers on one PostgreSQL store, members split across them
+        (alice and carol on ks, bob on ks2).  ks is killed with SIGKILL
+        while alice pings bob every 20 ms: not one ping is lost, alice and
+        carol move to ks2, and ks2 still issues new keys (carol and bob had
+        none).  The wire carries no plaintext throughout.
+        """
+        import subprocess
+        import time
+
+        from securelan.testing_postgres import fresh_database
+
+        dsn = fresh_database(self, unix_socket=True)
+        lan = self.lan(store=dsn)
+        lan.start()
+        alice, bob, carol = lan["alice"], lan["bob"], lan["carol"]
+
+        def server_of(member):
+            for server in (member.status() or {}).get("key_servers", []):
+                if server["connected"]:
+                    return server["address"].rsplit("@", 1)[1].split(":")[0]
+            return None
+
+        self.assertEqual(server_of(alice), lan.keyserver_address)
+        self.assertEqual(server_of(bob), lan.keyserver2_address)
+        self.assertTrue(alice.ping(bob, count=2))
+        with lan.switch.capture() as capture:
+            flood = alice.host.popen(["ping", "-n", "-q", "-i", "0.02", "-c", "300", "-W", "2", "-p",
+                                      PING_PATTERN.hex(), bob.overlay], stdout=subprocess.PIPE, text=True)
+            time.sleep(1.5)
+            lan.kill_keyserver()
+            out = flood.communicate(timeout=30)[0]
+            self.assertIn(" 0% packet loss", out, out)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (
+                    server_of(alice) == server_of(carol) == lan.keyserver2_address):
+                time.sleep(0.2)
+            self.assertEqual(server_of(alice), lan.keyserver2_address)
+            self.assertEqual(server_of(carol), lan.keyserver2_address)
+            self.assertIsNone(carol.peer("bob"))
+            self.assertTrue(carol.ping(bob, count=3, timeout=8, pattern=PING_PATTERN), "no new key after the kill")
+            self.assertTrue(lan.tcp_exchange(carol, bob))
+        capture.stop()
+        self.assertNoPlaintext(capture, lan)
+        self.assertEqual(carol.peer("bob")["epoch"], 1)
+
+
 class GatewayTests(E2ETestCase):
     MEMBERS_ONLY = b"MEMBERS-ONLY-MRK"
 
