@@ -825,6 +825,36 @@ class CountRekeyTests(SynchronousTestCase):
         self.assertEqual(len([f for f in bob.device.written if f[12:14] == b"\x08\x00"]), 4)
 
 
+class OverdueKeyTests(SynchronousTestCase):
+    def test_overdue_key_warned_once(self):
+        """
+        A key still in use well past its lifetime (its replacement never
+        arrived) is logged as a warning, once; a key replaced in time is
+        not.
+        """
+        from securelan.testing import LogCapture
+
+        subnet = MemorySubnet(self.mktemp())
+        subnet.server.pair_key_lifetime = 100
+        lan = MemoryLAN()
+        alice = MemoryMember(subnet, lan, "alice", MAC_1, "10.0.0.1")
+        MemoryMember(subnet, lan, "bob", MAC_2, "10.0.0.2")
+        alice.send(MAC_2, b"hello")
+        subnet.flush()
+        lan.flush()
+        with LogCapture() as logs:
+            subnet.clock.advance(100 + alice.dataplane.OVERDUE_GRACE - 1)
+            alice.dataplane.tick()
+            self.assertEqual(alice.dataplane.overdue_keys, 0)
+            subnet.clock.advance(2)
+            alice.dataplane.tick()
+            alice.dataplane.tick()
+        self.assertEqual(alice.dataplane.overdue_keys, 1)
+        warned = [e for e in logs.events if "past its lifetime" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1)
+        self.assertEqual(warned[0]["peer_id"], "bob")
+
+
 class GatewayTests(SynchronousTestCase):
     """
     The gateway (the seed's ID_X86): members reach the hosts of a plaintext

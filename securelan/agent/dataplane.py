@@ -94,6 +94,9 @@ class DataPlane:
 
     #: Endpoints learnt from group frames beyond the member list, at most.
     MAX_LEARNED = 1024
+    #: Seconds past a key's lifetime before its holder warns that it was
+    #: not replaced (the key server checks for due keys every minute).
+    OVERDUE_GRACE = 120.0
 
     def __init__(self, my_id: str, my_mac: bytes, incarnation: int, keys, carrier, device, clock,
                  on_key_miss: str = "queue", queue_per_peer: int = 64, queue_total: int = 1024,
@@ -151,6 +154,8 @@ class DataPlane:
         self.rekey_after_packets = min(rekey_after_packets or REKEY_SAFETY_PACKETS, REKEY_SAFETY_PACKETS)
         self.rekey_after_bytes = rekey_after_bytes or 0
         self.rekeys_asked = 0
+        #: Keys in use well past their lifetime (each warned about once).
+        self.overdue_keys = 0
 
     def start(self):
         """
@@ -196,6 +201,17 @@ class DataPlane:
         for peer in self.peers_by_id.values():
             while peer.older and now >= peer.older[0][1]:
                 self._retired.put(peer.older.pop(0)[0])
+            if peer.lifetime and not peer.overdue_warned and now >= (
+                    peer.granted_at + peer.lifetime + self.OVERDUE_GRACE):
+                # The key server replaces a key when its lifetime is over;
+                # one still in use well past it means the replacement did
+                # not reach us (or the key server is not rekeying).
+                peer.overdue_warned = True
+                self.overdue_keys += 1
+                log.warn("the key with {peer_id} (epoch {epoch}) is {late:.0f} s past its lifetime and "
+                         "was not replaced: is the key server rekeying, and reachable?",
+                         peer_id=peer.member_id, epoch=peer.epoch,
+                         late=now - peer.granted_at - peer.lifetime)
         oldest = now - self.pending.timeout
         for mac in [mac for mac, held in self._held.items() if held[0][0] < oldest]:
             self._release_held(mac, False)
@@ -794,6 +810,7 @@ class DataPlane:
             "pending_drops": dict(self.pending.dropped),
             "reassembly_drops": self.reassembler.dropped,
             "rekeys_asked": self.rekeys_asked,
+            "overdue_keys": self.overdue_keys,
             "drops": dict(self.stats.drops),
         }
 

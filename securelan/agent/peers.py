@@ -51,6 +51,7 @@ class Peer:
 
     __slots__ = ("member_id", "mac", "macs", "role", "endpoint_text", "endpoint", "epoch", "lifetime",
                  "granted_at", "sealer", "stats", "older", "switch_at", "epoch_bytes", "rekey_asked",
+                 "overdue_warned",
                  "_key", "_my_id",
                  "_my_incarnation", "_peer_incarnation", "_opener", "_rx_incarnation", "_derivations",
                  "_resume", "_resync_at")
@@ -92,6 +93,7 @@ class Peer:
         #: (the key server's packet and byte limits).
         self.epoch_bytes = 0
         self.rekey_asked = False
+        self.overdue_warned = False
         self._resync_at = 0.0
         self._send_to(max(1, grant.peer_incarnation))
 
