@@ -185,6 +185,11 @@ class Limits:
     max_connections: int = 20000
     #: Connections from one address at most (NAT gateways need headroom).
     max_connections_per_source: int = 1000
+    #: New connections (TLS handshakes) a second from one address, and the
+    #: burst allowed: a handshake costs the key server far more than the
+    #: sender, so no address may make it do them without limit.
+    connections_per_second_per_source: float = 100.0
+    connection_burst_per_source: int = 1000
     max_members: int = 100000
     max_pair_keys: int = 5000000
     max_request_bytes: int = 4096
@@ -385,6 +390,10 @@ def _limits(t: _Table) -> Limits:
         max_connections=t.integer("max_connections", d.max_connections, minimum=1),
         max_connections_per_source=t.integer("max_connections_per_source", d.max_connections_per_source,
                                              minimum=1),
+        connections_per_second_per_source=t.number("connections_per_second_per_source",
+                                                   d.connections_per_second_per_source, minimum=0.01),
+        connection_burst_per_source=t.integer("connection_burst_per_source", d.connection_burst_per_source,
+                                              minimum=1),
         max_members=t.integer("max_members", d.max_members, minimum=1),
         max_pair_keys=t.integer("max_pair_keys", d.max_pair_keys, minimum=1),
         max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=512, maximum=65536),

@@ -459,6 +459,36 @@ class LimitTests(SubnetTestCase):
         self.assertIsNotNone(limit.buildProtocol(flooder))
 
 
+    def test_handshake_rate_per_source(self):
+        """
+        One address may not open connections (TLS handshakes) faster than
+        the rate: past the burst it is refused before TLS, others are not,
+        and it gets more as time passes.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        clock = Clock()
+        limit = ConnectionLimit(Factory.forProtocol(Protocol), 1000, rate=2, burst=3, clock=clock)
+        flooder, other = IPv4Address("TCP", "10.0.0.66", 1), IPv4Address("TCP", "10.0.0.2", 1)
+        opened = []
+        for _ in range(10):
+            protocol = limit.buildProtocol(flooder)
+            if protocol is not None:
+                protocol.makeConnection(StringTransport())
+                protocol.connectionLost(None)
+                opened.append(protocol)
+        self.assertEqual(len(opened), 3)
+        self.assertEqual(limit.refused_rate, 7)
+        self.assertIsNotNone(limit.buildProtocol(other))
+        clock.advance(1)
+        self.assertIsNotNone(limit.buildProtocol(flooder))
+        self.assertIsNotNone(limit.buildProtocol(flooder))
+        self.assertIsNone(limit.buildProtocol(flooder))
+
+
 class PushTests(SubnetTestCase):
     """
     The key server pushes over the member's own connection.

@@ -533,7 +533,7 @@ class PeeringService(service.MultiService):
             # A few connections per address: peers need one each.
             tls = ConnectionLimit(
                 TLSMemoryBIOFactory(self.broker.server_options(), False, PeeringFactory(self.broker)),
-                MAX_PEER_CONNECTIONS, MAX_PEER_CONNECTIONS_PER_SOURCE)
+                MAX_PEER_CONNECTIONS, MAX_PEER_CONNECTIONS_PER_SOURCE, rate=1.0, burst=10, clock=self.reactor)
             d = serverFromString(self.reactor, self.broker.config.listen).listen(tls)
 
             def listening(port):

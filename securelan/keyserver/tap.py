@@ -71,8 +71,10 @@ class KeyServerService(service.Service):
                                               on_change=self.server.push_net_links)
             self.peering = PeeringService(self.server.broker, reactor)
         tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
-        self.factory = ConnectionLimit(tls, config.limits.max_connections,
-                                       config.limits.max_connections_per_source)
+        limits = config.limits
+        self.factory = ConnectionLimit(tls, limits.max_connections, limits.max_connections_per_source,
+                                       rate=limits.connections_per_second_per_source,
+                                       burst=limits.connection_burst_per_source, clock=reactor)
         self.port = None
         self.admin_port = None
         self.metrics_port = None
