@@ -376,6 +376,24 @@ class LimitTests(SubnetTestCase):
         net.clock.advance(1)
         self.assertEqual(self.pair_key(alice, MAC_2).peer_id, "bob")
 
+    def test_flooder_is_paused(self):
+        """
+        Past its rate limit a member is not read from for a second (its
+        flood waits in its own TCP buffers instead of costing the key server
+        a refusal apiece); then it is read again.
+        """
+        net, (alice, bob, carol) = self.three(limits=Limits(requests_per_second=10, request_burst=20))
+        calls = []
+        transport = alice.session.transport
+        transport.pauseProducing = lambda: calls.append("pause")
+        transport.resumeProducing = lambda: calls.append("resume")
+        for _ in range(30):
+            alice.run(request_pair_key(alice.client, MAC_2)).addErrback(lambda f: None)
+        self.assertEqual(calls, ["pause"])
+        self.assertEqual(net.server.counters[("rate_limit_pauses", "")], 1)
+        net.clock.advance(1)
+        self.assertEqual(calls, ["pause", "resume"])
+
     def test_member_table_cap(self):
         """
         Past max_members, new members are refused with TableFull; known

@@ -679,6 +679,7 @@ class MemberSession(TimeoutMixin, amp.AMP):
         self._box_bytes = 0
         self._rejected = False
         self._closed = False
+        self._paused = False
         self._checking = False
         self._peer = "?"
         self._peer_host = None
@@ -812,13 +813,35 @@ class MemberSession(TimeoutMixin, amp.AMP):
 
         return d.addErrback(refused)
 
+    #: Seconds the key server stops reading from a member that went past its
+    #: rate limit: refusing each request of a flood would still cost a
+    #: parse and an answer apiece, at the other members' expense.
+    RATE_LIMIT_PAUSE = 1.0
+
     def _charged(self, what, f, *args):
         try:
             self.server.admit_request(self.member_id)
             d = defer.maybeDeferred(f, *args)
+        except RateLimited:
+            d = defer.fail()
+            self._pause_reading()
         except SecurelanError:
             d = defer.fail()
         return self._refusals(d, what)
+
+    def _pause_reading(self):
+        if self._paused or self._closed:
+            return
+        self._paused = True
+        self.server.counters[("rate_limit_pauses", "")] += 1
+        self.transport.pauseProducing()
+
+        def resume():
+            self._paused = False
+            if not self._closed:
+                self.transport.resumeProducing()
+
+        self.server.clock.callLater(self.RATE_LIMIT_PAUSE, resume)
 
     # Responders ----------------------------------------------------------
 
