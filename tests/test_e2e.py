@@ -330,6 +330,32 @@ class CascadeE2ETests(E2ETestCase):
         self.assertEqual(carol.peer("bob")["epoch"], 1)
 
 
+class DatabaseOutageTests(E2ETestCase):
+    def test_members_ride_out_a_database_outage(self):
+        """
+        The cascade's PostgreSQL stops: members keep talking on the keys
+        they hold, a pair that has no key yet cannot get one (and nothing
+        breaks); when the database is back, new keys are issued again.
+        """
+        from securelan.testing_postgres import PostgreSQLCluster, fresh_database
+
+        cluster = PostgreSQLCluster().start()
+        self.addCleanup(cluster.destroy)
+        dsn = fresh_database(self, cluster=cluster, unix_socket=True)
+        lan = self.lan(store=dsn)
+        lan.start()
+        alice, bob, carol = lan["alice"], lan["bob"], lan["carol"]
+        self.assertTrue(alice.ping(bob, count=2))
+        cluster.stop_server()
+        self.assertTrue(alice.ping(bob, count=5, pattern=PING_PATTERN), "cached keys stopped working")
+        self.assertTrue(lan.tcp_exchange(bob, alice))
+        self.assertFalse(carol.ping(bob, count=1, timeout=3), "a key was issued with no database")
+        cluster.start_server()
+        self.assertTrue(carol.ping(bob, count=3, timeout=20), "no new keys once the database was back")
+        for process in (lan.keyserver_process, lan.keyserver2_process):
+            self.assertIsNone(process.poll(), "a key server died with its database")
+
+
 class GatewayTests(E2ETestCase):
     MEMBERS_ONLY = b"MEMBERS-ONLY-MRK"
 
@@ -546,6 +572,24 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         self.assertEqual(status.returncode, 0, status.stderr)
         self.assertIn("link: subnet west  border edge-w", status.stdout)
         self.assertIn("prefixes: 10.231.101.0/24  NETKEY epoch: 2", status.stdout)
+
+        # The management link between the key servers cut: the borders keep
+        # their NETKEY and the subnets keep talking; once it is back, the
+        # key servers agree the next NETKEY again.
+        nets.east.keyserver.ip("link", "set", "eth1", "down")
+        self.assertTrue(alice.ping(carol, count=5, pattern=PING_PATTERN), "NETKEY holders stopped working")
+        self.assertTrue(nets.east.tcp_exchange(carol, alice, port=5003))
+        nets.east.keyserver.ip("link", "set", "eth1", "up")
+        result = cli(nets.east, "rekey", "--netkey", "west", "--socket", nets.east.admin_socket)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            epochs = [b.net()["links"][0]["epoch"] for b in (east_border, west_border)]
+            if epochs == [3, 3]:
+                break
+            time.sleep(0.2)
+        self.assertEqual(epochs, [3, 3])
+        self.assertTrue(alice.ping(carol, count=2))
 
 
 class BorderNATTests(E2ETestCase):
