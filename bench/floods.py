@@ -54,29 +54,12 @@ if CODE_ROOT not in sys.path:
 
 HOST = "127.0.0.1"
 
+# The control-plane benchmark's readers of /proc (same folder).
+from keyserver_load import cpu_seconds, rss_kib  # noqa: E402
+
 
 def log(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def proc_value(pid, key):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def cpu_seconds(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def percentiles(values_ms):
@@ -194,7 +177,7 @@ admin_socket = "{os.path.join(scratch, 'admin.sock')}"
 
         log("baseline")
         out["baseline"] = {"victim": (yield measure(args.seconds)),
-                           "keyserver_rss_kib": proc_value(ks.pid, "VmRSS")}
+                           "keyserver_rss_kib": rss_kib(ks.pid)}
 
         log("key-request flood")
         outcomes = {"answered": 0, "rate_limited": 0, "unknown_peer": 0, "other": 0}
@@ -225,7 +208,7 @@ admin_socket = "{os.path.join(scratch, 'admin.sock')}"
             "victim": victim_result, "flooder": outcomes,
             "flooder_requests_per_s": round(sum(outcomes.values()) / args.seconds),
             "keyserver_cpu_pct": round(100 * (cpu_seconds(ks.pid) - cpu0) / args.seconds),
-            "keyserver_rss_kib": proc_value(ks.pid, "VmRSS"),
+            "keyserver_rss_kib": rss_kib(ks.pid),
             "members_after": len(admin("members")),
             "pair_keys_after": len(admin("keys")["pairs"]),
         }
@@ -247,7 +230,7 @@ admin_socket = "{os.path.join(scratch, 'admin.sock')}"
             "tcp_refused": totals[3],
             "refused_by_rate_limit_logged": "new connections a second from one address" in ks_text,
             "keyserver_cpu_pct": round(100 * (cpu_seconds(ks.pid) - cpu0) / args.seconds),
-            "keyserver_rss_kib": proc_value(ks.pid, "VmRSS"),
+            "keyserver_rss_kib": rss_kib(ks.pid),
         }
         for client in clients.values():
             yield client.stopService()
@@ -276,7 +259,7 @@ def agent_part(args, out):
         alice, bob = lan["alice"], lan["bob"]
         assert alice.ping(bob, count=2)
         pid = bob.process.pid
-        rss_before = proc_value(pid, "VmRSS")
+        rss_before = rss_kib(pid)
         drops_before = bob.drops()
         code = (
             "import os, random, socket, struct, sys, time\n"
@@ -299,7 +282,7 @@ def agent_part(args, out):
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             time.sleep(1)
-            rss_during.append(proc_value(pid, "VmRSS"))
+            rss_during.append(rss_kib(pid))
         sent = int(flood.communicate(timeout=60)[0].strip() or 0)
         ping_out = ping.communicate(timeout=60)[0]
         time.sleep(1)
@@ -310,7 +293,7 @@ def agent_part(args, out):
             "datagrams_sent": sent,
             "datagrams_per_s": round(sent / args.seconds),
             "bob_drops": {k: drops_after.get(k, 0) - drops_before.get(k, 0) for k in drops_after},
-            "bob_rss_kib": {"before": rss_before, "during_max": max(rss_during), "after": proc_value(pid, "VmRSS")},
+            "bob_rss_kib": {"before": rss_before, "during_max": max(rss_during), "after": rss_kib(pid)},
             "alice_to_bob_ping": {"summary": loss.strip(), "rtt": rtt.strip()},
         }
 

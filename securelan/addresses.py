@@ -144,3 +144,22 @@ class KeyServerAddress:
 
     def __str__(self):
         return f"{self.name}@{self.host}:{self.port}"
+
+
+#: The EtherTypes of IPv4 and IPv6 (how an IP packet travels in a frame).
+ETHERTYPE_IPV4 = b"\x08\x00"
+ETHERTYPE_IPV6 = b"\x86\xdd"
+
+
+def ip_packet_addresses(packet):
+    """
+    The source and destination addresses of an IP packet, as packed bytes
+    (4 or 16 each), or None when C{packet} does not begin with a whole IPv4
+    or IPv6 header.
+    """
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return bytes(packet[12:16]), bytes(packet[16:20])
+    if version == 6 and len(packet) >= 40:
+        return bytes(packet[8:24]), bytes(packet[24:40])
+    return None

@@ -289,7 +289,28 @@ class PlainHost:
         return self.host.ping(other.overlay, **kw)
 
 
-class EncryptedLAN:
+class _Scene:
+    """
+    Something built of namespaces and daemons that must all go away: a
+    context manager, closed also when building it fails half way.
+    """
+
+    def _build_or_close(self):
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class EncryptedLAN(_Scene):
     """
     A switch, a key server and members C{names}, their certificates in a
     scratch folder.  Use as a context manager; everything is removed after.
@@ -326,18 +347,7 @@ class EncryptedLAN:
         self.keyserver = None
         self.keyserver_process = None
         self.keyserver2_process = None
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
+        self._build_or_close()
 
     def __getitem__(self, name):
         return self.members[name]
@@ -499,7 +509,7 @@ pair_key_lifetime = {self.pair_key_lifetime}
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class BorderedSubnets:
+class BorderedSubnets(_Scene):
     """
     Two encrypted subnets, C{east} (overlay 10.231.100.0/24: alice, bob)
     and C{west} (10.231.101.0/24: carol, dave), each with its key server and
@@ -521,18 +531,7 @@ class BorderedSubnets:
         self._with_nat = nat
         self.lab = Lab()
         self.subnets = []
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
+        self._build_or_close()
 
     def subnet(self, name, names, index, mgmt_index):
         workdir = os.path.join(self.workdir, name)

@@ -675,6 +675,38 @@ class LifecycleE2ETests(E2ETestCase):
         self.assertGreaterEqual(epoch - first, 25, "fewer rekeys than one a second")
         self.assertEqual(bob.peer("alice")["epoch"], epoch)
 
+    def test_sigkill_during_rekeys_converges(self):
+        """
+        With a pair-key lifetime of one second the key server is rekeying
+        all the time; it is killed with SIGKILL at arbitrary moments (so at
+        any step of a rekey: before, between or after the store write and
+        the pushes) and restarted, five times.  Afterwards, with no manual
+        repair, both members hold the same epoch and talk.
+        """
+        import random
+        import time
+
+        lan = self.lan(names=("alice", "bob"), pair_key_lifetime=1)
+        lan.start()
+        alice, bob = lan["alice"], lan["bob"]
+        self.assertTrue(alice.ping(bob, count=2))
+        rng = random.Random(11)
+        for _ in range(5):
+            time.sleep(rng.uniform(0.3, 1.7))
+            lan.kill_keyserver()
+            time.sleep(rng.uniform(0.0, 1.0))
+            lan.start_keyserver()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ok = alice.ping(bob, count=1, timeout=2)
+            a, b = alice.peer("bob"), bob.peer("alice")
+            if ok and a and b and a["epoch"] == b["epoch"]:
+                break
+        self.assertTrue(ok, "alice and bob did not converge after the key server's crashes")
+        self.assertEqual(alice.peer("bob")["epoch"], bob.peer("alice")["epoch"])
+        self.assertGreater(alice.peer("bob")["epoch"], 3, "the key server was not rekeying")
+        self.assertTrue(bob.ping(alice, count=5))
+
     def test_revocation_under_traffic(self):
         """
         carol is revoked while she pings alice and alice pings bob: within a

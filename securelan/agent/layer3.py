@@ -22,40 +22,18 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .._interfaces import IDevice
+from ..addresses import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ip_packet_addresses
 from ..errors import SecurelanError
 from ..wire import VNET_HDR_LEN
 from .pending import PendingFrames
 
 log = Logger(namespace="securelan.agent")
 
-_IPV4 = b"\x08\x00"
-_IPV6 = b"\x86\xdd"
 _BROADCAST = b"\xff" * 6
 #: How long an address no member holds is not asked about again.
 NEGATIVE_SECONDS = 5.0
 #: Addresses being asked about at once, at most.
 MAX_IN_FLIGHT = 256
-
-
-def _destination(packet):
-    """
-    The destination address (bytes) of an IP packet, or None.
-    """
-    version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 20:
-        return bytes(packet[16:20])
-    if version == 6 and len(packet) >= 40:
-        return bytes(packet[24:40])
-    return None
-
-
-def _source(packet):
-    version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 20:
-        return bytes(packet[12:16])
-    if version == 6 and len(packet) >= 40:
-        return bytes(packet[8:24])
-    return None
 
 
 @implementer(IDevice)
@@ -129,10 +107,11 @@ class Layer3Device:
     # Outbound ---------------------------------------------------------------
 
     def _packet(self, packet, offload):
-        dst = _destination(packet)
-        if dst is None:
+        addresses = ip_packet_addresses(packet)
+        if addresses is None:
             return self._drop("malformed")
-        ethertype = _IPV4 if len(dst) == 4 else _IPV6
+        dst = addresses[1]
+        ethertype = ETHERTYPE_IPV4 if len(dst) == 4 else ETHERTYPE_IPV6
         ip = ipaddress.ip_address(dst)
         if ip.is_multicast or dst in self._broadcasts or dst == b"\xff\xff\xff\xff":
             return self._receiver(_BROADCAST + self.mac + ethertype + packet, offload)
@@ -190,11 +169,11 @@ class Layer3Device:
         src_mac = bytes(frame[base + 6:base + 12])
         ethertype = frame[base + 12:base + 14]
         packet = frame[base + 14:]
-        if ethertype not in (_IPV4, _IPV6):
+        if ethertype not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             self._drop("not_ip")
             return True
-        src = _source(packet)
-        if src is None or src not in self._held.get(src_mac, ()):
+        addresses = ip_packet_addresses(packet)
+        if addresses is None or addresses[0] not in self._held.get(src_mac, ()):
             # Not an address the key server registered to the sender.
             self._drop("spoofed_src_ip")
             return True

@@ -29,7 +29,7 @@ import ipaddress
 
 from twisted.logger import Logger
 
-from ..addresses import format_host_port
+from ..addresses import ETHERTYPE_IPV4, ETHERTYPE_IPV6, format_host_port, ip_packet_addresses
 from ..ratelimit import TokenBucket
 from ..wire import (
     FLAG_OFFLOAD,
@@ -48,8 +48,6 @@ from .peers import Stats
 
 log = Logger(namespace="securelan.border")
 
-_ETHERTYPE_IPV4 = b"\x08\x00"
-_ETHERTYPE_IPV6 = b"\x86\xdd"
 #: A keepalive's EtherType (IEEE local experimental 1) and body.
 _KEEPALIVE = b"\x88\xb5securelan keepalive"
 _KIND_MASK = ~FLAG_OFFLOAD & 0xFF
@@ -62,19 +60,6 @@ GRACE_SECONDS = 15.0
 SWITCH_SECONDS = 1.0
 #: Destination addresses remembered with their link.
 _ROUTE_CACHE = 4096
-
-
-def _addresses(packet):
-    """
-    The source and destination addresses of an IP packet (bytes), or None
-    when it is not a whole IPv4 or IPv6 header.
-    """
-    version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 20:
-        return bytes(packet[12:16]), bytes(packet[16:20])
-    if version == 6 and len(packet) >= 40:
-        return bytes(packet[8:24]), bytes(packet[24:40])
-    return None
 
 
 def _inside(address: bytes, networks) -> bool:
@@ -339,7 +324,7 @@ class NetPlane:
     # Outbound ------------------------------------------------------------
 
     def packet_from_device(self, packet, offload=None):
-        addresses = _addresses(packet)
+        addresses = ip_packet_addresses(packet)
         if addresses is None:
             self.stats.drop("malformed")
             return
@@ -347,7 +332,7 @@ class NetPlane:
         if state is None:
             self.stats.drop("no_route")
             return
-        ethertype = _ETHERTYPE_IPV4 if packet[0] >> 4 == 4 else _ETHERTYPE_IPV6
+        ethertype = ETHERTYPE_IPV4 if packet[0] >> 4 == 4 else ETHERTYPE_IPV6
         self._send(state, b"".join((state.tag, self.my_tag, ethertype, packet)), offload, count=True)
 
     def _send(self, state, frame, offload=None, count=False):
@@ -448,8 +433,8 @@ class NetPlane:
         if body == _KEEPALIVE:
             return
         packet = body[2:]
-        addresses = _addresses(packet)
-        if addresses is None or body[:2] not in (_ETHERTYPE_IPV4, _ETHERTYPE_IPV6):
+        addresses = ip_packet_addresses(packet)
+        if addresses is None or body[:2] not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             return self._drop(state, "malformed")
         if not _inside(addresses[0], state.networks):
             return self._drop(state, "source_not_in_prefixes")
