@@ -451,6 +451,9 @@ class CarrierConfig:
     interface: str = ""
     #: The underlay's MTU (of the LAN interface or the path to peers).
     underlay_mtu: int = 1500
+    #: udp, behind a NAT: seconds without sending to a peer after which a
+    #: keepalive goes to it (holds the NAT's mapping); 0 for none.
+    keepalive: float = 0.0
 
 
 @attrs.frozen
@@ -579,6 +582,7 @@ def load_agent_config(path: str) -> AgentConfig:
         # 1280 (IPv6's minimum) leaves room for a 64 KiB TSO super-frame in
         # the 64 pieces a frame may have.
         underlay_mtu=car.integer("underlay_mtu", c.underlay_mtu, minimum=1280, maximum=65535),
+        keepalive=car.number("keepalive", c.keepalive, minimum=0),
     )
     try:
         ipaddress.ip_address(carrier.listen)

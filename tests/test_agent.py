@@ -825,6 +825,50 @@ class CountRekeyTests(SynchronousTestCase):
         self.assertEqual(len([f for f in bob.device.written if f[12:14] == b"\x08\x00"]), 4)
 
 
+class KeepaliveTests(SynchronousTestCase):
+    def test_keepalive_behind_nat(self):
+        """
+        A member with C{keepalive} set (it sits behind a NAT) sends an
+        authenticated keepalive to a peer it talked with once it sent
+        nothing to it for that long; the peer consumes it (its host sees
+        nothing) and follows it to a new address (the NAT's new mapping).
+        """
+        subnet = MemorySubnet(self.mktemp())
+        lan = MemoryLAN()
+        alice = MemoryMember(subnet, lan, "alice", MAC_1, "10.0.0.1", keepalive=25.0)
+        bob = MemoryMember(subnet, lan, "bob", MAC_2, "10.0.0.2")
+
+        def settle():
+            for _ in range(10):
+                subnet.flush()
+                if not lan.flush():
+                    break
+
+        alice.send(MAC_2, b"hello")
+        settle()
+        bob.send(MAC_1, b"hello back")
+        settle()
+        written = len(bob.device.written)
+        lan.wire.clear()
+        subnet.clock.advance(24)
+        alice.dataplane.tick()
+        self.assertEqual(lan.wire, [])
+        subnet.clock.advance(1)
+        alice.dataplane.tick()
+        self.assertEqual(len(lan.queue), 1)
+        # The NAT gave alice a new outside port: deliver it from there.
+        _, destination, datagram = lan.queue.pop()
+        lan.inject(datagram, ("198.51.100.1", 40000), destination)
+        settle()
+        self.assertEqual(len(bob.device.written), written)
+        self.assertEqual(bob.dataplane.peers[MAC_1].endpoint, ("198.51.100.1", 40000))
+        self.assertEqual(alice.dataplane.keepalives_sent, 1)
+        # bob sets no keepalive: he sends none.
+        subnet.clock.advance(100)
+        bob.dataplane.tick()
+        self.assertEqual(bob.dataplane.keepalives_sent, 0)
+
+
 class OverdueKeyTests(SynchronousTestCase):
     def test_overdue_key_warned_once(self):
         """

@@ -101,7 +101,7 @@ class DataPlane:
     def __init__(self, my_id: str, my_mac: bytes, incarnation: int, keys, carrier, device, clock,
                  on_key_miss: str = "queue", queue_per_peer: int = 64, queue_total: int = 1024,
                  queue_timeout: float = 2.0, gateway: bool = False, rekey_after_packets: int = 0,
-                 rekey_after_bytes: int = 0):
+                 rekey_after_bytes: int = 0, keepalive: float = 0.0):
         self.my_id = my_id
         self.my_mac = my_mac
         self.incarnation = incarnation
@@ -154,6 +154,10 @@ class DataPlane:
         self.rekey_after_packets = min(rekey_after_packets or REKEY_SAFETY_PACKETS, REKEY_SAFETY_PACKETS)
         self.rekey_after_bytes = rekey_after_bytes or 0
         self.rekeys_asked = 0
+        #: Behind a NAT: seconds without sending to a peer we talked with
+        #: after which a keepalive goes to it (0: none).
+        self.keepalive = keepalive
+        self.keepalives_sent = 0
         #: Keys in use well past their lifetime (each warned about once).
         self.overdue_keys = 0
 
@@ -218,6 +222,23 @@ class DataPlane:
         if self._run and self.clock.seconds() - self._run_started > 0.5:
             self._flush_run()
         self.reassembler.expire()
+        if self.keepalive:
+            self._keepalives(now)
+
+    def _keepalives(self, now):
+        """
+        Behind a NAT its mapping for a peer lapses when nothing goes out to
+        it: send an authenticated keepalive (an announce frame, which the
+        peer consumes and which moves its idea of our endpoint) to every
+        peer we exchanged frames with and sent nothing to for a while.
+        """
+        for peer in self.peers_by_id.values():
+            last_tx, last_rx = peer.stats.last_tx, peer.stats.last_rx
+            if last_rx is None or peer.endpoint is None:
+                continue
+            if now - (last_tx if last_tx is not None else 0.0) >= self.keepalive:
+                self.keepalives_sent += 1
+                self._send_pair(peer, peer.mac + self.my_mac + _ANNOUNCE_PAYLOAD)
 
     def _drop(self, reason: str, peer=None, n: int = 1):
         self.stats.drop(reason, n)
@@ -771,7 +792,7 @@ class DataPlane:
             self._write(frame, header.type & FLAG_OFFLOAD, stats, peer)
 
     def _write(self, frame, offload, stats, peer):
-        if peer is None and not offload and frame[12:] == _ANNOUNCE_PAYLOAD:
+        if not offload and frame[12:] == _ANNOUNCE_PAYLOAD:
             stats.rx_frames += 1
             return
         if not self.device.write(frame, offload):
@@ -810,6 +831,7 @@ class DataPlane:
             "pending_drops": dict(self.pending.dropped),
             "reassembly_drops": self.reassembler.dropped,
             "rekeys_asked": self.rekeys_asked,
+            "keepalives_sent": self.keepalives_sent,
             "overdue_keys": self.overdue_keys,
             "drops": dict(self.stats.drops),
         }

@@ -98,7 +98,7 @@ class ClientRole:
                 self.device, agent.reactor, on_key_miss=agent.config.on_key_miss,
                 queue_per_peer=q.per_peer, queue_total=q.total, queue_timeout=q.timeout,
                 gateway=self.name == "gateway", rekey_after_packets=admission.rekey_after_packets,
-                rekey_after_bytes=admission.rekey_after_bytes)
+                rekey_after_bytes=admission.rekey_after_bytes, keepalive=agent.config.carrier.keepalive)
             self._refresh = LoopingCall(self.dataplane.refresh_members)
             self._refresh.clock = agent.reactor
             self._refresh.start(MEMBER_REFRESH_SECONDS, now=False)
