@@ -58,6 +58,22 @@ class KeyServerCollector:
                 if counter == name:
                     family.add_metric([value], count)
             yield family
+        pauses = CounterMetricFamily("securelan_keyserver_rate_limit_pauses",
+                                     "Times a member past its rate limit was not read from for a while.")
+        pauses.add_metric([], server.counters.get(("rate_limit_pauses", ""), 0))
+        yield pauses
+        broker = server.broker
+        if broker is not None:
+            links = GaugeMetricFamily("securelan_keyserver_netkey_epoch",
+                                      "The NETKEY epoch of each link to a peer subnet (0: none yet).",
+                                      labels=["subnet", "connected"])
+            for link in broker.status():
+                links.add_metric([link["subnet"], "yes" if link["connected"] else "no"], link["epoch"])
+            yield links
+            refused = CounterMetricFamily("securelan_keyserver_peers_refused",
+                                          "Key servers refused on the peering listener.")
+            refused.add_metric([], broker.refused)
+            yield refused
 
 
 class AgentCollector:
@@ -106,6 +122,36 @@ class AgentCollector:
         errors.add_metric(["carrier"], status.get("carrier_errors", 0))
         errors.add_metric(["device"], role.get("device_write_errors", 0))
         yield errors
+        keys = CounterMetricFamily("securelan_agent_key_events", "Rekeys asked for, keepalives sent, "
+                                   "keys found past their lifetime.", labels=["event"])
+        for event in ("rekeys_asked", "keepalives_sent", "overdue_keys"):
+            keys.add_metric([event], role.get(event, 0))
+        yield keys
+        layer3 = role.get("layer3")
+        if layer3 is not None:
+            l3_drops = CounterMetricFamily("securelan_agent_layer3_drops",
+                                           "Layer 3: packets dropped, by reason.", labels=["reason"])
+            for reason, count in sorted(layer3["drops"].items()):
+                l3_drops.add_metric([reason], count)
+            yield l3_drops
+        net = role.get("net")
+        if net is not None:
+            net_packets = CounterMetricFamily("securelan_agent_net_packets",
+                                              "Border: packets to and from each peer subnet.",
+                                              labels=["subnet", "direction"])
+            net_epoch = GaugeMetricFamily("securelan_agent_netkey_epoch",
+                                          "Border: the NETKEY epoch of each link.", labels=["subnet"])
+            for link in net["links"]:
+                for direction in ("tx", "rx"):
+                    net_packets.add_metric([link["subnet"], direction], link[f"{direction}_frames"])
+                net_epoch.add_metric([link["subnet"]], link["epoch"])
+            yield net_packets
+            yield net_epoch
+            net_drops = CounterMetricFamily("securelan_agent_net_drops",
+                                            "Border: datagrams and packets dropped, by reason.", labels=["reason"])
+            for reason, count in sorted(net["drops"].items()):
+                net_drops.add_metric([reason], count)
+            yield net_drops
 
 
 def metrics_site(collector) -> Site:

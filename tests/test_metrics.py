@@ -66,6 +66,50 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn("securelan_agent_peers 1.0", alice)
 
 
+class BorderAndLayer3MetricsTests(SynchronousTestCase):
+    def test_border_links(self):
+        """
+        A border's links: packets each way and the NETKEY epoch per peer
+        subnet, drops by reason; the key server's links and refusals.
+        """
+        import os
+
+        from twisted.internet.task import Clock
+
+        from securelan.agent.netplane import NetPlane
+        from securelan.keys import SecretKey
+        from securelan.protocol import NetLink
+        from securelan.testing import MemoryDevice
+
+        from .test_peering import Pair
+
+        lan = MemoryLAN()
+        plane = NetPlane("east", "edge-e", 1, MemoryDevice(mac=None), lan.carrier("192.0.2.1", 4800), Clock())
+        plane.install([NetLink(subnet="west", border="edge-w", endpoint="192.0.2.2:4800", incarnation=1,
+                               prefixes=("10.2.0.0/24",), local_prefixes=("10.1.0.0/24",),
+                               key=SecretKey.generate(), epoch=4)])
+        plane.datagrams_received((b"x",), ("192.0.2.9", 1))
+
+        class Agent:
+            def status(self):
+                return {"role": {"net": plane.status(), "rekeys_asked": 2}}
+
+        text = scrape(AgentCollector(Agent()))
+        self.assertIn('securelan_agent_netkey_epoch{subnet="west"} 4.0', text)
+        self.assertIn('securelan_agent_net_packets_total{direction="tx",subnet="west"} 0.0', text)
+        self.assertIn('securelan_agent_net_drops_total{reason="short"} 1.0', text)
+        self.assertIn('securelan_agent_key_events_total{event="rekeys_asked"} 2.0', text)
+        path = self.mktemp()
+        os.makedirs(path)
+        pair = Pair(path)
+        pair.hello()
+        net = MemorySubnet(os.path.join(path, "subnet"))
+        net.server.broker = pair.alpha
+        text = scrape(KeyServerCollector(net.server))
+        self.assertIn('securelan_keyserver_netkey_epoch{connected="yes",subnet="beta"} 1.0', text)
+        self.assertIn("securelan_keyserver_peers_refused_total 0.0", text)
+
+
 class EndpointTests(TestCase):
     @defer.inlineCallbacks
     def test_served_over_http(self):
