@@ -7,9 +7,9 @@ critical log entry, a clean reactor shutdown, and a non-zero exit status
 import os
 import sys
 
-from twisted.logger import Logger
+from .logs import logger
 
-log = Logger(namespace="securelan")
+log = logger("securelan")
 
 
 def fail_startup(reactor, program: str, message: str):

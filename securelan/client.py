@@ -19,7 +19,7 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from .logs import logger
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -47,7 +47,7 @@ from .protocol import (
     RequestPairKey,
 )
 
-log = Logger(namespace="securelan.client")
+log = logger("securelan.client")
 
 @implementer(IStreamClientEndpoint)
 class FailoverEndpoint:

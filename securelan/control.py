@@ -15,12 +15,12 @@ import os
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.logger import Logger
+from .logs import logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from .errors import SecurelanError
 
-log = Logger(namespace="securelan.control")
+log = logger("securelan.control")
 
 
 class ControlError(Exception):

@@ -1,5 +1,13 @@
 # -*- test-case-name: tests.test_logs -*-
 """
+securelan's loggers, their level, and logs for log shippers.
+
+Every securelan module logs through a L{logger} of this module, whose
+events below the level set with L{set_level} (C{info} unless the daemon's
+C{--log-level} says otherwise) are dropped before any observer sees them:
+twistd's own observers write every event, debug included, and a debug line
+per key or per connection costs a busy key server real time.
+
 Logs for log shippers: one JSON object a line on standard output.
 
     twistd -n --logger securelan.logs.json_observer securelan-keyserver ...
@@ -13,8 +21,45 @@ key material.
 import json
 import sys
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogPublisher,
+)
 from zope.interface import provider
+
+#: The levels a daemon's --log-level accepts.
+LEVELS = ("debug", "info", "warn", "error", "critical")
+
+_levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+
+def _publish(event):
+    # Looked up at each event, so that observers added later (twistd's,
+    # a test's) see securelan's events.
+    globalLogPublisher(event)
+
+
+_filtered = FilteringLogObserver(_publish, [_levels])
+
+
+def logger(namespace=None) -> Logger:
+    """
+    A logger for C{namespace} whose events below the level go nowhere.
+    """
+    return Logger(namespace=namespace, observer=_filtered)
+
+
+def set_level(name: str):
+    """
+    Let securelan's events of level C{name} (one of L{LEVELS}) and above
+    through.
+    """
+    _levels.setLogLevelForNamespace("", LogLevel.levelWithName(name))
 
 
 def _plain(value):
@@ -57,4 +102,4 @@ def json_observer(out=None):
     return observe
 
 
-__all__ = ["json_observer", "json_line"]
+__all__ = ["json_observer", "json_line", "logger", "set_level", "LEVELS"]

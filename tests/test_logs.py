@@ -37,3 +37,23 @@ class JSONLogTests(SynchronousTestCase):
         log = Logger(namespace="x", observer=json_observer(out))
         log.info("at {address}", address=("10.0.0.1", 4789))
         self.assertEqual(json.loads(out.getvalue())["address"], "('10.0.0.1', 4789)")
+
+
+class LevelTests(SynchronousTestCase):
+    def test_debug_dropped_unless_asked(self):
+        """
+        securelan's loggers let info and above through by default; debug
+        events reach observers only after set_level("debug").
+        """
+        from securelan.logs import logger, set_level
+        from securelan.testing import LogCapture
+
+        log = logger("securelan.test")
+        self.addCleanup(set_level, "info")
+        with LogCapture() as logs:
+            log.debug("quiet {n}", n=1)
+            log.info("heard {n}", n=2)
+            set_level("debug")
+            log.debug("loud {n}", n=3)
+        formats = [e.get("log_format") for e in logs.events if e.get("log_namespace") == "securelan.test"]
+        self.assertEqual(formats, ["heard {n}", "loud {n}"])

@@ -20,14 +20,14 @@ import socket
 import struct
 
 from twisted.internet import abstract
-from twisted.logger import Logger
+from ..logs import logger
 from zope.interface import implementer
 
 from .._interfaces import ICarrier
 from ..addresses import AddressError, parse_host_port
 from ..wire import max_datagram
 
-log = Logger(namespace="securelan.agent")
+log = logger("securelan.agent")
 
 #: IEEE 802 "local experimental" EtherType 1: securelan's frames.
 ETHERTYPE = 0x88B5

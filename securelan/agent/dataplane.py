@@ -37,7 +37,7 @@ peer or an attacker sends can raise out of here.
 
 from collections import OrderedDict
 
-from twisted.logger import Logger
+from ..logs import logger
 from twisted.python.failure import Failure
 
 from ..addresses import format_mac, is_group_mac
@@ -58,7 +58,7 @@ from ..wire import (
 from .pending import PendingFrames
 from .peers import GroupState, Peer, Retired, Stats
 
-log = Logger(namespace="securelan.agent")
+log = logger("securelan.agent")
 
 _KIND_MASK = ~FLAG_OFFLOAD & 0xFF
 

@@ -25,13 +25,13 @@ import struct
 import subprocess
 
 from twisted.internet import abstract
-from twisted.logger import Logger
+from ..logs import logger
 from zope.interface import implementer
 
 from .._interfaces import IDevice
 from ..addresses import format_mac
 
-log = Logger(namespace="securelan.agent")
+log = logger("securelan.agent")
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0

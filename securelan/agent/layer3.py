@@ -18,7 +18,7 @@ member cannot send in the name of another member's address.
 
 import ipaddress
 
-from twisted.logger import Logger
+from ..logs import logger
 from zope.interface import implementer
 
 from .._interfaces import IDevice
@@ -27,7 +27,7 @@ from ..errors import SecurelanError
 from ..wire import VNET_HDR_LEN
 from .pending import PendingFrames
 
-log = Logger(namespace="securelan.agent")
+log = logger("securelan.agent")
 
 _BROADCAST = b"\xff" * 6
 #: How long an address no member holds is not asked about again.

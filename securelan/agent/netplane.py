@@ -27,7 +27,7 @@ its mapping.
 
 import ipaddress
 
-from twisted.logger import Logger
+from ..logs import logger
 
 from ..addresses import ETHERTYPE_IPV4, ETHERTYPE_IPV6, format_host_port, ip_packet_addresses
 from ..ratelimit import TokenBucket
@@ -46,7 +46,7 @@ from ..wire import (
 )
 from .peers import Stats
 
-log = Logger(namespace="securelan.border")
+log = logger("securelan.border")
 
 #: A keepalive's EtherType (IEEE local experimental 1) and body.
 _KEEPALIVE = b"\x88\xb5securelan keepalive"

@@ -6,7 +6,7 @@ border) is a new entry here and touches no other role.
 """
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from ..logs import logger
 from zope.interface import implementer
 
 from .._interfaces import IKeyListener, IRole
@@ -17,7 +17,7 @@ from .layer3 import Layer3Device
 from .device import DeviceError, TapDevice, TunDevice
 from .netplane import NetPlane
 
-log = Logger(namespace="securelan.agent")
+log = logger("securelan.agent")
 
 #: How often the member list (for broadcast fan-out) is refreshed.
 MEMBER_REFRESH_SECONDS = 30.0

@@ -8,7 +8,7 @@ import hashlib
 import ipaddress
 
 from twisted.application import service
-from twisted.logger import Logger
+from ..logs import logger
 
 from ..client import KeyServerClient
 from .carriers import make_carrier
@@ -17,7 +17,7 @@ from .device import DeviceError
 from .roles import ROLES
 from .status import listen_status
 
-log = Logger(namespace="securelan.agent")
+log = logger("securelan.agent")
 
 
 def derived_mac(member_id: str) -> bytes:

@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet._sslverify import TLSVersion
-from twisted.logger import Logger
+from ..logs import logger
 from twisted.protocols import amp
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -54,7 +54,7 @@ from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide, Ping
 from .server import ConnectionLimit
 from ..tls import EXPECTED_GROUP, TLSConfigError, describe_tls_failure, negotiated_group, peer_certificate
 
-log = Logger(namespace="securelan.peering")
+log = logger("securelan.peering")
 
 
 def load_peer_ca(peer: NetKeyPeer) -> ssl.Certificate:

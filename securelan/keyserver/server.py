@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from ..logs import logger
 from twisted.protocols import amp
 from twisted.protocols.policies import TimeoutMixin, WrappingFactory
 from zope.interface import implementer
@@ -71,7 +71,7 @@ from ..ratelimit import TokenBucket
 from ..records import GROUP_ID, ROLES, GroupKey, Member, PairKey
 from ..tls import EXPECTED_GROUP, describe_tls_failure, negotiated_group, peer_certificate
 
-log = Logger(namespace="securelan.keyserver")
+log = logger("securelan.keyserver")
 
 
 #: Overlay addresses one member may register, at most.

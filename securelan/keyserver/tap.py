@@ -14,7 +14,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from ..logs import LEVELS, logger, set_level
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -30,7 +30,7 @@ from .admin import admin_handlers
 from .peering import NetKeyBroker, PeeringService
 from .server import ConnectionLimit, KeyServer, KeyServerFactory
 
-log = Logger(namespace="securelan.keyserver")
+log = logger("securelan.keyserver")
 
 
 class Options(usage.Options):
@@ -38,11 +38,14 @@ class Options(usage.Options):
     longdesc = "Run a securelan key server (see etc/keyserver.toml)."
     optParameters = [
         ["config", "c", None, "Path to the key server's TOML configuration file."],
+        ["log-level", None, "info", "Log events of this level and above: " + ", ".join(LEVELS) + "."],
     ]
 
     def postOptions(self):
         if not self["config"]:
             raise usage.UsageError("--config is required")
+        if self["log-level"] not in LEVELS:
+            raise usage.UsageError("--log-level must be one of " + ", ".join(LEVELS))
 
 
 class KeyServerService(service.Service):
@@ -171,6 +174,7 @@ def _fail(message):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    set_level(options.get("log-level") or "info")
     try:
         config = load_keyserver_config(options["config"])
         credentials = Credentials.load(config.ca, config.certificate, config.private_key)

@@ -55,7 +55,7 @@ from importlib import resources
 
 from attrs import define, evolve, field
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+from ..logs import logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -113,7 +113,7 @@ _LISTEN_POLL = 0.25
 _RETRY_MIN = 0.25
 _RETRY_MAX = 2.0
 
-_log = Logger()
+_log = logger(__name__)
 
 _URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^@/]*@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)

@@ -29,7 +29,7 @@ from importlib import resources
 
 from attrs import define, evolve, field
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+from ..logs import logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -50,7 +50,7 @@ _MEMORY = ":memory:"
 _CHECK_NAME = "master_key_check"
 _CHECK_CONTEXT = b"securelan master key check"
 
-_log = Logger()
+_log = logger(__name__)
 
 
 def run_synchronously(f, *args, **kwargs):
