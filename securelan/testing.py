@@ -548,7 +548,8 @@ class MemoryMember:
                                    self.device, net.clock, on_key_miss=on_key_miss,
                                    gateway=role == "gateway",
                                    rekey_after_packets=self.admission.rekey_after_packets,
-                                   rekey_after_bytes=self.admission.rekey_after_bytes, **queue)
+                                   rekey_after_bytes=self.admission.rekey_after_bytes,
+                                   on_grant=self.layer3.learn if self.layer3 is not None else None, **queue)
         self.carrier.start(self.dataplane.datagrams_received)
         self.device.start(self.dataplane.frame_from_device)
         self.dataplane.start()
@@ -572,7 +573,7 @@ class MemoryMember:
         if self.deaf:
             return
         self.listener.pair_key_pushed(grant)
-        if self.layer3 is not None:
+        if self.layer3 is not None and self.dataplane is None:
             self.layer3.learn(grant)
         self._install("install_pair_key", grant)
 

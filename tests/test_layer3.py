@@ -92,6 +92,21 @@ class Layer3Tests(SynchronousTestCase):
         self.assertEqual([p[20:] for p in self.bob.tun.written], [b"honest"])
         self.assertEqual(self.bob.layer3.drops, {"spoofed_src_ip": 1})
 
+    def test_missed_push(self):
+        """
+        bob missed the key server's push of K(alice, bob): alice's first
+        packet makes his data plane ask for the key by her MAC; the grant
+        it gets also teaches layer 3 her addresses, so the packet (held
+        meanwhile) is delivered, not taken for a spoofed one.
+        """
+        self.bob.deaf = True
+        packet = ipv4("10.9.0.1", "10.9.0.2")
+        self.alice.tun.send(packet)
+        self.settle()
+        self.assertEqual(self.bob.tun.written, [packet])
+        self.assertEqual(self.bob.layer3.drops, {})
+        self.assertEqual(self.bob.keys.requests, [A_MAC])
+
     def test_broadcast_under_group_key(self):
         """
         A packet to the subnet's broadcast or a multicast address goes under

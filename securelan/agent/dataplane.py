@@ -101,7 +101,7 @@ class DataPlane:
     def __init__(self, my_id: str, my_mac: bytes, incarnation: int, keys, carrier, device, clock,
                  on_key_miss: str = "queue", queue_per_peer: int = 64, queue_total: int = 1024,
                  queue_timeout: float = 2.0, gateway: bool = False, rekey_after_packets: int = 0,
-                 rekey_after_bytes: int = 0, keepalive: float = 0.0):
+                 rekey_after_bytes: int = 0, keepalive: float = 0.0, on_grant=None):
         self.my_id = my_id
         self.my_mac = my_mac
         self.incarnation = incarnation
@@ -154,6 +154,10 @@ class DataPlane:
         self.rekey_after_packets = min(rekey_after_packets or REKEY_SAFETY_PACKETS, REKEY_SAFETY_PACKETS)
         self.rekey_after_bytes = rekey_after_bytes or 0
         self.rekeys_asked = 0
+        #: Called with every grant the data plane takes, however it came
+        #: (asked for by MAC, by address, or pushed): layer 3 learns the
+        #: peer's addresses from it.
+        self.on_grant = on_grant
         #: Behind a NAT: seconds without sending to a peer we talked with
         #: after which a keepalive goes to it (0: none).
         self.keepalive = keepalive
@@ -392,6 +396,8 @@ class DataPlane:
             log.debug("ignored a grant of epoch {epoch} for {peer_id}: epoch {held} is held",
                       epoch=grant.epoch, peer_id=grant.peer_id, held=old.epoch)
             return old
+        if self.on_grant is not None:
+            self.on_grant(grant)
         if old is not None and old.holds(grant):
             peer = old
             # The key again: the peer (or the key server for it) wants us

@@ -98,7 +98,8 @@ class ClientRole:
                 self.device, agent.reactor, on_key_miss=agent.config.on_key_miss,
                 queue_per_peer=q.per_peer, queue_total=q.total, queue_timeout=q.timeout,
                 gateway=self.name == "gateway", rekey_after_packets=admission.rekey_after_packets,
-                rekey_after_bytes=admission.rekey_after_bytes, keepalive=agent.config.carrier.keepalive)
+                rekey_after_bytes=admission.rekey_after_bytes, keepalive=agent.config.carrier.keepalive,
+                on_grant=self.layer3.learn if self.layer3 is not None else None)
             self._refresh = LoopingCall(self.dataplane.refresh_members)
             self._refresh.clock = agent.reactor
             self._refresh.start(MEMBER_REFRESH_SECONDS, now=False)
@@ -112,7 +113,9 @@ class ClientRole:
             self.dataplane.recheck()
 
     def pair_key_pushed(self, grant):
-        if self.layer3 is not None:
+        if self.layer3 is not None and self.dataplane is None:
+            # Before admission the data plane, which hands layer 3 every
+            # grant it takes, does not exist yet.
             self.layer3.learn(grant)
         if self.dataplane is not None:
             self.dataplane.install_pair_key(grant)
