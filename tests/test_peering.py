@@ -478,3 +478,23 @@ class PingTests(SynchronousTestCase):
         self.assertEqual(aborted, [])
         pair.clock.advance(0.2)
         self.assertEqual(aborted, [True])
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_missing_peer_ca(self):
+        """
+        A peer CA that cannot be read stops the key server with a message
+        naming the file and the subnet.
+        """
+        from securelan.keyserver.peering import load_peer_ca
+        from securelan.tls import TLSConfigError
+
+        peer = NetKeyPeer(subnet="beta", name="keyserver.beta", ca="/nonexistent/beta-ca.pem")
+        e = self.assertRaises(TLSConfigError, load_peer_ca, peer)
+        self.assertIn("/nonexistent/beta-ca.pem", str(e))
+        self.assertIn("beta", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate")
+        e = self.assertRaises(TLSConfigError, load_peer_ca, NetKeyPeer(subnet="beta", name="x", ca=path))
+        self.assertIn("not a PEM certificate", str(e))
