@@ -680,6 +680,8 @@ class MemberSession(TimeoutMixin, amp.AMP):
         self._rejected = False
         self._closed = False
         self._paused = False
+        self._yielding = False
+        self._turn_boxes = 0
         self._checking = False
         self._peer = "?"
         self._peer_host = None
@@ -764,6 +766,11 @@ class MemberSession(TimeoutMixin, amp.AMP):
 
     # Bounding what one peer can make us hold -----------------------------
 
+    #: Requests of one session handled per reactor turn at most: a member
+    #: that sends many at once (within its rate) takes turns with the
+    #: others instead of making them wait for all of its requests.
+    BOXES_PER_TURN = 16
+
     def stringReceived(self, string):
         if self._rejected:
             return
@@ -780,6 +787,16 @@ class MemberSession(TimeoutMixin, amp.AMP):
     def ampBoxReceived(self, box):
         self._box_bytes = 0
         self.resetTimeout()
+        if not self._turn_boxes:
+            # Each request arrives in a TLS record of its own: count them
+            # per reactor turn, not per read.
+            self.server.clock.callLater(0, self._turn_over)
+        self._turn_boxes += 1
+        if self._turn_boxes >= self.BOXES_PER_TURN and not self._yielding:
+            # What else it sent waits for the next turn.
+            self._yielding = True
+            self.pauseProducing()
+            self.server.clock.callLater(0, self._next_turn)
         if self.identity is None:
             # Data before an accepted certificate cannot happen over TLS;
             # refuse rather than trust that.
@@ -834,14 +851,24 @@ class MemberSession(TimeoutMixin, amp.AMP):
             return
         self._paused = True
         self.server.counters[("rate_limit_pauses", "")] += 1
-        self.transport.pauseProducing()
+        self.pauseProducing()
 
         def resume():
             self._paused = False
-            if not self._closed:
-                self.transport.resumeProducing()
+            self._resume()
 
         self.server.clock.callLater(self.RATE_LIMIT_PAUSE, resume)
+
+    def _turn_over(self):
+        self._turn_boxes = 0
+
+    def _next_turn(self):
+        self._yielding = False
+        self._resume()
+
+    def _resume(self):
+        if not (self._closed or self._paused or self._yielding) and self.paused:
+            self.resumeProducing()
 
     # Responders ----------------------------------------------------------
 
