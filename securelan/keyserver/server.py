@@ -766,10 +766,11 @@ class MemberSession(TimeoutMixin, amp.AMP):
 
     # Bounding what one peer can make us hold -----------------------------
 
-    #: Requests of one session handled per reactor turn at most: a member
-    #: that sends many at once (within its rate) takes turns with the
-    #: others instead of making them wait for all of its requests.
-    BOXES_PER_TURN = 16
+    #: Requests of one session handled per reactor turn (one more, and the
+    #: rest waits): a member that sends many at once (within its rate)
+    #: takes turns with the others instead of making them wait for all of
+    #: its requests.  An agent has at most a few in flight.
+    BOXES_PER_TURN = 4
 
     def stringReceived(self, string):
         if self._rejected:
@@ -792,7 +793,7 @@ class MemberSession(TimeoutMixin, amp.AMP):
             # per reactor turn, not per read.
             self.server.clock.callLater(0, self._turn_over)
         self._turn_boxes += 1
-        if self._turn_boxes >= self.BOXES_PER_TURN and not self._yielding:
+        if self._turn_boxes > self.BOXES_PER_TURN and not self._yielding:
             # What else it sent waits for the next turn.
             self._yielding = True
             self.pauseProducing()
