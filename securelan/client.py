@@ -10,7 +10,6 @@ L{GroupKeyGrant} values.  Pushes from the key server reach an
 L{IKeyListener}.
 """
 
-import attrs
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer

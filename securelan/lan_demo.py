@@ -13,7 +13,6 @@ are dropped, and what ``securelan status`` says.  Everything is removed at
 the end.  It needs root.
 """
 
-import os
 import shutil
 import sys
 

@@ -3,7 +3,6 @@ Tests for L{securelan.demo}: the README's main command.
 """
 
 import io
-import os
 import shutil
 import tempfile
 

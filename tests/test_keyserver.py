@@ -25,7 +25,7 @@ from securelan.errors import (
 )
 from securelan.keys import SecretKey
 from securelan.keyserver.server import ConnectionLimit
-from securelan.protocol import ERRORS, RequestPairKey, _PAIR_KEY_FIELDS
+from securelan.protocol import ERRORS, _PAIR_KEY_FIELDS
 from securelan.store import SQLiteStore, run_synchronously
 from securelan.testing import LogCapture, MemorySubnet, RecordingListener, make_pki
 from securelan.tls import EXPECTED_GROUP, negotiated_group
