@@ -1076,7 +1076,7 @@ class Layer3Tests(SubnetTestCase):
 
     def test_bad_addresses(self):
         net = self.subnet()
-        for addresses in (["10.9.0.300"], ["224.0.0.1"], ["127.0.0.1"], ["0.0.0.0"],
+        for addresses in (["10.9.0.300"], ["224.0.0.1"], ["127.0.0.1"], ["0.0.0.0"], ["fd00::5%x"],
                           [f"10.9.1.{i}" for i in range(17)]):
             _, outcome = self.join_l3(net, "alice", MAC_1, addresses)
             outcome.trap(BadRequest)

@@ -119,6 +119,59 @@ class NetPlaneTests(SynchronousTestCase):
         self.assertEqual(self.beta.plane.stats.drops, {"replay": 1})
         self.assertEqual(self.beta.plane.links["alpha"].stats.drops, {"replay": 1})
 
+    def test_forged_headers_cannot_reset_replay_windows(self):
+        """
+        Datagrams naming new incarnations of the peer border (forged: they
+        fail the tag) cost derivations but are never kept: the opener in
+        use, and its replay window, stay; a replayed datagram is still
+        refused, and its source does not become the peer's endpoint.
+        """
+        self.beta.device.send(ipv4("10.2.0.7", "10.1.0.5"))
+        source, destination, recorded = self.lan.wire[-1]
+        self.lan.flush()
+        for incarnation in range(6, 20):
+            forged = bytearray(recorded)
+            forged[8:12] = incarnation.to_bytes(4, "big")
+            self.lan.inject(bytes(forged), ("198.51.100.66", 1), destination)
+        self.lan.inject(recorded, ("198.51.100.66", 1), destination)
+        self.lan.flush()
+        self.assertEqual(len(self.alpha.device.written), 1)
+        drops = self.alpha.plane.links["beta"].stats.drops
+        self.assertEqual(drops.get("replay"), 1)
+        self.assertEqual(self.alpha.plane.links["beta"].endpoint, ("192.0.2.2", 4800))
+
+    def test_link_that_comes_back_keeps_its_counters(self):
+        """
+        The key server listed no links for a moment (it restarted), then
+        the same link again: the border goes on from its counters (no
+        nonce twice under one key) and its replay windows.
+        """
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"one"))
+        first = self.lan.wire[-1]
+        self.lan.flush()
+        self.alpha.plane.install([])
+        self.link_both()
+        self.lan.flush()
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7", b"two"))
+        self.assertGreater(parse_header(self.lan.wire[-1][2]).counter, parse_header(first[2]).counter)
+        self.lan.flush()
+        self.lan.inject(first[2], first[0], first[1])
+        self.lan.flush()
+        self.assertEqual([p[20:] for p in self.beta.device.written], [b"one", b"two"])
+
+    def test_bad_link_does_not_stop_the_others(self):
+        """
+        A link the border cannot use (its key server passed on a bad peer
+        border name) is refused alone; the others are installed.
+        """
+        gamma = self.link("gamma", "", "192.0.2.3:4800", 1, ("10.3.0.0/24",), ("10.1.0.0/24",))
+        self.alpha.plane.install([gamma, self.link("beta", "edge-b", "192.0.2.2:4800", 5, ("10.2.0.0/24",),
+                                                    ("10.1.0.0/24",))])
+        self.assertEqual(sorted(self.alpha.plane.links), ["beta"])
+        self.alpha.device.send(ipv4("10.1.0.5", "10.2.0.7"))
+        self.lan.flush()
+        self.assertEqual(len(self.beta.device.written), 1)
+
     def test_forged_and_foreign(self):
         """
         A datagram under another key fails the tag; one naming a subnet that

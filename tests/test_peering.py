@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from securelan import pki
 from securelan.client import register, request_net_links
 from securelan.config import NetKeyConfig, NetKeyPeer
-from securelan.errors import NotPermitted
+from securelan.errors import BadRequest, NotPermitted
 from securelan.keys import SecretKey
 from securelan.keyserver.peering import NetKeyBroker, PeerProtocol, PeeringFactory, say_hello
 from securelan.protocol import PeerNetKey
@@ -204,8 +204,55 @@ class AgreementTests(SynchronousTestCase):
         link = self.pair.beta.links["alpha"]
         held = link.key
         self.pair.beta.netkey_received(link, SecretKey.generate(), 1)
-        self.pair.beta.netkey_received(link, SecretKey.generate(), 0)
+        self.assertRaises(BadRequest, self.pair.beta.netkey_received, link, SecretKey.generate(), 0)
+        self.assertRaises(BadRequest, self.pair.beta.netkey_received, link, SecretKey.generate(), 2**32)
         self.assertEqual((link.key, link.epoch), (held, 1))
+
+    def test_follower_that_lost_its_key_gets_a_new_epoch(self):
+        """
+        A restarted follower (it held nothing) is not handed the key it may
+        have used before: the leader makes a new epoch.  A follower that
+        reconnects holding the current epoch keeps it.
+        """
+        self.pair.hello()
+        first = self.pair.alpha.links["beta"].key
+        self.pair.hello()
+        self.assertEqual((self.pair.alpha.links["beta"].epoch, self.pair.alpha.links["beta"].key), (1, first))
+        restarted = self.pair.broker("beta", "alpha")
+        self.pair.hello(follower=restarted)
+        self.assertEqual(restarted.links["alpha"].epoch, 2)
+        self.assertNotEqual(restarted.links["alpha"].key, first)
+        self.assertEqual(self.pair.alpha.links["beta"].key, restarted.links["alpha"].key)
+
+    def test_bad_side_refused(self):
+        """
+        A peer's side with a field its border could not use is refused
+        whole: a bad border name, endpoint or incarnation, or too many
+        prefixes.
+        """
+        self.pair.hello()
+        link = self.pair.alpha.links["beta"]
+        good = dict(self.pair.beta.own_side())
+        for bad in ({"border": ""}, {"border": "x" * 300}, {"border_endpoint": "nowhere"},
+                    {"border_incarnation": 2**32}, {"border_incarnation": -1},
+                    {"prefixes": ["10.0.0.1/8"]}, {"prefixes": [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]}):
+            self.assertRaises(BadRequest, self.pair.alpha.side_received, link, dict(good, **bad))
+        self.assertEqual(link.side["border"], "border-beta")
+
+    def test_follower_does_not_answer_hellos(self):
+        """
+        A hello sent to the follower's end (by a confused or hostile leader)
+        is refused: only the leader makes the link's NETKEY.
+        """
+        from securelan.protocol import PeerHello
+
+        client, server, pump, _ = self.pair.hello()
+        outcome = []
+        server.wrappedProtocol.callRemote(PeerHello, version=1, known_epoch=0,
+                                          **self.pair.alpha.own_side()).addBoth(outcome.append)
+        pump.flush()
+        outcome[0].trap(NotPermitted)
+        self.assertEqual(self.pair.beta.links["alpha"].epoch, 1)
 
     def test_restarted_leader_goes_on_above(self):
         """

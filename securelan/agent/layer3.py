@@ -13,7 +13,10 @@ key), so every datagram is the same PAIR datagram as at layer 2, under the
 same pair key.  Packets to a multicast or broadcast address go under the
 group key.  An incoming frame is accepted only if its source IP address is
 one that the key server registered to the sending member: at layer 3, a
-member cannot send in the name of another member's address.
+member cannot send unicast packets in the name of another member's
+address.  Broadcast and multicast packets travel under the group key,
+which (as at layer 2) authenticates a member, not which one: their source
+MAC, and so the address checked, is the sender's word.
 """
 
 import ipaddress

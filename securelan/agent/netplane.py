@@ -60,6 +60,8 @@ GRACE_SECONDS = 15.0
 SWITCH_SECONDS = 1.0
 #: Destination addresses remembered with their link.
 _ROUTE_CACHE = 4096
+#: Links no longer listed whose state is kept, at most.
+_GONE_KEPT = 64
 
 
 def _inside(address: bytes, networks) -> bool:
@@ -194,7 +196,10 @@ class NetLinkState:
         The receiving direction for C{epoch} and the peer border's
         C{incarnation}; None when this epoch is not held, the incarnation is
         older than one already seen, or derivations are exhausted (forged
-        headers cost a derivation each).
+        headers cost a derivation each).  A new direction is only a
+        candidate until a datagram authenticates under it (L{accepted}):
+        forged headers can neither fill nor empty the openers in use, whose
+        replay windows must live as long as their keys.
         """
         opener = self._openers.get((epoch, incarnation))
         if opener is not None:
@@ -206,18 +211,16 @@ class NetLinkState:
         link = self.link
         key = derive_net_key(held[0], link.subnet, link.border, subnet, border, epoch, incarnation,
                              my_incarnation)
-        opener = Opener(key, TYPE_NET, epoch, incarnation)
-        if len(self._openers) >= 8:
-            self._openers.clear()
-        self._openers[(epoch, incarnation)] = opener
-        return opener
+        return Opener(key, TYPE_NET, epoch, incarnation)
 
-    def accepted(self, epoch, incarnation):
+    def accepted(self, epoch, incarnation, opener):
         """
-        A datagram authenticated under C{epoch} and C{incarnation}: older
-        incarnations are over, and a peer that sends under our newest epoch
-        holds it, so we send under it too.
+        A datagram authenticated under C{epoch} and C{incarnation} with
+        C{opener}: it is kept from now on; older incarnations are over, and
+        a peer that sends under our newest epoch holds it, so we send under
+        it too.
         """
+        self._openers.setdefault((epoch, incarnation), opener)
         if self._next_sealer is not None and epoch == self.link.epoch:
             self._switch()
         if incarnation > self._rx_incarnation:
@@ -263,6 +266,9 @@ class NetPlane:
         self._routes = routes or (lambda prefixes: None)
         self._asks = TokenBucket(1.0, 1, clock)
         self.links: dict[str, NetLinkState] = {}
+        #: Links the key server no longer lists, kept (bounded) in case they
+        #: come back: a key taken up again goes on from its counter.
+        self._gone: dict[str, NetLinkState] = {}
         self._by_tag: dict[bytes, NetLinkState] = {}
         self._route_cache: dict[bytes, NetLinkState | None] = {}
         self.reassembler = Reassembler(clock)
@@ -278,23 +284,34 @@ class NetPlane:
         """
         fresh, hello = {}, []
         for link in links:
-            endpoint = self.carrier.parse_endpoint(link.endpoint)
-            state = self.links.get(link.subnet)
-            if state is None:
-                state = NetLinkState(link, endpoint, self.my_subnet, self.my_border, self.incarnation,
-                                     self.clock)
-                hello.append(state)
-                log.info("link to subnet {subnet}: border {border} at {endpoint}, prefixes {prefixes}, "
-                         "NETKEY epoch {epoch}", subnet=link.subnet, border=link.border,
-                         endpoint=link.endpoint, prefixes=", ".join(link.prefixes), epoch=link.epoch)
-            else:
-                was_ready = state.sealer is not None
-                state.update(link, endpoint)
-                if not was_ready:
+            try:
+                endpoint = self.carrier.parse_endpoint(link.endpoint)
+                # A link that comes back (the key server restarted and
+                # forgot it a moment) takes up its old state: its sending
+                # counters and replay windows go on.
+                state = self.links.get(link.subnet) or self._gone.pop(link.subnet, None)
+                if state is None:
+                    state = NetLinkState(link, endpoint, self.my_subnet, self.my_border, self.incarnation,
+                                         self.clock)
                     hello.append(state)
+                    log.info("link to subnet {subnet}: border {border} at {endpoint}, prefixes {prefixes}, "
+                             "NETKEY epoch {epoch}", subnet=link.subnet, border=link.border,
+                             endpoint=link.endpoint, prefixes=", ".join(link.prefixes), epoch=link.epoch)
+                else:
+                    was_ready = state.sealer is not None
+                    state.update(link, endpoint)
+                    if not was_ready:
+                        hello.append(state)
+            except (ValueError, TypeError) as e:
+                # One peer subnet's bad facts must not take the others down.
+                log.error("link to subnet {subnet} refused: {error}", subnet=link.subnet, error=e)
+                continue
             fresh[link.subnet] = state
         for gone in set(self.links) - set(fresh):
             log.info("link to subnet {subnet} removed", subnet=gone)
+            self._gone[gone] = self.links[gone]
+            while len(self._gone) > _GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
         self.links = fresh
         self._by_tag = {state.tag: state for state in fresh.values()}
         self._route_cache = {}
@@ -414,7 +431,7 @@ class NetPlane:
             piece = opener.open_counter(datagram, header.counter)
         except WireError as e:
             return self._drop(state, e.reason)
-        state.accepted(header.epoch, header.incarnation)
+        state.accepted(header.epoch, header.incarnation, opener)
         if header.incarnation == state.rx_incarnation and source != state.endpoint and source is not None:
             log.info("border of subnet {subnet} now at {source}", subnet=state.link.subnet, source=source)
             state.endpoint = source

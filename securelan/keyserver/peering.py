@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from .. import PROTOCOL_VERSION
 from ..client import close_unprepared
+from ..addresses import AddressError, check_member_id, parse_host_port
 from ..config import NetKeyConfig, NetKeyPeer
 from ..errors import BadRequest, NotPermitted, VersionMismatch
 from ..keys import SecretKey
@@ -55,6 +56,10 @@ from .server import ConnectionLimit
 from ..tls import EXPECTED_GROUP, TLSConfigError, describe_tls_failure, negotiated_group, peer_certificate
 
 log = logger("securelan.peering")
+
+#: Prefixes one peer may announce, at most; NETKEY epochs stay below this.
+MAX_PREFIXES = 256
+MAX_EPOCH = 2**32 - 1
 
 
 def load_peer_ca(peer: NetKeyPeer) -> ssl.Certificate:
@@ -139,25 +144,46 @@ class NetKeyBroker:
                                                            "{reason}", peer=s, reason=f.getErrorMessage()))
 
     def _check_side(self, link, side):
+        """
+        A peer's side, checked field by field: what a peer key server says
+        must not break this subnet's other links (its border derives keys
+        from these fields).
+        """
         if side["subnet"] != link.peer.subnet:
             raise NotPermitted(f"the key server of subnet {link.peer.subnet} speaks for {side['subnet']!r}")
+        if len(side["prefixes"]) > MAX_PREFIXES:
+            raise BadRequest(f"at most {MAX_PREFIXES} prefixes")
         prefixes = []
         for text in side["prefixes"]:
             try:
                 prefixes.append(str(ipaddress.ip_network(text, strict=True)))
             except ValueError:
                 raise BadRequest(f"{text!r} is not a network") from None
+        try:
+            check_member_id(side["border"])
+            parse_host_port(side["border_endpoint"])
+        except AddressError as e:
+            raise BadRequest(str(e)) from None
+        if not 0 <= side["border_incarnation"] < 2**31:
+            raise BadRequest(f"incarnation {side['border_incarnation']} is out of range")
         return dict(side, prefixes=prefixes)
 
-    def side_received(self, link, side):
+    def side_received(self, link, side, notify=True):
+        """
+        Take a peer's side; say whether it changed (and, with C{notify},
+        tell the border).
+        """
         side = self._check_side(link, side)
-        if side != link.side:
-            link.side = side
-            log.info("subnet {peer}: border {border} at {endpoint} (incarnation {incarnation}), "
-                     "prefixes {prefixes}", peer=link.peer.subnet, border=side["border"],
-                     endpoint=side["border_endpoint"], incarnation=side["border_incarnation"],
-                     prefixes=", ".join(side["prefixes"]) or "none")
+        if side == link.side:
+            return False
+        link.side = side
+        log.info("subnet {peer}: border {border} at {endpoint} (incarnation {incarnation}), "
+                 "prefixes {prefixes}", peer=link.peer.subnet, border=side["border"],
+                 endpoint=side["border_endpoint"], incarnation=side["border_incarnation"],
+                 prefixes=", ".join(side["prefixes"]) or "none")
+        if notify:
             self.on_change()
+        return True
 
     # The NETKEY ----------------------------------------------------------
 
@@ -172,28 +198,36 @@ class NetKeyBroker:
         """
         Leader: the follower said hello; fire with our side and the NETKEY.
         """
-        if known_epoch < 0 or known_epoch >= 2**32 - 1:
+        if known_epoch < 0 or known_epoch >= MAX_EPOCH:
             raise BadRequest(f"epoch {known_epoch} is out of range")
-        self.side_received(link, side)
-        if link.key is None or link.epoch <= known_epoch:
-            # A restarted leader: go on above what the follower held, so no
-            # epoch ever names two keys.
-            self._new_key(link, known_epoch + 1)
+        changed = self.side_received(link, side, notify=False)
+        if link.key is None or known_epoch != link.epoch:
+            # A restarted leader (no key), or a follower that lost what it
+            # held: a new epoch above both, so that no epoch ever names two
+            # keys and nobody takes up a key it used before from scratch.
+            self._new_key(link, max(known_epoch, link.epoch) + 1)
+            changed = True
+        if changed:
             self.on_change()
         return dict(self.own_side(), key=link.key, epoch=link.epoch)
 
-    def netkey_received(self, link, key, epoch):
+    def netkey_received(self, link, key, epoch, notify=True):
         """
-        Follower: the leader made a new NETKEY.  Epochs only go up.
+        Follower: the leader made a new NETKEY.  Epochs only go up; say
+        whether it was taken.
         """
+        if not 0 < epoch < MAX_EPOCH:
+            raise BadRequest(f"epoch {epoch} is out of range")
         if epoch <= link.epoch and link.key is not None:
             if epoch < link.epoch or key != link.key:
                 log.warn("subnet {peer} sent NETKEY epoch {epoch}, not above {held}: ignored",
                          peer=link.peer.subnet, epoch=epoch, held=link.epoch)
-            return
+            return False
         link.key, link.epoch, link.created_at = key, epoch, self.clock.seconds()
         log.info("NETKEY with subnet {peer} is now epoch {epoch}", peer=link.peer.subnet, epoch=epoch)
-        self.on_change()
+        if notify:
+            self.on_change()
+        return True
 
     def rekey(self, peer_subnet: str):
         """
@@ -204,6 +238,8 @@ class NetKeyBroker:
         link = self.links[peer_subnet]
         if not self.leads(peer_subnet):
             raise NotPermitted(f"the key server of subnet {peer_subnet} makes that NETKEY")
+        if link.epoch + 1 >= MAX_EPOCH:
+            raise BadRequest("the NETKEY's epochs are used up")
         self._new_key(link, link.epoch + 1)
         self.rekeys += 1
         self.on_change()
@@ -404,6 +440,10 @@ class PeerProtocol(TimeoutMixin, amp.AMP):
     @PeerHello.responder
     def hello(self, version, known_epoch, **side):
         link = self._identified()
+        if not self.broker.leads(link.peer.subnet):
+            # Only the leader's end answers hellos: a follower that did
+            # would make a second NETKEY for the link.
+            raise NotPermitted(f"subnet {link.peer.subnet} leads that link; this key server says hello")
         if version != PROTOCOL_VERSION:
             raise VersionMismatch(f"this key server speaks protocol version {PROTOCOL_VERSION}")
         answer = self.broker.hello(link, side, known_epoch)
@@ -466,8 +506,12 @@ def say_hello(protocol, broker, link):
         # is what reports its loss.
         link.protocol = getattr(protocol, "_protocol", protocol)
         link.protocol.hello_done()
-        broker.side_received(link, answer)
-        broker.netkey_received(link, key, epoch)
+        # Both first, then the border hears once: a link with a side but
+        # not yet a key would be pushed as no link at all.
+        changed = broker.side_received(link, answer, notify=False)
+        changed = broker.netkey_received(link, key, epoch, notify=False) or changed
+        if changed:
+            broker.on_change()
         log.info("connected to the key server of subnet {peer}", peer=link.peer.subnet)
 
     def failed(failure):

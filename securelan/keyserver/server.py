@@ -91,6 +91,9 @@ def _check_addresses(addresses) -> tuple:
             address = ipaddress.ip_address(text)
         except ValueError:
             raise BadRequest(f"{text!r} is not an IP address") from None
+        if getattr(address, "scope_id", None):
+            # fd00::5%x would be another string for the address fd00::5.
+            raise BadRequest(f"{text!r}: an overlay address has no zone")
         if address.is_multicast or address.is_unspecified or address.is_loopback:
             raise BadRequest(f"{address} is not a unicast address a member can hold")
         checked.add(str(address))
