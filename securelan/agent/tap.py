@@ -10,10 +10,9 @@ non-zero.
 import os
 import sys
 
-from twisted.python import usage
+from .._startup import DaemonOptions
 
 from ..config import ConfigError, load_agent_config
-from ..logs import LEVELS, set_level
 from ..pki import PKIError, load_certificate, member_identity
 from ..tls import Credentials, TLSConfigError
 from .service import AgentService, derived_mac
@@ -22,19 +21,9 @@ from .service import AgentService, derived_mac
 CAP_NET_ADMIN = 12
 
 
-class Options(usage.Options):
-    synopsis = "--config PATH"
+class Options(DaemonOptions):
     longdesc = "Run a securelan member agent (see etc/agent.toml)."
-    optParameters = [
-        ["config", "c", None, "Path to the agent's TOML configuration file."],
-        ["log-level", None, "info", "Log events of this level and above: " + ", ".join(LEVELS) + "."],
-    ]
-
-    def postOptions(self):
-        if not self["config"]:
-            raise usage.UsageError("--config is required")
-        if self["log-level"] not in LEVELS:
-            raise usage.UsageError("--log-level must be one of " + ", ".join(LEVELS))
+    what = "agent"
 
 
 def _fail(message):
@@ -80,7 +69,6 @@ def _can_create_tap() -> str | None:
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    set_level(options.get("log-level") or "info")
     try:
         config = load_agent_config(options["config"])
         credentials = Credentials.load(config.ca, config.certificate, config.private_key)

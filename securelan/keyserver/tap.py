@@ -14,12 +14,11 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
-from ..logs import LEVELS, logger, set_level
+from ..logs import logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import usage
 from twisted.python.failure import Failure
 
-from .._startup import fail_startup
+from .._startup import DaemonOptions, fail_startup
 from ..config import ConfigError, load_keyserver_config
 from ..keys import MasterKeyError
 from ..pki import PKIError
@@ -33,19 +32,9 @@ from .server import ConnectionLimit, KeyServer, KeyServerFactory
 log = logger("securelan.keyserver")
 
 
-class Options(usage.Options):
-    synopsis = "--config PATH"
+class Options(DaemonOptions):
     longdesc = "Run a securelan key server (see etc/keyserver.toml)."
-    optParameters = [
-        ["config", "c", None, "Path to the key server's TOML configuration file."],
-        ["log-level", None, "info", "Log events of this level and above: " + ", ".join(LEVELS) + "."],
-    ]
-
-    def postOptions(self):
-        if not self["config"]:
-            raise usage.UsageError("--config is required")
-        if self["log-level"] not in LEVELS:
-            raise usage.UsageError("--log-level must be one of " + ", ".join(LEVELS))
+    what = "key server"
 
 
 class KeyServerService(service.Service):
@@ -174,7 +163,6 @@ def _fail(message):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    set_level(options.get("log-level") or "info")
     try:
         config = load_keyserver_config(options["config"])
         credentials = Credentials.load(config.ca, config.certificate, config.private_key)

@@ -72,14 +72,13 @@ from ..errors import AddressInUse, BadRequest, MacInUse, NotPermitted, StoreUnav
 from ..keys import MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
+from .mirror import MirrorReads, coalesce, forget_member
 from .sqlite import (
     _CHECK_CONTEXT,
     _CHECK_NAME,
     MAX_INCARNATION,
     _group_context,
     _pair_context,
-    coalesce,
-    forget_member,
 )
 
 __all__ = ["CHANNEL", "KINDS", "SCHEMA_VERSION", "PostgreSQLStore"]
@@ -745,7 +744,7 @@ def _check_psycopg():
 
 @implementer(IStore)
 @define(eq=False)
-class PostgreSQLStore:
+class PostgreSQLStore(MirrorReads):
     """
     An L{IStore} on a PostgreSQL database that a cascade of key servers
     shares.
@@ -1141,12 +1140,6 @@ class PostgreSQLStore:
         else:
             self._remember_pair(pair_key)
 
-    def _remember_pair(self, pair_key):
-        pair = (pair_key.id_a, pair_key.id_b)
-        self._pair_keys[pair] = pair_key
-        self._pairs_of.setdefault(pair_key.id_a, set()).add(pair)
-        self._pairs_of.setdefault(pair_key.id_b, set()).add(pair)
-
     def _forget_pair(self, pair):
         self._pair_keys.pop(pair, None)
         for member_id in pair:
@@ -1197,18 +1190,10 @@ class PostgreSQLStore:
             ("pair",) + pair, self._pair_issued, _issue_pair_txn, self.name, self._master, candidate, max_pair_keys
         )
 
-    def _pair_issued(self, pair_key):
-        self._remember_pair(pair_key)
-        return pair_key
-
     def issue_group_key(self, candidate):
         if self._group_key is not None:
             return defer.succeed(self._group_key)
         return self._coalesced(("group",), self._group_issued, _issue_group_txn, self.name, self._master, candidate)
-
-    def _group_issued(self, group_key):
-        self._group_key = group_key
-        return group_key
 
     def rekey_pair(self, candidate):
         pair = pair_of(candidate.id_a, candidate.id_b)
@@ -1240,15 +1225,6 @@ class PostgreSQLStore:
 
         return d.addCallback(revoked)
 
-    def is_revoked(self, member_id):
-        return defer.succeed(member_id in self._revoked)
-
-    def foreign_mac(self, mac, now):
-        held = self._foreign.get(mac)
-        if held is None or (held[1] and held[1] <= now):
-            return defer.succeed(None)
-        return defer.succeed(held[0])
-
     def bind_foreign_mac(self, mac, gateway_id, now, expires_at, max_foreign):
         if len(self._foreign) >= max_foreign:
             # Forget expired bindings before the database refuses.
@@ -1260,29 +1236,3 @@ class PostgreSQLStore:
             return result[0]
 
         return d.addCallback(bound)
-
-    # Reads, from the mirror
-
-    def member(self, member_id):
-        return defer.succeed(self._members.get(member_id))
-
-    def member_by_mac(self, mac):
-        return defer.succeed(self._by_mac.get(mac))
-
-    def member_by_address(self, address):
-        return defer.succeed(self._by_address.get(address))
-
-    def members(self):
-        return defer.succeed(list(self._members.values()))
-
-    def pair_key(self, id_1, id_2):
-        return defer.succeed(self._pair_keys.get(pair_of(id_1, id_2)))
-
-    def pairs_of(self, member_id):
-        return defer.succeed([self._pair_keys[pair] for pair in self._pairs_of.get(member_id, ())])
-
-    def group_key(self):
-        return defer.succeed(self._group_key)
-
-    def counts(self):
-        return defer.succeed({"members": len(self._members), "pair_keys": len(self._pair_keys)})

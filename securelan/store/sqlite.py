@@ -30,7 +30,6 @@ from importlib import resources
 from attrs import define, evolve, field
 from twisted.internet import defer, threads
 from ..logs import logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -40,6 +39,7 @@ from ..errors import AddressInUse, BadRequest, MacInUse, StoreUnavailable, Table
 from ..keys import KEY_BYTES, MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
+from .mirror import MirrorReads, coalesce, forget_member
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "run_synchronously"]
 
@@ -504,45 +504,9 @@ def _rekey_group_txn(conn, path, master, candidate):
     return candidate
 
 
-def forget_member(by_mac, by_address, member):
-    """
-    Take C{member}'s MAC and addresses out of a mirror's indexes, where
-    they still name it (another member may have taken one since).
-    """
-    if by_mac.get(member.mac) is not None and by_mac[member.mac].member_id == member.member_id:
-        del by_mac[member.mac]
-    for address in member.addresses:
-        if by_address.get(address) is not None and by_address[address].member_id == member.member_id:
-            del by_address[address]
-
-
-def coalesce(in_flight, key, start):
-    """
-    Call C{start} (which returns a Deferred) unless a call under the same
-    C{key} is already under way in C{in_flight}; either way fire with the
-    result of the one call, so concurrent identical writes run once.
-    """
-    waiters = in_flight.get(key)
-    if waiters is not None:
-        d = defer.Deferred()
-        waiters.append(d)
-        return d
-    waiters = in_flight[key] = []
-
-    def done(result):
-        del in_flight[key]
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-        return result
-
-    return start().addBoth(done)
-
 @implementer(IStore)
 @define(eq=False)
-class SQLiteStore:
+class SQLiteStore(MirrorReads):
     """
     An L{IStore} on one SQLite file (or C{":memory:"}).
 
@@ -716,24 +680,10 @@ class SQLiteStore:
             ("pair",) + pair, self._pair_issued, _issue_pair_txn, self.path, self._master, candidate, max_pair_keys
         )
 
-    def _pair_issued(self, pair_key):
-        self._remember_pair(pair_key)
-        return pair_key
-
-    def _remember_pair(self, pair_key):
-        pair = (pair_key.id_a, pair_key.id_b)
-        self._pair_keys[pair] = pair_key
-        self._pairs_of.setdefault(pair_key.id_a, set()).add(pair)
-        self._pairs_of.setdefault(pair_key.id_b, set()).add(pair)
-
     def issue_group_key(self, candidate):
         if self._group_key is not None:
             return defer.succeed(self._group_key)
         return self._coalesced(("group",), self._group_issued, _issue_group_txn, self.path, self._master, candidate)
-
-    def _group_issued(self, group_key):
-        self._group_key = group_key
-        return group_key
 
     def rekey_pair(self, candidate):
         def stored(pair_key):
@@ -763,12 +713,6 @@ class SQLiteStore:
 
         return d.addCallback(revoked)
 
-    def foreign_mac(self, mac, now):
-        held = self._foreign.get(mac)
-        if held is None or (held[1] and held[1] <= now):
-            return defer.succeed(None)
-        return defer.succeed(held[0])
-
     def bind_foreign_mac(self, mac, gateway_id, now, expires_at, max_foreign):
         if len(self._foreign) >= max_foreign:
             # Forget expired bindings before the database refuses.
@@ -780,32 +724,3 @@ class SQLiteStore:
             return result[0]
 
         return d.addCallback(bound)
-
-    def is_revoked(self, member_id):
-        return defer.succeed(member_id in self._revoked)
-
-    # Reads, from the mirror
-
-    def member(self, member_id):
-        return defer.succeed(self._members.get(member_id))
-
-    def member_by_mac(self, mac):
-        return defer.succeed(self._by_mac.get(mac))
-
-    def member_by_address(self, address):
-        return defer.succeed(self._by_address.get(address))
-
-    def members(self):
-        return defer.succeed(list(self._members.values()))
-
-    def pair_key(self, id_1, id_2):
-        return defer.succeed(self._pair_keys.get(pair_of(id_1, id_2)))
-
-    def pairs_of(self, member_id):
-        return defer.succeed([self._pair_keys[pair] for pair in self._pairs_of.get(member_id, ())])
-
-    def group_key(self):
-        return defer.succeed(self._group_key)
-
-    def counts(self):
-        return defer.succeed({"members": len(self._members), "pair_keys": len(self._pair_keys)})
