@@ -23,6 +23,16 @@ MARKER = b"SECURELAN-PLAINTEXT-MARKER"
 HYPOTHESIS = settings(deadline=None, derandomize=True, max_examples=200)
 
 
+def settle(subnet, lan):
+    """
+    Let every push, datagram and reply happen.
+    """
+    for _ in range(10):
+        subnet.flush()
+        if not lan.flush():
+            break
+
+
 class Net:
     """
     alice, bob and carol on one LAN, with one key server.
@@ -41,13 +51,7 @@ class Net:
         return self.members[name]
 
     def settle(self):
-        """
-        Let every push, datagram and reply happen.
-        """
-        for _ in range(10):
-            self.subnet.flush()
-            if not self.lan.flush():
-                break
+        settle(self.subnet, self.lan)
 
 
 class UnicastTests(SynchronousTestCase):
@@ -794,14 +798,7 @@ class CountRekeyTests(SynchronousTestCase):
         lan = MemoryLAN()
         alice = MemoryMember(subnet, lan, "alice", MAC_1, "10.0.0.1")
         bob = MemoryMember(subnet, lan, "bob", MAC_2, "10.0.0.2")
-
-        def settle():
-            for _ in range(10):
-                subnet.flush()
-                if not lan.flush():
-                    break
-
-        return subnet, alice, bob, settle
+        return subnet, alice, bob, lambda: settle(subnet, lan)
 
     def test_packet_limit(self):
         subnet, alice, bob, settle = self.net(pair_key_max_packets=5)
@@ -837,17 +834,10 @@ class KeepaliveTests(SynchronousTestCase):
         lan = MemoryLAN()
         alice = MemoryMember(subnet, lan, "alice", MAC_1, "10.0.0.1", keepalive=25.0)
         bob = MemoryMember(subnet, lan, "bob", MAC_2, "10.0.0.2")
-
-        def settle():
-            for _ in range(10):
-                subnet.flush()
-                if not lan.flush():
-                    break
-
         alice.send(MAC_2, b"hello")
-        settle()
+        settle(subnet, lan)
         bob.send(MAC_1, b"hello back")
-        settle()
+        settle(subnet, lan)
         written = len(bob.device.written)
         lan.wire.clear()
         subnet.clock.advance(24)
@@ -859,7 +849,7 @@ class KeepaliveTests(SynchronousTestCase):
         # The NAT gave alice a new outside port: deliver it from there.
         _, destination, datagram = lan.queue.pop()
         lan.inject(datagram, ("198.51.100.1", 40000), destination)
-        settle()
+        settle(subnet, lan)
         self.assertEqual(len(bob.device.written), written)
         self.assertEqual(bob.dataplane.peers[MAC_1].endpoint, ("198.51.100.1", 40000))
         self.assertEqual(alice.dataplane.keepalives_sent, 1)
