@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from zope.interface import implementer
 
 from . import pki
+from .agent.roles import _read_forwarding
 from .config import ConfigError, load_agent_config, load_keyserver_config
 from .tls import EXPECTED_GROUP, Credentials, TLSConfigError, describe_tls_failure, negotiated_group
 
@@ -138,6 +139,11 @@ def check_agent(reactor, path):
         checks.append(Check("member identity", False, str(e)))
     problem = _can_create_tap()
     checks.append(Check("TAP device", problem is None, problem or "this process may create TAP devices"))
+    if config.role == "border":
+        forwarding = _read_forwarding()
+        checks.append(Check("IP forwarding", forwarding == "1",
+                            "on" if forwarding == "1" else
+                            "off: the border cannot route (sysctl -w net.ipv4.ip_forward=1)"))
     if not any(c.name in ("certificates", "private key") and not c.ok for c in checks):
         credentials = Credentials.load(config.ca, config.certificate, config.private_key)
         for address in config.key_servers:
@@ -160,6 +166,22 @@ def check_keyserver(path):
         folder = os.path.dirname(config.store.removeprefix("sqlite:").removeprefix("//")) or "."
         checks.append(Check("state folder", os.access(folder, os.W_OK), f"{folder} is "
                             + ("writable" if os.access(folder, os.W_OK) else "not writable")))
+    if config.netkey.peers:
+        from .keyserver.peering import load_peer_ca
+
+        names = pki.keyserver_names(pki.load_certificate(config.certificate)) \
+            if not any(c.name == "certificates" for c in checks) else []
+        for peer in config.netkey.peers:
+            try:
+                load_peer_ca(peer)
+                checks.append(Check(f"peer subnet {peer.subnet}", True,
+                                    f"CA {peer.ca}; its key server must be {peer.name}; "
+                                    + ("this one connects to it" if peer.subnet < config.subnet
+                                       else "it connects to this one")))
+            except TLSConfigError as e:
+                checks.append(Check(f"peer subnet {peer.subnet}", False, str(e)))
+        checks.append(Check("key server name", bool(names),
+                            f"peers check this key server by its name: {', '.join(names) or 'none in the certificate'}"))
     master = config.master_key
     if os.path.exists(master):
         mode = os.stat(master).st_mode & 0o777

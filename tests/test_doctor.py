@@ -44,6 +44,39 @@ admin_socket = ""
         self.assertIn("certificate chain: ", self.out.getvalue())
         self.assertIn("valid until", self.out.getvalue())
 
+    def test_netkey_peers(self):
+        """
+        Each peer subnet's CA is checked, and what it means is said (who
+        connects to whom); an unreadable peer CA fails.
+        """
+        path = self.keyserver_config()
+        with open(path, "a") as f:
+            f.write(f"""
+[netkey]
+listen = "tcp:7444"
+prefixes = ["10.1.0.0/24"]
+border = "edge"
+border_endpoint = "192.0.2.1:4800"
+
+[[netkey.peer]]
+subnet = "west"
+name = "keyserver.west"
+ca = "{self.pki.ca_cert}"
+
+[[netkey.peer]]
+subnet = "zone"
+name = "keyserver.zone"
+ca = "{os.path.join(self.folder, 'missing.pem')}"
+""")
+        code = cli.main(["doctor", "--keyserver", path])
+        out = self.out.getvalue()
+        self.assertEqual(code, 1, out)
+        self.assertIn("[  ok] peer subnet west: CA", out)
+        self.assertIn("it connects to this one", out)
+        self.assertIn("[FAIL] peer subnet zone", out)
+        self.assertIn("missing.pem", out)
+        self.assertIn("key server name: peers check this key server by its name: keyserver.test", out)
+
     def test_wrong_ca(self):
         """
         A certificate another CA signed fails the chain check.
