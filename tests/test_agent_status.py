@@ -81,6 +81,15 @@ class StatusFormatTests(SynchronousTestCase):
         self.assertNotIn(key.material.hex(), text + json.dumps(status))
 
 
+    def test_format_layer3(self):
+        status = sample_status()
+        status["role"]["layer3"] = {"layer": 3, "addresses_known": 2, "asking": 0, "queued": 1,
+                                    "drops": {"spoofed_src_ip": 3}, "queue_drops": {}}
+        text = format_status(status)
+        self.assertIn("layer 3: 2 peer addresses known, 0 being asked for, 1 packets waiting  "
+                      "drops: spoofed_src_ip 3", text)
+
+
 class StatusSocketTests(TestCase):
     def test_socket_is_private_and_answers(self):
         """

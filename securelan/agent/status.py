@@ -45,6 +45,10 @@ def format_status(status: dict) -> str:
                f"reassembly drops: {role.get('reassembly_drops', 0)}  "
                f"carrier errors: {status.get('carrier_errors', 0)}  "
                f"device write errors: {role.get('device_write_errors', 0)}")
+    layer3 = role.get("layer3")
+    if layer3 is not None:
+        out.append(f"layer 3: {layer3['addresses_known']} peer addresses known, {layer3['asking']} being asked "
+                   f"for, {layer3['queued']} packets waiting  drops: {_drops(layer3['drops'])}")
     for peer in role.get("peers", []):
         out.append("")
         out.append(f"peer: {peer['member_id']}")
