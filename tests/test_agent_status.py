@@ -16,8 +16,8 @@ from securelan.testing import MemoryLAN, MemoryMember, MemorySubnet
 from securelan.addresses import parse_mac
 
 
-def sample_status():
-    net = MemorySubnet(os.path.abspath("status-net"))
+def sample_status(directory):
+    net = MemorySubnet(os.path.abspath(directory))
     lan = MemoryLAN()
     alice = MemoryMember(net, lan, "alice", parse_mac("02:00:00:00:00:01"), "10.0.0.1")
     bob = MemoryMember(net, lan, "bob", parse_mac("02:00:00:00:00:02"), "10.0.0.2")
@@ -40,7 +40,7 @@ class StatusFormatTests(SynchronousTestCase):
         The human form names the peer, its MAC, endpoint, epoch and traffic,
         and shows no key material.
         """
-        status = sample_status()
+        status = sample_status(self.mktemp())
         text = format_status(status)
         self.assertIn("peer: bob", text)
         self.assertIn("mac: 02:00:00:00:00:02", text)
@@ -82,7 +82,7 @@ class StatusFormatTests(SynchronousTestCase):
 
 
     def test_format_layer3(self):
-        status = sample_status()
+        status = sample_status(self.mktemp())
         status["role"]["layer3"] = {"layer": 3, "addresses_known": 2, "asking": 0, "queued": 1,
                                     "drops": {"spoofed_src_ip": 3}, "queue_drops": {}}
         text = format_status(status)
