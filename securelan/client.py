@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from .logs import logger
-from twisted.protocols import amp
 from zope.interface import implementer
 
 from . import PROTOCOL_VERSION
@@ -38,6 +37,7 @@ from .protocol import (
     NetLink,
     Purge,
     PushNetLinks,
+    QuietAMP,
     Register,
     RequestNetLinks,
     RequestPairKeyByAddress,
@@ -94,7 +94,7 @@ def close_unprepared(protocol):
     protocol.transport.loseConnection()
 
 
-class AgentProtocol(amp.AMP):
+class AgentProtocol(QuietAMP):
     """
     The member end of a control connection: answers the key server's pushes.
     """

@@ -31,6 +31,25 @@ ERRORS = {
 }
 
 
+class QuietAMP(amp.AMP):
+    """
+    AMP without its own info line for every connection made and for every
+    one lost: a key server that 10,000 agents reconnect to would write
+    20,000 of them.  securelan logs the connections that matter itself
+    (refusals, registrations, closes).
+    """
+
+    def makeConnection(self, transport):
+        # What AMP.makeConnection keeps, without its log line.
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 class SecretKeyArgument(amp.Argument):
     """
     A 32-byte key, decoded into a L{SecretKey}.

@@ -57,3 +57,25 @@ class LevelTests(SynchronousTestCase):
             log.debug("loud {n}", n=3)
         formats = [e.get("log_format") for e in logs.events if e.get("log_namespace") == "securelan.test"]
         self.assertEqual(formats, ["heard {n}", "loud {n}"])
+
+
+class QuietAMPTests(SynchronousTestCase):
+    def test_no_line_per_connection(self):
+        """
+        A key server's session logs no line of its own (AMP's "connection
+        established" and "connection lost") for a connection that comes and
+        goes; AMP's bookkeeping still works.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.python.failure import Failure
+        from twisted.internet.error import ConnectionDone
+
+        from securelan.protocol import QuietAMP
+        from securelan.testing import LogCapture
+
+        protocol = QuietAMP()
+        with LogCapture() as logs:
+            protocol.makeConnection(StringTransport())
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([e for e in logs.events if "connection" in e.get("log_format", "")], [])
+        self.assertIsNone(protocol.transport)

@@ -40,7 +40,6 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet._sslverify import TLSVersion
 from ..logs import logger
-from twisted.protocols import amp
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -51,7 +50,7 @@ from ..addresses import AddressError, check_member_id, parse_host_port
 from ..config import NetKeyConfig, NetKeyPeer
 from ..errors import BadRequest, NotPermitted, VersionMismatch
 from ..keys import SecretKey
-from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide, Ping
+from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide, Ping, QuietAMP
 from .server import ConnectionLimit
 from ..tls import EXPECTED_GROUP, TLSConfigError, describe_tls_failure, negotiated_group, peer_certificate
 
@@ -343,7 +342,7 @@ PING_TIMEOUT = 10.0
 
 
 @implementer(IHandshakeListener)
-class PeerProtocol(TimeoutMixin, amp.AMP):
+class PeerProtocol(TimeoutMixin, QuietAMP):
     """
     One connection between two key servers, either end.  On the leader's
     end nothing is answered before the TLS handshake identified a

@@ -24,7 +24,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from ..logs import logger
-from twisted.protocols import amp
 from twisted.protocols.policies import TimeoutMixin, WrappingFactory
 from zope.interface import implementer
 
@@ -60,6 +59,7 @@ from ..protocol import (
     PushPairKey,
     Purge,
     PushNetLinks,
+    QuietAMP,
     Register,
     RequestGroupKey,
     RequestNetLinks,
@@ -663,7 +663,7 @@ class KeyServer:
 
 
 @implementer(IHandshakeListener, IMemberConnection)
-class MemberSession(TimeoutMixin, amp.AMP):
+class MemberSession(TimeoutMixin, QuietAMP):
     """
     One member's control connection.  Nothing member-specific exists until
     the TLS handshake has authenticated a member certificate.  A connection
