@@ -201,6 +201,12 @@ class IKeyListener(Interface):
         new list of L{securelan.protocol.NetLink} (borders only).
         """
 
+    def routes_pushed(routes):
+        """
+        The routes to other subnets changed: C{routes} is the whole new
+        list, each ``"prefix via address"``.
+        """
+
 
 class IDevice(Interface):
     """

@@ -18,9 +18,9 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from .logs import logger
 from zope.interface import implementer
 
+from .logs import logger
 from . import PROTOCOL_VERSION
 from ._interfaces import IKeyListener
 from .addresses import KeyServerAddress
@@ -37,6 +37,7 @@ from .protocol import (
     NetLink,
     Purge,
     PushNetLinks,
+    PushRoutes,
     QuietAMP,
     Register,
     RequestNetLinks,
@@ -133,6 +134,12 @@ class AgentProtocol(QuietAMP):
     def net_links_pushed(self, links):
         if self.listener is not None:
             self.listener.net_links_pushed([NetLink(**link) for link in links])
+        return {}
+
+    @PushRoutes.responder
+    def routes_pushed(self, routes):
+        if self.listener is not None:
+            self.listener.routes_pushed(list(routes))
         return {}
 
 

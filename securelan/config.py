@@ -241,6 +241,10 @@ class NetKeyConfig:
     #: fetch NETKEYs), and its WAN endpoint ``host:port``.
     border: str = ""
     border_endpoint: str = ""
+    #: The border's address on the subnet's overlay (its TAP device): when
+    #: set, members are told to route the peer subnets' prefixes through
+    #: it ("" to leave routes to the operator).
+    border_address: str = ""
     #: Seconds a NETKEY lives before the leader replaces it (0: forever).
     lifetime: int = NETKEY_LIFETIME
     peers: tuple = ()
@@ -362,6 +366,7 @@ def _netkey(t: _Table, subnet: str) -> NetKeyConfig:
         prefixes=_prefixes(t, "prefixes"),
         border=t.string("border", "") if "border" in t.data else "",
         border_endpoint=t.string("border_endpoint", "") if "border_endpoint" in t.data else "",
+        border_address=t.string("border_address", "") if "border_address" in t.data else "",
         lifetime=t.integer("lifetime", NETKEY_LIFETIME, minimum=0),
         peers=tuple(peers),
     )
@@ -377,6 +382,11 @@ def _netkey(t: _Table, subnet: str) -> NetKeyConfig:
             parse_host_port(config.border_endpoint)
         except AddressError:
             raise t.error("border_endpoint", "must be address:port (the border's WAN endpoint)") from None
+        if config.border_address:
+            try:
+                ipaddress.ip_address(config.border_address)
+            except ValueError:
+                raise t.error("border_address", "must be the border's overlay IP address") from None
         if any(p.subnet > subnet for p in peers) and not config.listen:
             raise t.error("listen", "is required: key servers of subnets that sort after this one "
                                     "connect to it")

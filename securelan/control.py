@@ -15,9 +15,9 @@ import os
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from .logs import logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from .logs import logger
 from .errors import SecurelanError
 
 log = logger("securelan.control")

@@ -180,6 +180,18 @@ addresses = [{self.device_addresses()}]
             time.sleep(0.1)
         raise RuntimeError(f"agent {self.name} did not register: {self.log_text()[-3000:]}")
 
+    def wait_route(self, prefix, timeout=20.0):
+        """
+        Wait until this host routes C{prefix} (the key server told the
+        agent to).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if prefix in self.host.run(["ip", "route", "show", prefix], check=False).stdout:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} does not route {prefix}: {self.log_text()[-3000:]}")
+
     def log_text(self):
         try:
             with open(self.log, errors="replace") as f:
@@ -600,6 +612,9 @@ class BorderedSubnets(_Scene):
         lines += [f'prefixes = ["{lan.overlay}.0/24"]',
                   f'border = "{border.name if border else "edge-" + lan.subnet[0]}"',
                   f'border_endpoint = "{border.wan_address if border else lan.mgmt_address}:{BORDER_PORT}"']
+        if border is not None:
+            # Members are told to route the other subnets through it.
+            lines.append(f'border_address = "{border.overlay}"')
         for peer in peers:
             lines += ["", "[[netkey.peer]]", f'subnet = "{peer.subnet}"', f'name = "keyserver.{peer.subnet}"',
                       f'ca = "{peer.ca}"']
@@ -609,21 +624,24 @@ class BorderedSubnets(_Scene):
 
     def start(self):
         """
-        Start both subnets; route each member to the other subnet through
-        its border; return once both borders can send to each other.
+        Start both subnets; return once both borders can send to each
+        other and every member routes the other subnet through its border
+        (as its key server told it).
         """
         for lan in (self.east, self.west):
             lan.start_keyserver()
         for lan in (self.east, self.west):
             for member in lan.members.values():
                 member.start()
-        for lan, other in ((self.east, self.west), (self.west, self.east)):
+        for lan in (self.east, self.west):
             for member in lan.members.values():
                 member.wait_registered()
-                if member is not lan.border:
-                    member.host.add_route(f"{other.overlay}.0/24", via=lan.border.overlay, dev="slan0")
         self.east.border.wait_linked("west")
         self.west.border.wait_linked("east")
+        for lan, other in ((self.east, self.west), (self.west, self.east)):
+            for member in lan.members.values():
+                if member is not lan.border:
+                    member.wait_route(f"{other.overlay}.0/24")
 
     def member(self, name):
         for lan in self.subnets:

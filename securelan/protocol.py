@@ -90,6 +90,7 @@ class Register(amp.Command):
         (b"pair_key_lifetime", amp.Integer()),
         (b"rekey_after_packets", amp.Integer(optional=True)),
         (b"rekey_after_bytes", amp.Integer(optional=True)),
+        (b"routes", amp.ListOf(amp.Unicode(), optional=True)),
     ]
     errors = ERRORS
 
@@ -223,6 +224,17 @@ class PushNetLinks(amp.Command):
     response = []
 
 
+class PushRoutes(amp.Command):
+    """
+    Key server to member: the routes to other subnets changed; here is the
+    whole list again, each ``"prefix via address"`` (a peer subnet's
+    prefix through this subnet's border).
+    """
+
+    arguments = [(b"routes", amp.ListOf(amp.Unicode()))]
+    response = []
+
+
 # Between the key servers of two subnets (see securelan.keyserver.peering).
 
 _SIDE_FIELDS = [
@@ -326,6 +338,8 @@ class Admission:
     #: many datagrams, or this many bytes, under one epoch (0: no limit).
     rekey_after_packets: int = 0
     rekey_after_bytes: int = 0
+    #: Routes to other subnets, ``"prefix via address"`` (see L{PushRoutes}).
+    routes: tuple = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen

@@ -161,6 +161,9 @@ class RecordingListener:
     def net_links_pushed(self, links):
         self.events.append(("net_links", links))
 
+    def routes_pushed(self, routes):
+        self.events.append(("routes", routes))
+
 
 class MemorySubnet:
     """
@@ -587,6 +590,9 @@ class MemoryMember:
             self.dataplane.purge(peer_id)
 
     def net_links_pushed(self, links):
+        pass
+
+    def routes_pushed(self, routes):
         pass
 
     def reconnect(self):

@@ -859,6 +859,31 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(bob.dataplane.keepalives_sent, 0)
 
 
+class RoutesTests(SynchronousTestCase):
+    def test_routes_kept_as_told(self):
+        """
+        Routes are added as the key server lists them and taken away when
+        it no longer does; malformed ones are left out.
+        """
+        from securelan.agent.roles import Routes, parse_routes
+
+        calls = []
+
+        class System:
+            def ip(self, args):
+                calls.append(" ".join(args))
+
+        routes = Routes(System(), "slan0")
+        routes.set(parse_routes(["10.2.0.0/24 via 10.1.0.254", "10.3.0.0/16 via 10.1.0.254", "bogus",
+                                 "10.4.0.0/33 via 10.1.0.254"]))
+        self.assertEqual(calls, ["route replace 10.2.0.0/24 via 10.1.0.254 dev slan0",
+                                 "route replace 10.3.0.0/16 via 10.1.0.254 dev slan0"])
+        calls.clear()
+        routes.set(parse_routes(["10.2.0.0/24 via 10.1.0.254"]))
+        self.assertEqual(calls, ["route replace 10.2.0.0/24 via 10.1.0.254 dev slan0",
+                                 "route del 10.3.0.0/16 via 10.1.0.254 dev slan0"])
+
+
 class OverdueKeyTests(SynchronousTestCase):
     def test_overdue_key_warned_once(self):
         """

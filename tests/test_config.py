@@ -118,6 +118,8 @@ class KeyServerConfigTests(SynchronousTestCase):
         self.assertConfigError(good.replace('"192.0.2.1:4800"', '"nowhere"'), "netkey.border_endpoint",
                                "address:port")
         self.assertConfigError(good.replace('listen = "tcp:7444"\n', ""), "netkey.listen", "required")
+        self.assertConfigError(good.replace('border = "edge"', 'border = "edge"\nborder_address = "edge"'),
+                               "netkey.border_address", "overlay IP")
         self.assertConfigError(good.replace('subnet = "west"', 'subnet = "lab"'), "netkey.peer[1].subnet",
                                "own subnet")
         self.assertConfigError(good.replace('subnet = "west"', 'subnet = "branch"'), "netkey.peer[1].subnet",

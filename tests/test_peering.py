@@ -472,6 +472,30 @@ class BorderAccessTests(SynchronousTestCase):
         _, outcome = self._links("edge2", b"\x02\0\0\0\0\x0a", "border")
         outcome.trap(NotPermitted)
 
+    def test_routes_for_members(self):
+        """
+        With the border's overlay address configured, members are told to
+        route the peer subnets' prefixes through it: at registration and
+        again when the links change; the border itself is not.
+        """
+        from securelan.testing import RecordingListener
+
+        self.pair.alpha.config = attrs.evolve(self.pair.alpha.config, border_address="10.1.0.254")
+        self.pair.hello()
+        self.pair.alpha.on_change = self.net.server.links_changed
+        _, admission = self.net.join("alice", b"\x02\0\0\0\0\x01")
+        self.assertEqual(admission.routes, ("10.2.0.0/24 via 10.1.0.254",))
+        _, border_admission = self.net.join("edge", b"\x02\0\0\0\0\x09", role="border")
+        self.assertEqual(border_admission.routes, ())
+        listener = RecordingListener()
+        conn = self.net.connect("bob", listener=listener)
+        conn.run(register(conn.client, b"\x02\0\0\0\0\x02", "client", ":4789"))
+        self.pair.beta.config = attrs.evolve(self.pair.beta.config, prefixes=("10.2.0.0/24", "10.3.0.0/16"))
+        self.pair.alpha.side_received(self.pair.alpha.links["beta"], self.pair.beta.own_side())
+        self.net.flush()
+        routes = [e[1] for e in listener.events if e[0] == "routes"]
+        self.assertEqual(routes, [["10.2.0.0/24 via 10.1.0.254", "10.3.0.0/16 via 10.1.0.254"]])
+
     def test_push_on_change(self):
         """
         A rekey reaches the connected border as a push.

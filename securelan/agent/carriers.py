@@ -20,9 +20,9 @@ import socket
 import struct
 
 from twisted.internet import abstract
-from ..logs import logger
 from zope.interface import implementer
 
+from ..logs import logger
 from .._interfaces import ICarrier
 from ..addresses import AddressError, parse_host_port
 from ..wire import max_datagram

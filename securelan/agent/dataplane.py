@@ -37,9 +37,9 @@ peer or an attacker sends can raise out of here.
 
 from collections import OrderedDict
 
-from ..logs import logger
 from twisted.python.failure import Failure
 
+from ..logs import logger
 from ..addresses import format_mac, is_group_mac
 from ..errors import UnknownPeer
 from ..ratelimit import TokenBucket

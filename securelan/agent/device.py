@@ -25,9 +25,9 @@ import struct
 import subprocess
 
 from twisted.internet import abstract
-from ..logs import logger
 from zope.interface import implementer
 
+from ..logs import logger
 from .._interfaces import IDevice
 from ..addresses import format_mac
 

@@ -21,9 +21,9 @@ MAC, and so the address checked, is the sender's word.
 
 import ipaddress
 
-from ..logs import logger
 from zope.interface import implementer
 
+from ..logs import logger
 from .._interfaces import IDevice
 from ..addresses import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ip_packet_addresses
 from ..errors import SecurelanError

@@ -27,8 +27,8 @@ its mapping.
 
 import ipaddress
 
-from ..logs import logger
 
+from ..logs import logger
 from ..addresses import ETHERTYPE_IPV4, ETHERTYPE_IPV6, format_host_port, ip_packet_addresses
 from ..ratelimit import TokenBucket
 from ..wire import (

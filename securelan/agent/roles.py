@@ -5,10 +5,12 @@ an L{IRole}; L{ROLES} maps role names to them, so a new role (gateway,
 border) is a new entry here and touches no other role.
 """
 
+import ipaddress
+
 from twisted.internet.task import LoopingCall
-from ..logs import logger
 from zope.interface import implementer
 
+from ..logs import logger
 from .._interfaces import IKeyListener, IRole
 from ..wire import frame_mtu
 from .carriers import UDPCarrier
@@ -21,6 +23,56 @@ log = logger("securelan.agent")
 
 #: How often the member list (for broadcast fan-out) is refreshed.
 MEMBER_REFRESH_SECONDS = 30.0
+
+
+class Routes:
+    """
+    The routes this agent put in the kernel's table through C{device}
+    (``(prefix, via)`` pairs, C{via} None for a route straight into the
+    device), kept as the key server tells them: new ones are added, gone
+    ones taken away, nobody else's touched.
+    """
+
+    def __init__(self, system, device: str):
+        self.system = system
+        self.device = device
+        self.installed: set = set()
+
+    def _ip(self, verb, prefix, via):
+        self.system.ip(["route", verb, prefix, *(["via", via] if via else []), "dev", self.device])
+
+    def set(self, routes):
+        routes = set(routes)
+        for prefix, via in sorted(routes, key=str):
+            try:
+                self._ip("replace", prefix, via)
+            except DeviceError as e:
+                log.error("cannot route {prefix} to {device}: {error}", prefix=prefix, device=self.device,
+                          error=e)
+        for prefix, via in self.installed - routes:
+            try:
+                self._ip("del", prefix, via)
+            except DeviceError:
+                # Gone already (the device went down with it).
+                pass
+        self.installed = routes
+
+
+def parse_routes(texts):
+    """
+    The key server's ``"prefix via address"`` routes as C{(prefix, via)}
+    pairs; malformed ones are left out (and logged).
+    """
+    routes = []
+    for text in texts:
+        parts = text.split()
+        try:
+            if len(parts) != 3 or parts[1] != "via":
+                raise ValueError(text)
+            routes.append((str(ipaddress.ip_network(parts[0])), str(ipaddress.ip_address(parts[2]))))
+        except ValueError:
+            log.warn("ignored a route from the key server: {route!r}", route=text)
+    return routes
 
 
 @implementer(IRole, IKeyListener)
@@ -39,6 +91,7 @@ class ClientRole:
         self.device = None
         #: The L{Layer3Device} in layer-3 mode (``[device] type = "tun"``).
         self.layer3 = None
+        self._routes = None
         self.dataplane = None
         self._refresh = None
         self._tick = None
@@ -88,6 +141,7 @@ class ClientRole:
     # IKeyListener -------------------------------------------------------------
 
     def registered(self, admission):
+        self.routes_pushed(admission.routes)
         if self.dataplane is None:
             agent = self.agent
             q = agent.config.queue
@@ -133,6 +187,16 @@ class ClientRole:
         # Links to other subnets are a border's business.
         pass
 
+    def routes_pushed(self, routes):
+        """
+        Route the other subnets' prefixes through this subnet's border, as
+        the key server says (layer 2 only: a TUN device has no next hop).
+        """
+        if self.layer3 is not None or self.device is None or not hasattr(self.device, "system"):
+            return
+        if self._routes is None:
+            self._routes = Routes(self.device.system, self.device.name)
+        self._routes.set(parse_routes(routes))
     def status(self):
         base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready,
                 "device_write_errors": getattr(self.device, "write_errors", 0)}
@@ -164,6 +228,10 @@ class GatewayRole(ClientRole):
     def device_mtu(self, agent):
         return agent.config.device.mtu or max(frame_mtu(agent.carrier.max_datagram), self.PLAINTEXT_MTU)
 
+    def routes_pushed(self, routes):
+        # A bridge port: the gateway routes nothing.
+        pass
+
     def start(self, agent):
         bridge = agent.config.gateway.bridge
         super().start(agent)
@@ -194,7 +262,7 @@ class BorderRole(ClientRole):
         self.wan = wan
         self.tun = None
         self.netplane = None
-        self._routes = []
+        self._tun_routes = None
         self._net_tick = None
         self.wan_not_ready = 0
 
@@ -262,23 +330,19 @@ class BorderRole(ClientRole):
         if self.netplane is not None:
             self.netplane.install(links)
 
+    def routes_pushed(self, routes):
+        # The border is where those routes lead; its own go into its TUN
+        # device (_set_routes).
+        pass
+
     def _set_routes(self, prefixes):
         """
         Point the kernel's routes for the peer subnets' prefixes at the TUN
         device, and take away those no longer linked.
         """
-        system = self.tun.system
-        for prefix in prefixes:
-            try:
-                system.ip(["route", "replace", prefix, "dev", self.tun.name])
-            except DeviceError as e:
-                log.error("cannot route {prefix} to {tun}: {error}", prefix=prefix, tun=self.tun.name, error=e)
-        for prefix in set(self._routes) - set(prefixes):
-            try:
-                system.ip(["route", "del", prefix, "dev", self.tun.name])
-            except DeviceError:
-                pass
-        self._routes = list(prefixes)
+        if self._tun_routes is None:
+            self._tun_routes = Routes(self.tun.system, self.tun.name)
+        self._tun_routes.set((prefix, None) for prefix in prefixes)
 
     def status(self):
         base = super().status()

@@ -8,8 +8,8 @@ import hashlib
 import ipaddress
 
 from twisted.application import service
-from ..logs import logger
 
+from ..logs import logger
 from ..client import KeyServerClient
 from .carriers import make_carrier
 from .._startup import fail_startup

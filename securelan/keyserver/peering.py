@@ -39,11 +39,11 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet._sslverify import TLSVersion
-from ..logs import logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from ..logs import logger
 from .. import PROTOCOL_VERSION
 from ..client import close_unprepared
 from ..addresses import AddressError, check_member_id, parse_host_port

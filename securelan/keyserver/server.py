@@ -23,10 +23,10 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
-from ..logs import logger
 from twisted.protocols.policies import TimeoutMixin, WrappingFactory
 from zope.interface import implementer
 
+from ..logs import logger
 from .. import PROTOCOL_VERSION
 from .._interfaces import IMemberConnection, IStore
 from .._validators import provides
@@ -59,6 +59,7 @@ from ..protocol import (
     PushPairKey,
     Purge,
     PushNetLinks,
+    PushRoutes,
     QuietAMP,
     Register,
     RequestGroupKey,
@@ -145,6 +146,8 @@ class KeyServer:
     _group_key: GroupKey | None = None
     #: (id_a, id_b) -> when a count-based rekey of the pair was last done.
     _count_rekeys: dict = attrs.Factory(dict)
+    #: The routes members were last told.
+    _routes_told: list = attrs.Factory(list)
     #: The L{securelan.keyserver.peering.NetKeyBroker} when this subnet has
     #: links to other subnets (through its border), else None.
     broker: object = None
@@ -473,6 +476,33 @@ class KeyServer:
             raise NotPermitted(f"{member.member_id} is not the border of subnet {self.subnet} "
                                f"(that is {broker.config.border})")
         return broker.net_links()
+
+    def member_routes(self) -> list:
+        """
+        What members route through the border: every peer subnet's prefix
+        via the border's overlay address, when the configuration names it.
+        """
+        broker = self.broker
+        if broker is None or not broker.config.border_address:
+            return []
+        via = broker.config.border_address
+        return sorted({f"{prefix} via {via}" for link in broker.net_links() for prefix in link.prefixes})
+
+    def links_changed(self):
+        """
+        The broker's links changed: the border gets them, members their
+        routes (when those changed).
+        """
+        self.push_net_links()
+        routes = self.member_routes()
+        if routes != self._routes_told:
+            self._routes_told = routes
+            for member_id, sessions in list(self.sessions.items()):
+                for session in list(sessions):
+                    if session.member is not None and session.member.role == "client":
+                        session.push_routes(routes).addErrback(
+                            lambda f, s=session: log.info("pushing routes to {session} failed: {reason}",
+                                                          session=s, reason=f.getErrorMessage()))
 
     def push_net_links(self):
         """
@@ -906,6 +936,7 @@ class MemberSession(TimeoutMixin, QuietAMP):
                 "pair_key_lifetime": self.server.pair_key_lifetime,
                 "rekey_after_packets": self.server.pair_key_max_packets,
                 "rekey_after_bytes": self.server.pair_key_max_bytes,
+                "routes": self.server.member_routes() if member.role == "client" else [],
             }
 
         return d.addCallback(registered)
@@ -975,6 +1006,9 @@ class MemberSession(TimeoutMixin, QuietAMP):
 
     def push_net_links(self, links):
         return self.callRemote(PushNetLinks, links=[attrs.asdict(link, recurse=False) for link in links])
+
+    def push_routes(self, routes):
+        return self.callRemote(PushRoutes, routes=list(routes))
 
 
 class KeyServerFactory(Factory):

@@ -14,10 +14,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
-from ..logs import logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from ..logs import logger
 from .._startup import DaemonOptions, fail_startup
 from ..config import ConfigError, load_keyserver_config
 from ..keys import MasterKeyError
@@ -60,7 +60,7 @@ class KeyServerService(service.Service):
         self.peering = None
         if config.netkey.peers:
             self.server.broker = NetKeyBroker(config.subnet, config.netkey, credentials, reactor,
-                                              on_change=self.server.push_net_links)
+                                              on_change=self.server.links_changed)
             self.peering = PeeringService(self.server.broker, reactor)
         tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
         limits = config.limits

@@ -55,7 +55,6 @@ from importlib import resources
 
 from attrs import define, evolve, field
 from twisted.internet import defer, threads
-from ..logs import logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -66,6 +65,7 @@ except ImportError:  # pragma: no cover - reported when a store is made
     psycopg = None
     pg_errors = None
 
+from ..logs import logger
 from .._interfaces import IStore
 from ..addresses import check_mac, format_mac, pair_of, parse_mac
 from ..errors import AddressInUse, BadRequest, MacInUse, NotPermitted, StoreUnavailable, TableFull

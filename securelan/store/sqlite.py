@@ -29,10 +29,10 @@ from importlib import resources
 
 from attrs import define, evolve, field
 from twisted.internet import defer, threads
-from ..logs import logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ..logs import logger
 from .._interfaces import IStore
 from ..addresses import check_mac, format_mac, pair_of, parse_mac
 from ..errors import AddressInUse, BadRequest, MacInUse, StoreUnavailable, TableFull
