@@ -884,6 +884,29 @@ class RoutesTests(SynchronousTestCase):
                                  "route del 10.3.0.0/16 via 10.1.0.254 dev slan0"])
 
 
+class NATHelloTests(SynchronousTestCase):
+    def test_hello_on_new_key(self):
+        """
+        A member behind a NAT (keepalive set) that is handed a new key
+        (pushed: a peer is about to send to it) says hello to that peer at
+        once, so the NAT lets the peer's frames in and the peer learns the
+        NAT's address for it.
+        """
+        subnet = MemorySubnet(self.mktemp())
+        lan = MemoryLAN()
+        alice = MemoryMember(subnet, lan, "alice", MAC_1, "10.0.0.1", keepalive=25.0)
+        bob = MemoryMember(subnet, lan, "bob", MAC_2, "10.0.0.2")
+        bob.send(MAC_1, b"hello alice")
+        subnet.flush()
+        hellos = [(s, d) for s, d, _ in lan.queue if s == ("10.0.0.1", 4789)]
+        self.assertEqual(hellos, [(("10.0.0.1", 4789), ("10.0.0.2", 4789))])
+        self.assertEqual(alice.dataplane.keepalives_sent, 1)
+        settle(subnet, lan)
+        self.assertEqual([f[14:] for f in alice.device.written if f[12:14] == b"\x08\x00"], [b"hello alice"])
+        # Without keepalive, no hello: bob sent none when alice's key came.
+        self.assertEqual(bob.dataplane.keepalives_sent, 0)
+
+
 class OverdueKeyTests(SynchronousTestCase):
     def test_overdue_key_warned_once(self):
         """

@@ -241,8 +241,7 @@ class DataPlane:
             if last_rx is None or peer.endpoint is None:
                 continue
             if now - (last_tx if last_tx is not None else 0.0) >= self.keepalive:
-                self.keepalives_sent += 1
-                self._send_pair(peer, peer.mac + self.my_mac + _ANNOUNCE_PAYLOAD)
+                self._say_hello(peer)
 
     def _drop(self, reason: str, peer=None, n: int = 1):
         self.stats.drop(reason, n)
@@ -448,10 +447,20 @@ class DataPlane:
                 displaced.macs.discard(mac)
             self.peers[mac] = peer
         self.members[peer.mac] = peer.endpoint
+        sent_before = peer.stats.tx_frames
         for frame, offload in self.pending.take(grant.peer_mac):
             self._send_pair(peer, frame, offload)
         self._release_held(grant.peer_mac, True)
+        if self.keepalive and old is None and peer.stats.tx_frames == sent_before:
+            # Behind a NAT: a new key means the peer is about to send to
+            # us; say hello first, so that the NAT lets it in and the peer
+            # learns where we really are.
+            self._say_hello(peer)
         return peer
+
+    def _say_hello(self, peer):
+        self.keepalives_sent += 1
+        self._send_pair(peer, peer.mac + self.my_mac + _ANNOUNCE_PAYLOAD)
 
     def _unindex(self, peer):
         for mac in peer.macs:
