@@ -338,8 +338,10 @@ class Admission:
     #: many datagrams, or this many bytes, under one epoch (0: no limit).
     rekey_after_packets: int = 0
     rekey_after_bytes: int = 0
-    #: Routes to other subnets, ``"prefix via address"`` (see L{PushRoutes}).
-    routes: tuple = attrs.field(default=(), converter=tuple)
+    #: Routes to other subnets, ``"prefix via address"`` (see
+    #: L{PushRoutes}); None when this key server does not say (it does not
+    #: peer with other subnets).
+    routes: tuple | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
 
 
 @attrs.frozen

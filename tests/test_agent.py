@@ -880,8 +880,63 @@ class RoutesTests(SynchronousTestCase):
                                  "route replace 10.3.0.0/16 via 10.1.0.254 dev slan0"])
         calls.clear()
         routes.set(parse_routes(["10.2.0.0/24 via 10.1.0.254"]))
-        self.assertEqual(calls, ["route replace 10.2.0.0/24 via 10.1.0.254 dev slan0",
-                                 "route del 10.3.0.0/16 via 10.1.0.254 dev slan0"])
+        self.assertEqual(calls, ["route del 10.3.0.0/16 via 10.1.0.254 dev slan0"])
+        calls.clear()
+        routes.set(parse_routes(["10.2.0.0/24 via 10.1.0.254"]))
+        self.assertEqual(calls, [])
+        routes.add(parse_routes(["10.5.0.0/24 via 10.1.0.254"]))
+        self.assertEqual(calls, ["route replace 10.5.0.0/24 via 10.1.0.254 dev slan0"])
+        self.assertEqual(len(routes.installed), 2)
+
+    def test_member_refuses_routes_over_itself(self):
+        """
+        A member's agent refuses a route that covers one of its key servers
+        or overlaps its own network (whatever the key server says); at
+        registration it only adds, a push replaces.
+        """
+        from types import SimpleNamespace
+
+        from securelan.addresses import KeyServerAddress
+        from securelan.agent.roles import ClientRole
+
+        calls = []
+
+        class System:
+            def ip(self, args):
+                calls.append(" ".join(args))
+
+        role = ClientRole()
+        role.device = SimpleNamespace(system=System(), name="slan0", addresses=("10.1.0.5/24",))
+        role.agent = SimpleNamespace(config=SimpleNamespace(
+            key_servers=(KeyServerAddress.parse("ks@192.0.2.10:7443"),)))
+        role.routes_pushed(["10.2.0.0/24 via 10.1.0.254", "192.0.2.0/24 via 10.1.0.254",
+                            "10.0.0.0/8 via 10.1.0.254"])
+        self.assertEqual(calls, ["route replace 10.2.0.0/24 via 10.1.0.254 dev slan0"])
+        calls.clear()
+        role.routes_pushed(["10.3.0.0/24 via 10.1.0.254"], replace=False)
+        self.assertEqual(calls, ["route replace 10.3.0.0/24 via 10.1.0.254 dev slan0"])
+        calls.clear()
+        role.routes_pushed(["10.3.0.0/24 via 10.1.0.254"])
+        self.assertEqual(calls, ["route del 10.2.0.0/24 via 10.1.0.254 dev slan0"])
+
+    def test_border_leaves_unreachable_routes(self):
+        """
+        On a border (it forwards), a prefix no longer linked becomes an
+        unreachable route rather than none: its traffic is never sent on
+        in clear by another route.
+        """
+        from securelan.agent.roles import Routes
+
+        calls = []
+
+        class System:
+            def ip(self, args):
+                calls.append(" ".join(args))
+
+        routes = Routes(System(), "slnet0", unreachable=True)
+        routes.set([("10.2.0.0/24", None)])
+        routes.set([])
+        self.assertEqual(calls, ["route replace 10.2.0.0/24 dev slnet0", "route replace unreachable 10.2.0.0/24"])
 
 
 class NATHelloTests(SynchronousTestCase):

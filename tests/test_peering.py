@@ -486,7 +486,7 @@ class BorderAccessTests(SynchronousTestCase):
         _, admission = self.net.join("alice", b"\x02\0\0\0\0\x01")
         self.assertEqual(admission.routes, ("10.2.0.0/24 via 10.1.0.254",))
         _, border_admission = self.net.join("edge", b"\x02\0\0\0\0\x09", role="border")
-        self.assertEqual(border_admission.routes, ())
+        self.assertIsNone(border_admission.routes)
         listener = RecordingListener()
         conn = self.net.connect("bob", listener=listener)
         conn.run(register(conn.client, b"\x02\0\0\0\0\x02", "client", ":4789"))
@@ -495,6 +495,21 @@ class BorderAccessTests(SynchronousTestCase):
         self.net.flush()
         routes = [e[1] for e in listener.events if e[0] == "routes"]
         self.assertEqual(routes, [["10.2.0.0/24 via 10.1.0.254", "10.3.0.0/16 via 10.1.0.254"]])
+
+    def test_routes_never_cover_the_subnet(self):
+        """
+        A peer's default route, a prefix overlapping this subnet's own, or
+        one of the other family than the border's address is not passed on
+        to members; a key server that does not peer says nothing (None),
+        which members take as "keep what you have".
+        """
+        self.pair.alpha.config = attrs.evolve(self.pair.alpha.config, border_address="10.1.0.254")
+        self.pair.beta.config = attrs.evolve(self.pair.beta.config,
+                                             prefixes=("0.0.0.0/0", "10.0.0.0/8", "10.2.0.0/24", "fd00::/64"))
+        self.pair.hello()
+        self.assertEqual(self.net.server.member_routes(), ["10.2.0.0/24 via 10.1.0.254"])
+        self.net.server.broker = None
+        self.assertIsNone(self.net.server.member_routes())
 
     def test_push_on_change(self):
         """

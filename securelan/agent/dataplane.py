@@ -459,6 +459,8 @@ class DataPlane:
         return peer
 
     def _say_hello(self, peer):
+        if peer.endpoint is None:
+            return
         self.keepalives_sent += 1
         self._send_pair(peer, peer.mac + self.my_mac + _ANNOUNCE_PAYLOAD)
 

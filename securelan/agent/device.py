@@ -87,6 +87,8 @@ class RealSystem:
         except subprocess.CalledProcessError as e:
             message = e.stderr.decode(errors="replace").strip()
             raise DeviceError(f"ip {' '.join(args)}: {message}") from None
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"ip {' '.join(args)}: no answer in 10 s") from None
 
 
 class _Reader(abstract.FileDescriptor):

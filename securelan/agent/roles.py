@@ -30,12 +30,15 @@ class Routes:
     The routes this agent put in the kernel's table through C{device}
     (``(prefix, via)`` pairs, C{via} None for a route straight into the
     device), kept as the key server tells them: new ones are added, gone
-    ones taken away, nobody else's touched.
+    ones taken away (or, with C{unreachable}, replaced by an unreachable
+    route, so that the host never forwards that traffic elsewhere in
+    clear), nobody else's touched.
     """
 
-    def __init__(self, system, device: str):
+    def __init__(self, system, device: str, unreachable: bool = False):
         self.system = system
         self.device = device
+        self.unreachable = unreachable
         self.installed: set = set()
 
     def _ip(self, verb, prefix, via):
@@ -43,7 +46,9 @@ class Routes:
 
     def set(self, routes):
         routes = set(routes)
-        for prefix, via in sorted(routes, key=str):
+        if routes == self.installed:
+            return
+        for prefix, via in sorted(routes - self.installed, key=str):
             try:
                 self._ip("replace", prefix, via)
             except DeviceError as e:
@@ -51,11 +56,21 @@ class Routes:
                           error=e)
         for prefix, via in self.installed - routes:
             try:
-                self._ip("del", prefix, via)
+                if self.unreachable:
+                    self.system.ip(["route", "replace", "unreachable", prefix])
+                else:
+                    self._ip("del", prefix, via)
             except DeviceError:
                 # Gone already (the device went down with it).
                 pass
         self.installed = routes
+
+    def add(self, routes):
+        """
+        Take in C{routes} besides those installed (what a key server said at
+        registration: it may not know of every link yet).
+        """
+        self.set(self.installed | set(routes))
 
 
 def parse_routes(texts):
@@ -141,7 +156,10 @@ class ClientRole:
     # IKeyListener -------------------------------------------------------------
 
     def registered(self, admission):
-        self.routes_pushed(admission.routes)
+        if admission.routes is not None:
+            # Added to, never taken from: a key server that just started
+            # may not have linked with its peers yet.
+            self.routes_pushed(admission.routes, replace=False)
         if self.dataplane is None:
             agent = self.agent
             q = agent.config.queue
@@ -187,16 +205,41 @@ class ClientRole:
         # Links to other subnets are a border's business.
         pass
 
-    def routes_pushed(self, routes):
+    def routes_pushed(self, routes, replace=True):
         """
         Route the other subnets' prefixes through this subnet's border, as
         the key server says (layer 2 only: a TUN device has no next hop).
+        A route that would cover one of this member's key servers, or
+        overlap its own network, is refused: it would pull the member's own
+        traffic to the border.
         """
         if self.layer3 is not None or self.device is None or not hasattr(self.device, "system"):
             return
         if self._routes is None:
             self._routes = Routes(self.device.system, self.device.name)
-        self._routes.set(parse_routes(routes))
+        own = [ipaddress.ip_interface(a).network for a in self.device.addresses]
+        protected = []
+        for address in self.agent.config.key_servers:
+            try:
+                protected.append(ipaddress.ip_address(address.host))
+            except ValueError:
+                pass
+        kept = []
+        for prefix, via in parse_routes(routes):
+            network = ipaddress.ip_network(prefix)
+            if any(ip.version == network.version and ip in network for ip in protected) or any(
+                    o.version == network.version and o.overlaps(network) for o in own):
+                log.warn("refused the route {prefix} via {via}: it covers this member's own network or a "
+                         "key server", prefix=prefix, via=via)
+                continue
+            kept.append((prefix, via))
+        try:
+            if replace:
+                self._routes.set(kept)
+            else:
+                self._routes.add(kept)
+        except Exception:
+            log.failure("setting routes to other subnets")
     def status(self):
         base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready,
                 "device_write_errors": getattr(self.device, "write_errors", 0)}
@@ -228,7 +271,7 @@ class GatewayRole(ClientRole):
     def device_mtu(self, agent):
         return agent.config.device.mtu or max(frame_mtu(agent.carrier.max_datagram), self.PLAINTEXT_MTU)
 
-    def routes_pushed(self, routes):
+    def routes_pushed(self, routes, replace=True):
         # A bridge port: the gateway routes nothing.
         pass
 
@@ -330,7 +373,7 @@ class BorderRole(ClientRole):
         if self.netplane is not None:
             self.netplane.install(links)
 
-    def routes_pushed(self, routes):
+    def routes_pushed(self, routes, replace=True):
         # The border is where those routes lead; its own go into its TUN
         # device (_set_routes).
         pass
@@ -341,7 +384,9 @@ class BorderRole(ClientRole):
         device, and take away those no longer linked.
         """
         if self._tun_routes is None:
-            self._tun_routes = Routes(self.tun.system, self.tun.name)
+            # A link that goes away leaves an unreachable route: this host
+            # forwards, and must not send that traffic on in clear.
+            self._tun_routes = Routes(self.tun.system, self.tun.name, unreachable=True)
         self._tun_routes.set((prefix, None) for prefix in prefixes)
 
     def status(self):

@@ -477,16 +477,37 @@ class KeyServer:
                                f"(that is {broker.config.border})")
         return broker.net_links()
 
-    def member_routes(self) -> list:
+    #: Routes members are told at most (one AMP value holds about 1,500).
+    MAX_ROUTES = 512
+
+    def member_routes(self) -> list | None:
         """
         What members route through the border: every peer subnet's prefix
-        via the border's overlay address, when the configuration names it.
+        via the border's overlay address (of the prefix's family), when the
+        configuration names it; None when this key server does not know
+        (it does not peer).  A peer's default route, or a prefix that
+        overlaps this subnet's own, is never passed on: it would pull the
+        members' own traffic (their key server's too) to the border.
         """
         broker = self.broker
         if broker is None or not broker.config.border_address:
-            return []
-        via = broker.config.border_address
-        return sorted({f"{prefix} via {via}" for link in broker.net_links() for prefix in link.prefixes})
+            return None
+        via = ipaddress.ip_address(broker.config.border_address)
+        own = [ipaddress.ip_network(p) for p in broker.config.prefixes]
+        routes = set()
+        for link in broker.net_links():
+            for text in link.prefixes:
+                prefix = ipaddress.ip_network(text)
+                if (prefix.version != via.version or prefix.prefixlen == 0
+                        or any(prefix.version == o.version and prefix.overlaps(o) for o in own)):
+                    log.warn("not telling members to route {prefix} (from subnet {subnet}) through the border",
+                             prefix=text, subnet=link.subnet)
+                    continue
+                routes.add(f"{prefix} via {via}")
+        if len(routes) > self.MAX_ROUTES:
+            log.warn("{count} routes to other subnets; members are told the first {limit}",
+                     count=len(routes), limit=self.MAX_ROUTES)
+        return sorted(routes)[:self.MAX_ROUTES]
 
     def links_changed(self):
         """
@@ -495,14 +516,19 @@ class KeyServer:
         """
         self.push_net_links()
         routes = self.member_routes()
-        if routes != self._routes_told:
-            self._routes_told = routes
-            for member_id, sessions in list(self.sessions.items()):
-                for session in list(sessions):
-                    if session.member is not None and session.member.role == "client":
-                        session.push_routes(routes).addErrback(
-                            lambda f, s=session: log.info("pushing routes to {session} failed: {reason}",
-                                                          session=s, reason=f.getErrorMessage()))
+        if routes is None or routes == self._routes_told:
+            return
+        for member_id, sessions in list(self.sessions.items()):
+            for session in list(sessions):
+                if session.member is not None and session.member.role == "client":
+                    try:
+                        d = session.push_routes(routes)
+                    except Exception:
+                        log.failure("pushing routes to {session}", session=session)
+                        continue
+                    d.addErrback(lambda f, s=session: log.info("pushing routes to {session} failed: {reason}",
+                                                               session=s, reason=f.getErrorMessage()))
+        self._routes_told = routes
 
     def push_net_links(self):
         """
@@ -926,7 +952,7 @@ class MemberSession(TimeoutMixin, QuietAMP):
                      member_id=member.member_id, mac=format_mac(member.mac), role=member.role,
                      endpoint=member.endpoint, peer=self._peer)
             group = self.server.group_key()
-            return {
+            answer = {
                 "member_id": member.member_id,
                 "subnet": self.server.subnet,
                 "version": PROTOCOL_VERSION,
@@ -936,8 +962,11 @@ class MemberSession(TimeoutMixin, QuietAMP):
                 "pair_key_lifetime": self.server.pair_key_lifetime,
                 "rekey_after_packets": self.server.pair_key_max_packets,
                 "rekey_after_bytes": self.server.pair_key_max_bytes,
-                "routes": self.server.member_routes() if member.role == "client" else [],
             }
+            routes = self.server.member_routes() if member.role == "client" else None
+            if routes is not None:
+                answer["routes"] = routes
+            return answer
 
         return d.addCallback(registered)
 
