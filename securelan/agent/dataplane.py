@@ -71,6 +71,7 @@ _GROUP_QUEUE = b"group"
 ANNOUNCE_ETHERTYPE = b"\x88\xb5"
 _ANNOUNCE_BODY = b"securelan announce"
 _ANNOUNCE_PAYLOAD = ANNOUNCE_ETHERTYPE + _ANNOUNCE_BODY
+_ANNOUNCE_FRAME_LEN = 12 + len(_ANNOUNCE_PAYLOAD)
 
 #: However a key server sets its limits, a sender asks for a new key long
 #: before its message counter could run out (L{REJECT_AFTER_MESSAGES}).
@@ -287,10 +288,11 @@ class DataPlane:
         except ValueError:
             return self._drop("too_big", peer)
         self.carrier.send(datagrams, peer.endpoint)
-        if sealer is peer.sealer:
-            peer.epoch_bytes += len(frame)
-            if not peer.rekey_asked and (sealer.counter >= self.rekey_after_packets or (
-                    self.rekey_after_bytes and peer.epoch_bytes >= self.rekey_after_bytes)):
+        if sealer is peer.sealer and not peer.rekey_asked:
+            if self.rekey_after_bytes:
+                peer.epoch_bytes += len(frame)
+            if sealer.counter >= self.rekey_after_packets or (
+                    self.rekey_after_bytes and peer.epoch_bytes >= self.rekey_after_bytes):
                 self._ask_rekey(peer)
         stats = peer.stats
         stats.tx_frames += 1
@@ -809,7 +811,8 @@ class DataPlane:
             self._write(frame, header.type & FLAG_OFFLOAD, stats, peer)
 
     def _write(self, frame, offload, stats, peer):
-        if not offload and frame[12:] == _ANNOUNCE_PAYLOAD:
+        # Length first: no copy of every frame to spot the rare announce.
+        if not offload and len(frame) == _ANNOUNCE_FRAME_LEN and frame[12:] == _ANNOUNCE_PAYLOAD:
             stats.rx_frames += 1
             return
         if not self.device.write(frame, offload):

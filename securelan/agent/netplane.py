@@ -50,6 +50,7 @@ log = logger("securelan.border")
 
 #: A keepalive's EtherType (IEEE local experimental 1) and body.
 _KEEPALIVE = b"\x88\xb5securelan keepalive"
+_KEEPALIVE_FRAME_LEN = 12 + len(_KEEPALIVE)
 _KIND_MASK = ~FLAG_OFFLOAD & 0xFF
 
 #: Seconds a replaced NETKEY epoch is still received (make-before-break).
@@ -64,9 +65,29 @@ _ROUTE_CACHE = 4096
 _GONE_KEPT = 64
 
 
-def _inside(address: bytes, networks) -> bool:
-    ip = ipaddress.ip_address(address)
-    return any(ip in network for network in networks)
+def _prefixes(texts):
+    """
+    Prefixes as C{(address length, network, mask, prefix length)} integers:
+    what a packet's packed address is matched against, with no
+    C{ipaddress} object per packet.
+    """
+    out = []
+    for text in texts:
+        network = ipaddress.ip_network(text)
+        size = network.max_prefixlen // 8
+        out.append((size, int(network.network_address), int(network.netmask), network.prefixlen))
+    return out
+
+
+def _longest_match(address: bytes, prefixes):
+    """
+    The longest prefix length of C{prefixes} that holds C{address}, or -1.
+    """
+    size, value, best = len(address), int.from_bytes(address, "big"), -1
+    for length, network, mask, prefixlen in prefixes:
+        if length == size and value & mask == network and prefixlen > best:
+            best = prefixlen
+    return best
 
 
 class NetLinkState:
@@ -78,8 +99,7 @@ class NetLinkState:
     def __init__(self, link, endpoint, my_subnet, my_border, my_incarnation, clock):
         self.link = link
         self.endpoint = endpoint
-        self.networks = [ipaddress.ip_network(p) for p in link.prefixes]
-        self.local_networks = [ipaddress.ip_network(p) for p in link.local_prefixes]
+        self._take_prefixes(link)
         self.tag = subnet_tag(link.subnet)
         self.stats = Stats()
         #: When this link last sent anything (a keepalive is due
@@ -103,6 +123,10 @@ class NetLinkState:
         self._rx_incarnation = 0
         self._derivations = TokenBucket(5.0, 10, clock)
         self._make_sealer()
+
+    def _take_prefixes(self, link):
+        self.networks = _prefixes(link.prefixes)
+        self.local_networks = _prefixes(link.local_prefixes)
 
     @property
     def epoch(self):
@@ -170,8 +194,7 @@ class NetLinkState:
         """
         old = self.link
         self.link = link
-        self.networks = [ipaddress.ip_network(p) for p in link.prefixes]
-        self.local_networks = [ipaddress.ip_network(p) for p in link.local_prefixes]
+        self._take_prefixes(link)
         if link.endpoint != old.endpoint:
             self.endpoint = endpoint
         if link.epoch != old.epoch or link.key != old.key:
@@ -327,12 +350,11 @@ class NetPlane:
         cache = self._route_cache
         state = cache.get(dst, False)
         if state is False:
-            ip = ipaddress.ip_address(dst)
             best, best_len = None, -1
             for candidate in self.links.values():
-                for network in candidate.networks:
-                    if ip in network and network.prefixlen > best_len:
-                        best, best_len = candidate, network.prefixlen
+                length = _longest_match(dst, candidate.networks)
+                if length > best_len:
+                    best, best_len = candidate, length
             if len(cache) >= _ROUTE_CACHE:
                 cache.clear()
             state = cache[dst] = best
@@ -441,22 +463,22 @@ class NetPlane:
             return self._drop(state, e.reason)
         if frame is None:
             return
-        if header.type & FLAG_OFFLOAD:
-            vnet, body = frame[:VNET_HDR_LEN], frame[VNET_HDR_LEN + 12:]
-        else:
-            vnet, body = None, frame[12:]
+        # frame: [virtio-net header] + the two subnet tags + EtherType + packet.
+        base = VNET_HDR_LEN if header.type & FLAG_OFFLOAD else 0
         stats = state.stats
         stats.last_rx = self.clock.seconds()
-        if body == _KEEPALIVE:
+        if len(frame) == base + _KEEPALIVE_FRAME_LEN and frame[base + 12:] == _KEEPALIVE:
             return
-        packet = body[2:]
+        ethertype = frame[base + 12:base + 14]
+        packet = frame[base + 14:]
         addresses = ip_packet_addresses(packet)
-        if addresses is None or body[:2] not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
+        if addresses is None or ethertype not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             return self._drop(state, "malformed")
-        if not _inside(addresses[0], state.networks):
+        if _longest_match(addresses[0], state.networks) < 0:
             return self._drop(state, "source_not_in_prefixes")
-        if not _inside(addresses[1], state.local_networks):
+        if _longest_match(addresses[1], state.local_networks) < 0:
             return self._drop(state, "destination_not_local")
+        vnet = frame[:VNET_HDR_LEN] if base else None
         stats.rx_frames += 1
         stats.rx_bytes += len(packet)
         if vnet is not None:
