@@ -1,10 +1,12 @@
 """
-What both stores do the same way with their in-memory mirror of the
-database: every read is answered from it, and concurrent identical writes
-run once.
+What both stores do the same way: every read is answered from their
+in-memory mirror of the database, blocking work runs on their thread pool,
+and concurrent identical writes run once.
 """
 
-from twisted.internet import defer
+import time
+
+from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from ..addresses import pair_of
@@ -47,13 +49,41 @@ def coalesce(in_flight, key, start):
     return start().addBoth(done)
 
 
-class MirrorReads:
+class SharedStore:
     """
-    The reads of L{securelan._interfaces.IStore}, from a store's mirror:
-    C{_members}, C{_by_mac}, C{_by_address}, C{_pair_keys}, C{_pairs_of},
-    C{_group_key}, C{_revoked} and C{_foreign}, which the store keeps as the
-    database changes.
+    What both stores do alike.  The reads of
+    L{securelan._interfaces.IStore}, from a store's mirror: C{_members},
+    C{_by_mac}, C{_by_address}, C{_pair_keys}, C{_pairs_of}, C{_group_key},
+    C{_revoked} and C{_foreign}, which the store keeps as the database
+    changes.  Its thread pool (C{_pool}, C{runner}, C{clock}), and writes
+    that run once however many ask at the same time (C{_coalesced}, over
+    the store's own C{_write}).
     """
+
+    def _now(self):
+        return self.clock.seconds() if self.clock is not None else time.time()
+
+    def _run(self, f, *args):
+        if self.runner is not None:
+            return self.runner(f, *args)
+        return threads.deferToThreadPool(self._pool_reactor, self._pool, f, *args)
+
+    def _stop_pool(self):
+        pool, self._pool = self._pool, None
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            self._pool_reactor.removeSystemEventTrigger(trigger)
+        if pool is not None:
+            pool.stop()
+
+    def _coalesced(self, key, then, work, *args):
+        """
+        Run the write C{work} unless one with the same C{key} is under way;
+        either way fire with its result, after C{then} put it in the mirror.
+        """
+        return coalesce(self._in_flight, key, lambda: self._write(work, *args).addCallback(then))
+
+    # Reads, from the mirror
 
     def member(self, member_id):
         return defer.succeed(self._members.get(member_id))

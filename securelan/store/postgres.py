@@ -50,11 +50,10 @@ import json
 import re
 import secrets
 import threading
-import time
 from importlib import resources
 
 from attrs import define, evolve, field
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -72,13 +71,14 @@ from ..errors import AddressInUse, BadRequest, MacInUse, NotPermitted, StoreUnav
 from ..keys import MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
-from .mirror import MirrorReads, coalesce, forget_member
+from .mirror import SharedStore, forget_member
 from .sqlite import (
     _CHECK_CONTEXT,
     _CHECK_NAME,
     MAX_INCARNATION,
     _group_context,
     _pair_context,
+    check_version_and_key,
 )
 
 __all__ = ["CHANNEL", "KINDS", "SCHEMA_VERSION", "PostgreSQLStore"]
@@ -413,23 +413,9 @@ def _prepare_txn(conn, name, master_key_path, now):
         return SCHEMA_VERSION, master
     if not (has_version and has_meta):
         raise StoreOpenError(f"{name}: not a securelan database")
-    rows = conn.execute("SELECT version FROM version").fetchall()
-    if len(rows) != 1 or not isinstance(rows[0][0], int) or rows[0][0] < 1:
-        raise StoreOpenError(f"{name}: damaged securelan database (bad version table)")
-    version = rows[0][0]
-    if version > SCHEMA_VERSION:
-        raise StoreOpenError(
-            f"{name}: database schema v{version} is newer than this securelan knows "
-            f"(v{SCHEMA_VERSION}); run a newer securelan"
-        )
-    master = MasterKey.load_or_create(master_key_path, create=False)
-    row = conn.execute("SELECT value FROM meta WHERE name = %s", (_CHECK_NAME,)).fetchone()
-    if row is None or not isinstance(row[0], bytes):
-        raise StoreOpenError(f"{name}: damaged securelan database (no master key check value)")
-    try:
-        master.unwrap(row[0], _CHECK_CONTEXT)
-    except MasterKeyError:
-        raise MasterKeyError(f"master key {master_key_path} does not match database {name}") from None
+    version, master = check_version_and_key(
+        name, conn.execute("SELECT version FROM version").fetchall(), SCHEMA_VERSION, master_key_path,
+        lambda: conn.execute("SELECT value FROM meta WHERE name = %s", (_CHECK_NAME,)).fetchone())
     for target in range(version + 1, SCHEMA_VERSION + 1):
         try:
             script = _read_schema(f"postgres-upgrade-to-v{target}.sql")
@@ -744,7 +730,7 @@ def _check_psycopg():
 
 @implementer(IStore)
 @define(eq=False)
-class PostgreSQLStore(MirrorReads):
+class PostgreSQLStore(SharedStore):
     """
     An L{IStore} on a PostgreSQL database that a cascade of key servers
     shares.
@@ -823,20 +809,12 @@ class PostgreSQLStore(MirrorReads):
         """
         return redact(self.dsn)
 
-    def _now(self):
-        return self.clock.seconds() if self.clock is not None else time.time()
-
     def _the_reactor(self):
         if self.reactor is not None:
             return self.reactor
         from twisted.internet import reactor
 
         return reactor
-
-    def _run(self, f, *args):
-        if self.runner is not None:
-            return self.runner(f, *args)
-        return threads.deferToThreadPool(self._pool_reactor, self._pool, f, *args)
 
     # Life cycle
 
@@ -906,14 +884,6 @@ class PostgreSQLStore(MirrorReads):
         d.addBoth(stopped)
         d.addCallback(lambda _: None)
         return d
-
-    def _stop_pool(self):
-        pool, self._pool = self._pool, None
-        trigger, self._shutdown_trigger = self._shutdown_trigger, None
-        if trigger is not None:
-            self._pool_reactor.removeSystemEventTrigger(trigger)
-        if pool is not None:
-            pool.stop()
 
     def _forget_sync(self):
         self._open = False
@@ -1162,13 +1132,6 @@ class PostgreSQLStore(MirrorReads):
         if getattr(failure.value, "resync", False):
             self._request_resync()
         return failure
-
-    def _coalesced(self, key, then, work, *args):
-        """
-        Run the write C{work} unless one with the same C{key} is under way;
-        either way fire with its result, after C{then} put it in the mirror.
-        """
-        return coalesce(self._in_flight, key, lambda: self._write(work, *args).addCallback(then))
 
     def register(self, member, max_members):
         d = self._write(_register_txn, member, max_members)

@@ -24,11 +24,10 @@ import os
 import secrets
 import sqlite3
 import tempfile
-import time
 from importlib import resources
 
 from attrs import define, evolve, field
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -39,7 +38,7 @@ from ..errors import AddressInUse, BadRequest, MacInUse, StoreUnavailable, Table
 from ..keys import KEY_BYTES, MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
-from .mirror import MirrorReads, coalesce, forget_member
+from .mirror import SharedStore, forget_member
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "run_synchronously"]
 
@@ -158,23 +157,34 @@ def _check_database(conn, path, master_key_path):
         raise StoreOpenError(f"{path}: not a securelan database ({e})") from None
     if not {"version", "meta"} <= tables:
         raise StoreOpenError(f"{path}: not a securelan database")
-    rows = conn.execute("SELECT version FROM version").fetchall()
-    if len(rows) != 1 or not isinstance(rows[0][0], int) or rows[0][0] < 1:
-        raise StoreOpenError(f"{path}: damaged securelan database (bad version table)")
-    version = rows[0][0]
-    if version > SCHEMA_VERSION:
+    return check_version_and_key(
+        path, conn.execute("SELECT version FROM version").fetchall(), SCHEMA_VERSION, master_key_path,
+        lambda: conn.execute("SELECT value FROM meta WHERE name = ?", (_CHECK_NAME,)).fetchone())
+
+
+def check_version_and_key(name, version_rows, schema_version, master_key_path, read_check):
+    """
+    What both stores check of an existing database: one sane version row,
+    not newer than C{schema_version}, and a master key check value (read
+    with C{read_check()}) that the master key at C{master_key_path} opens.
+    Return the version and the master key.
+    """
+    if len(version_rows) != 1 or not isinstance(version_rows[0][0], int) or version_rows[0][0] < 1:
+        raise StoreOpenError(f"{name}: damaged securelan database (bad version table)")
+    version = version_rows[0][0]
+    if version > schema_version:
         raise StoreOpenError(
-            f"{path}: database schema v{version} is newer than this securelan knows "
-            f"(v{SCHEMA_VERSION}); run a newer securelan"
+            f"{name}: database schema v{version} is newer than this securelan knows "
+            f"(v{schema_version}); run a newer securelan"
         )
     master = MasterKey.load_or_create(master_key_path, create=False)
-    row = conn.execute("SELECT value FROM meta WHERE name = ?", (_CHECK_NAME,)).fetchone()
+    row = read_check()
     if row is None or not isinstance(row[0], bytes):
-        raise StoreOpenError(f"{path}: damaged securelan database (no master key check value)")
+        raise StoreOpenError(f"{name}: damaged securelan database (no master key check value)")
     try:
         master.unwrap(row[0], _CHECK_CONTEXT)
     except MasterKeyError:
-        raise MasterKeyError(f"master key {master_key_path} does not match database {path}") from None
+        raise MasterKeyError(f"master key {master_key_path} does not match database {name}") from None
     return version, master
 
 
@@ -506,7 +516,7 @@ def _rekey_group_txn(conn, path, master, candidate):
 
 @implementer(IStore)
 @define(eq=False)
-class SQLiteStore(MirrorReads):
+class SQLiteStore(SharedStore):
     """
     An L{IStore} on one SQLite file (or C{":memory:"}).
 
@@ -551,14 +561,6 @@ class SQLiteStore(MirrorReads):
     _foreign: dict = field(init=False, factory=dict, repr=False)
     #: Writes under way that later callers join rather than repeat.
     _in_flight: dict = field(init=False, factory=dict, repr=False)
-
-    def _now(self):
-        return self.clock.seconds() if self.clock is not None else time.time()
-
-    def _run(self, f, *args):
-        if self.runner is not None:
-            return self.runner(f, *args)
-        return threads.deferToThreadPool(self._pool_reactor, self._pool, f, *args)
 
     # Life cycle
 
@@ -620,14 +622,6 @@ class SQLiteStore(MirrorReads):
         d.addCallback(lambda _: None)
         return d
 
-    def _stop_pool(self):
-        pool, self._pool = self._pool, None
-        trigger, self._shutdown_trigger = self._shutdown_trigger, None
-        if trigger is not None:
-            self._pool_reactor.removeSystemEventTrigger(trigger)
-        if pool is not None:
-            pool.stop()
-
     def _shutdown(self):
         pool, self._pool = self._pool, None
         self._shutdown_trigger = None
@@ -643,13 +637,6 @@ class SQLiteStore(MirrorReads):
         if self._conn is None:
             return defer.fail(StoreUnavailable(f"store {self.path} is not open"))
         return self._run(_transact, self._conn, self.path, work, *args)
-
-    def _coalesced(self, key, then, work, *args):
-        """
-        Run the write C{work} unless one with the same C{key} is under way;
-        either way fire with its result, after C{then} put it in the mirror.
-        """
-        return coalesce(self._in_flight, key, lambda: self._write(work, *args).addCallback(then))
 
     def register(self, member, max_members):
         d = self._write(_register_txn, member, max_members)
