@@ -55,6 +55,7 @@ HOST = "127.0.0.1"
 
 # The control-plane benchmark's readers of /proc (same folder).
 from keyserver_load import cpu_seconds, rss_kib  # noqa: E402
+from securelan.labnet import child_env  # noqa: E402
 
 
 def log(message):
@@ -127,7 +128,7 @@ private_key = "{pki.keyserver_key}"
 state_dir = "{os.path.join(scratch, 'state')}"
 admin_socket = "{os.path.join(scratch, 'admin.sock')}"
 """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (CODE_ROOT, os.environ.get("PYTHONPATH")) if p))
+    env = child_env()
     ks_log = open(os.path.join(scratch, "keyserver.log"), "wb")
     ks = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                            "--pidfile=", "securelan-keyserver", "--config",

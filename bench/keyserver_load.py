@@ -77,6 +77,8 @@ CODE_ROOT = os.environ.get("SECURELAN_CODE_ROOT") or os.path.dirname(HERE)
 if CODE_ROOT not in sys.path:
     sys.path.insert(0, CODE_ROOT)
 
+from securelan.labnet import child_env  # noqa: E402
+
 KS_NAME = "keyserver.ksload"
 HOST = "127.0.0.1"
 CACHED_TARGETS = 8
@@ -185,12 +187,6 @@ def _raise_nofile():
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (CODE_ROOT, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def free_port():
     import socket
 
@@ -209,7 +205,7 @@ def start_keyserver(scratch, port):
     proc = subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
          "-n", "--pidfile=", "securelan-keyserver", "--config", config],
-        env=_env(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
+        env=child_env(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
     out.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -289,7 +285,7 @@ class WorkerPool:
             proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--worker", "--scratch", scratch,
                  "--port", str(port)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=child_env(),
                 preexec_fn=_raise_nofile)
             err.close()
             self.procs.append(proc)

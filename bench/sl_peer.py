@@ -45,6 +45,8 @@ CODE_ROOT = os.environ.get("SECURELAN_CODE_ROOT") or os.path.dirname(HERE)
 if CODE_ROOT not in sys.path:
     sys.path.insert(0, CODE_ROOT)
 
+from securelan.labnet import child_env, twistd_argv  # noqa: E402
+
 KS_NAME = "keyserver.pb"
 KS_PORT = 7443
 MACS = {"a": "02:5e:c0:00:b0:0a", "b": "02:5e:c0:00:b0:0b"}
@@ -60,17 +62,6 @@ def make_pki(directory):
     pki.issue_keyserver(directory, KS_NAME, days=30)
     for side, mac in MACS.items():
         pki.issue_member(directory, f"pb-{side}", days=30, macs=[mac])
-
-
-def _twistd(plugin, config):
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", plugin, "--config", config]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (CODE_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def ip_counters():
@@ -184,7 +175,7 @@ state_dir = "{state}"
 """)
         ks_log = os.path.join(work, f"{tag}.keyserver.log")
         with open(ks_log, "ab") as out:
-            ks = subprocess.Popen(_twistd("securelan-keyserver", ks_conf), env=_env(),
+            ks = subprocess.Popen(twistd_argv("securelan-keyserver", ks_conf), env=child_env(),
                                   stdout=out, stderr=subprocess.STDOUT)
         children.append(ks)
         record["keyserver_pid"] = ks.pid
@@ -237,7 +228,7 @@ addresses = ["{os.environ['PB_LOCAL_OL']}/{os.environ['PB_OL_PREFIX']}"]
     agent_log = os.path.join(work, f"{tag}.agent.log")
     t_agent = time.monotonic()
     with open(agent_log, "ab") as out:
-        agent = subprocess.Popen(_twistd("securelan-agent", conf), env=_env(),
+        agent = subprocess.Popen(twistd_argv("securelan-agent", conf), env=child_env(),
                                  stdout=out, stderr=subprocess.STDOUT)
     children.append(agent)
     record["agent_pid"] = agent.pid

@@ -70,12 +70,22 @@ def member_mac(index: int) -> bytes:
     return bytes([0x02, 0x5E, 0xC0, 0, 0, index])
 
 
-def _twistd(plugin, config):
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", plugin, "--config", config]
+#: Runs twistd in a child process (with L{child_env}, the securelan under
+#: test and its plugins).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-def _env():
+def twistd_argv(plugin, config):
+    """
+    A securelan daemon in the foreground, on C{config}.
+    """
+    return TWISTD + ["-n", "--pidfile=", plugin, "--config", config]
+
+
+def child_env():
+    """
+    The environment of a child process that must run this securelan.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (CODE_ROOT, env.get("PYTHONPATH")) if p)
     return env
@@ -157,7 +167,7 @@ addresses = [{self.device_addresses()}]
     def start(self, carrier="udp", on_key_miss="queue"):
         self.write_config(carrier, on_key_miss)
         with open(self.log, "ab") as log:
-            self.process = self.host.popen(_twistd("securelan-agent", self.config), env=_env(),
+            self.process = self.host.popen(twistd_argv("securelan-agent", self.config), env=child_env(),
                                            stdout=log, stderr=subprocess_stdout())
 
     def stop(self):
@@ -433,8 +443,8 @@ pair_key_lifetime = {self.pair_key_lifetime}
         log_path = self.ks2_log if second else self.ks_log
         host = self.keyserver2 if second else self.keyserver
         with open(log_path, "ab") as log:
-            process = host.popen(_twistd("securelan-keyserver", self.ks2_config if second else self.ks_config),
-                                 env=_env(), stdout=log, stderr=subprocess_stdout())
+            process = host.popen(twistd_argv("securelan-keyserver", self.ks2_config if second else self.ks_config),
+                                 env=child_env(), stdout=log, stderr=subprocess_stdout())
         if second:
             self.keyserver2_process = process
         else:

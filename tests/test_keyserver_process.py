@@ -10,7 +10,6 @@ import tempfile
 import signal
 import sys
 
-import securelan
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
@@ -18,22 +17,12 @@ from twisted.trial.unittest import TestCase
 
 from securelan.addresses import parse_mac
 from securelan.client import KeyServerClient
+from securelan.labnet import TWISTD, child_env
 from securelan.testing import make_pki
 from securelan.tls import Credentials
 
 MAC_1 = parse_mac("02:00:00:00:00:01")
 MAC_2 = parse_mac("02:00:00:00:00:02")
-
-#: The folder holding the securelan package under test, so the twistd child
-#: runs the same code (and finds the plugin beside it).
-CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(securelan.__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def child_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (CODE_ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 class TwistdProcess(protocol.ProcessProtocol):
