@@ -481,8 +481,9 @@ class BorderAccessTests(SynchronousTestCase):
         from securelan.testing import RecordingListener
 
         self.pair.alpha.config = attrs.evolve(self.pair.alpha.config, border_address="10.1.0.254")
-        self.pair.hello()
+        # As the key server service wires it: links changes reach members.
         self.pair.alpha.on_change = self.net.server.links_changed
+        self.pair.hello()
         _, admission = self.net.join("alice", b"\x02\0\0\0\0\x01")
         self.assertEqual(admission.routes, ("10.2.0.0/24 via 10.1.0.254",))
         _, border_admission = self.net.join("edge", b"\x02\0\0\0\0\x09", role="border")

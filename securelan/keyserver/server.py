@@ -509,6 +509,16 @@ class KeyServer:
                      count=len(routes), limit=self.MAX_ROUTES)
         return sorted(routes)[:self.MAX_ROUTES]
 
+    def routes_for_members(self) -> list | None:
+        """
+        The routes members were last told (worked out when the links
+        change, not at every registration), or None when this key server
+        does not say.
+        """
+        if self.broker is None or not self.broker.config.border_address:
+            return None
+        return self._routes_told
+
     def links_changed(self):
         """
         The broker's links changed: the border gets them, members their
@@ -963,7 +973,7 @@ class MemberSession(TimeoutMixin, QuietAMP):
                 "rekey_after_packets": self.server.pair_key_max_packets,
                 "rekey_after_bytes": self.server.pair_key_max_bytes,
             }
-            routes = self.server.member_routes() if member.role == "client" else None
+            routes = self.server.routes_for_members() if member.role == "client" else None
             if routes is not None:
                 answer["routes"] = routes
             return answer
