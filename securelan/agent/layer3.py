@@ -39,6 +39,17 @@ NEGATIVE_SECONDS = 5.0
 MAX_IN_FLIGHT = 256
 
 
+def _is_multicast(address: bytes) -> bool:
+    """
+    Whether a packed address is multicast (224.0.0.0/4, ff00::/8) or the
+    IPv4 limited broadcast, from its first bytes: no C{ipaddress} object
+    per packet.
+    """
+    if len(address) == 4:
+        return address[0] & 0xF0 == 0xE0 or address == b"\xff\xff\xff\xff"
+    return address[0] == 0xFF
+
+
 @implementer(IDevice)
 class Layer3Device:
     """
@@ -115,8 +126,7 @@ class Layer3Device:
             return self._drop("malformed")
         dst = addresses[1]
         ethertype = ETHERTYPE_IPV4 if len(dst) == 4 else ETHERTYPE_IPV6
-        ip = ipaddress.ip_address(dst)
-        if ip.is_multicast or dst in self._broadcasts or dst == b"\xff\xff\xff\xff":
+        if _is_multicast(dst) or dst in self._broadcasts:
             return self._receiver(_BROADCAST + self.mac + ethertype + packet, offload)
         mac = self._macs.get(dst)
         if mac is not None:
