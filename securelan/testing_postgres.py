@@ -10,7 +10,8 @@ off (C{fsync}, C{full_page_writes}): the cluster exists for one test run.
 
 The server binaries are looked up under C{/usr/lib/postgresql/*/bin} (the
 newest version first), then on C{PATH}; the client side needs C{psycopg}.
-L{unavailable} says why a cluster cannot be had, for a test's C{skip}.
+L{unavailable} says why a cluster cannot be had (a test then fails with
+that reason: it is never skipped).
 
 L{shared_cluster} starts one cluster per process on first use and stops and
 deletes it at exit; L{fresh_database} gives a test a database of its own.

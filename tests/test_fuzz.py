@@ -80,7 +80,7 @@ def fuzz(examples: int):
         database=None,
         max_examples=_OVERRIDE or examples,
         suppress_health_check=list(HealthCheck),
-        # Shrink what fails, but skip the (slow) explanation phase.
+        # Shrink what fails; the (slow) explanation phase is left out.
         phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     )
 
@@ -239,8 +239,8 @@ class WireFuzzTests(SynchronousTestCase):
     @fuzz(500)
     @given(data=st.data(), payload=st.binary(max_size=400), room=st.integers(8, 200),
            offload=st.one_of(st.none(), st.binary(min_size=VNET_HDR_LEN, max_size=VNET_HDR_LEN)),
-           type=st.sampled_from(KNOWN_TYPES), skip=st.integers(0, 3))
-    def test_open_mutated(self, data, payload, room, offload, type, skip):
+           type=st.sampled_from(KNOWN_TYPES), sealed_before=st.integers(0, 3))
+    def test_open_mutated(self, data, payload, room, offload, type, sealed_before):
         """
         A valid datagram (one piece of a frame, possibly of an offload
         frame), modified in any way, never opens: only L{WireError}, by
@@ -249,7 +249,8 @@ class WireFuzzTests(SynchronousTestCase):
         original still opens afterwards, once.
         """
         sealer, opener = sealer_and_opener(type)
-        for _ in range(skip):
+        # Frames sealed first, so the datagram's counter is not always 0.
+        for _ in range(sealed_before):
             sealer.seal(MAC_B + MAC_A + b"\x08\x00", 1500)
         frame = MAC_B + MAC_A + b"\x08\x00" + payload
         datagrams = sealer.seal(frame, OVERHEAD + room, offload)
