@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from securelan.config import DEFAULT_STATUS_SOCKET, load_agent_config, load_keyserver_config
 
@@ -303,7 +303,7 @@ class VerifyTests(UnitTestCase):
         """
         analyze = shutil.which("systemd-analyze")
         if analyze is None:
-            raise SkipTest("systemd-analyze is not installed")
+            self.fail("systemd-analyze is not installed (apt-get install systemd)")
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         twistd = _existing_twistd()
