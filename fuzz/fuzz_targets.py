@@ -9,7 +9,7 @@ TARGET is one of:
 
     wire         parse_header, Opener.open / open_counter on any datagram,
                  and on a valid datagram the input modifies
-    reassembly   Reassembler.add with any authentic-looking headers and
+    reassembly   Reassembler.add with any headers and
                  pieces, the clock moving; join_frame
     dataplane    DataPlane.datagrams_received with any batch (bob's real
                  datagrams, modified or not, random headers, random bytes)
@@ -48,8 +48,8 @@ with atheris.instrument_imports(include=["securelan"]):
     from securelan.keys import SecretKey
     from securelan.wire import (
         DROP_REASONS,
-        ETHERNET_HEADER_LEN,
         FLAG_OFFLOAD,
+        HEADER_LEN,
         MAX_FRAGMENTS,
         OVERHEAD,
         TYPE_CONTROL,
@@ -142,7 +142,7 @@ def fuzz_wire(data: bytes):
             except WireError as e:
                 assert e.reason in DROP_REASONS, e.reason
             else:
-                assert header.version == 1 and 0 < header.count <= MAX_FRAGMENTS
+                assert header.version == 2 and 0 < header.count <= MAX_FRAGMENTS
                 assert header.index < header.count and header.counter >= header.index
                 assert header.incarnation and header.type & 0x7F in KNOWN_TYPES
             for attempt in (lambda: opener.open(datagram), lambda: opener.open_counter(datagram, counter)):
@@ -161,15 +161,25 @@ def fuzz_wire(data: bytes):
                                     offload if offload and len(offload) == VNET_HDR_LEN else None)
             original = datagrams[fdp.ConsumeIntInRange(0, len(datagrams) - 1)]
             modified = mutate_with(fdp, original)
-            for attempt in (lambda: opener.open(modified),
-                            lambda: opener.open_counter(modified, parse_header(original).counter)):
+            attempts = [lambda: opener.open(modified),
+                        lambda: opener.open_counter(modified, parse_header(original).counter)]
+            pieces = [d[HEADER_LEN:] for d in datagrams]
+            if len(datagrams) > 1 and modified[HEADER_LEN:] != original[HEADER_LEN:]:
+                # The modified piece in place of the original, among the others.
+                spoilt = list(pieces)
+                spoilt[datagrams.index(original)] = modified[HEADER_LEN:]
+                attempts.append(lambda: opener.open_pieces(parse_header(datagrams[0]), spoilt))
+            for attempt in attempts:
                 try:
                     attempt()
                 except WireError as e:
                     assert e.reason in DROP_REASONS, e.reason
                 else:
                     raise AssertionError("a modified datagram opened")
-            opener.open(original)
+            if len(datagrams) == 1:
+                opener.open(original)
+            else:
+                opener.open_pieces(parse_header(datagrams[0]), pieces)
     except Exception:
         report(data)
 
@@ -207,18 +217,17 @@ def fuzz_reassembly(data: bytes):
             count = fdp.ConsumeIntInRange(1, 4 if op < 4 else MAX_FRAGMENTS)
             index = fdp.ConsumeIntInRange(0, count - 1)
             base = fdp.ConsumeIntInRange(0, 8)
-            header = Header(1, (TYPE_PAIR, TYPE_GROUP, TYPE_PAIR | FLAG_OFFLOAD)[fdp.ConsumeIntInRange(0, 2)],
+            header = Header(2, (TYPE_PAIR, TYPE_GROUP, TYPE_PAIR | FLAG_OFFLOAD)[fdp.ConsumeIntInRange(0, 2)],
                             index, count, fdp.ConsumeIntInRange(0, 1), fdp.ConsumeIntInRange(1, 2), base + index,
                             _MACS[fdp.ConsumeIntInRange(0, 2)], _MACS[fdp.ConsumeIntInRange(0, 2)])
             piece = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))
             try:
-                frame = reassembler.add(header, piece)
+                pieces = reassembler.add(header, piece)
             except WireError as e:
                 assert e.reason in ("reassembly", "limit"), e.reason
             else:
-                if frame is not None:
-                    minimum = ETHERNET_HEADER_LEN + (VNET_HDR_LEN if header.type & FLAG_OFFLOAD else 0)
-                    assert len(frame) >= minimum, "a frame shorter than an Ethernet header"
+                if pieces is not None:
+                    assert len(pieces) == count and None not in pieces, "an incomplete frame came out"
             assert reassembler.bytes_held <= max_bytes, "over the byte budget"
             assert reassembler.bytes_held == sum(f.size for f in reassembler._frames.values())
             assert all(len(m) <= max_frames for m in reassembler._by_source.values()), "over the frame cap"

@@ -1,13 +1,15 @@
 # -*- test-case-name: tests.test_wire -*-
 """
-The data-plane wire format, version 1: how one Ethernet frame travels
+The data-plane wire format, version 2: how one Ethernet frame travels
 between two agents as one or more authenticated, encrypted datagrams.
 ``docs/wire-format.rst`` is the specification; this module is its code.
 
 A datagram is a 32-byte header in clear (the AEAD associated data), then the
 AES-256-GCM encryption of the frame's EtherType and payload, then the 16-byte
 tag.  The header carries the frame's destination and source MACs, so a
-receiver rebuilds the exact Ethernet frame.
+receiver rebuilds the exact Ethernet frame.  A frame too large for one
+datagram (a TSO super-frame) is still one AEAD message, cut into pieces that
+each carry a header: one tag, and one AES-GCM call, per frame.
 
 The sending side, per frame::
 
@@ -18,8 +20,12 @@ The receiving side, per datagram::
     datagram --parse_header--> Header             (pick the Opener by
                                                    type, src, epoch,
                                                    incarnation)
-             --Opener.open--> piece plaintext     (tag, then replay window)
-             --Reassembler.add--> frame or None   (None: more pieces due)
+    whole:   --Opener.open--> plaintext           (tag, then replay window)
+    piece:   --Reassembler.add--> pieces or None  (None: more pieces due)
+             --Opener.open_pieces--> plaintext    (tag, then replay window)
+             --join_frame--> frame
+
+L{open_datagram} does all of that for one datagram.
 
 Public API
 ==========
@@ -41,14 +47,16 @@ C{Sealer(key, type, epoch, incarnation)}
     C{.seal(frame, max_datagram) -> list[bytes]}; C{.counter}.
 
 C{Opener(key, type, epoch, incarnation)}
-    C{.open(datagram, header=None) -> bytes}; C{.last_counter}.
+    C{.open(datagram, header=None) -> bytes} (a whole frame);
+    C{.open_pieces(header, pieces) -> bytes} (a split frame);
+    C{.last_counter}.
 
 C{parse_header(datagram) -> Header}
     C{Header(version, type, index, count, epoch, incarnation, counter, dst,
     src)}, a namedtuple.
 
 C{Reassembler(clock, timeout=2.0, max_frames_per_sender=8, max_bytes=2 MiB)}
-    C{.add(header, piece) -> bytes | None}; C{.expire() -> int};
+    C{.add(header, piece) -> list | None}; C{.expire() -> int};
     counters C{completed}, C{expired}, C{evicted}, C{dropped}.
 
 Errors
@@ -58,8 +66,9 @@ Every datagram the receiving side drops raises L{WireError}, whose
 C{reason} attribute is one of L{DROP_REASONS}, so the agent can count drops
 by reason:
 
-    - C{"short"}: shorter than a header and a tag;
-    - C{"version"}: not version 1;
+    - C{"short"}: a whole frame's datagram shorter than a header and a
+      tag, or a piece with nothing after its header;
+    - C{"version"}: not version 2;
     - C{"type"}: an unknown type, or not the type of the Opener;
     - C{"fragment"}: fragment count 0 or above 64, index not below count, or
       a counter below the index (no frame starts before counter 0);
@@ -69,9 +78,8 @@ by reason:
     - C{"auth"}: the tag did not verify (forged, corrupt, or another key);
     - C{"replay"}: authentic, but the counter was accepted before, is too
       old for the replay window, or is at or above REJECT_AFTER_MESSAGES;
-    - C{"reassembly"}: an authentic piece that does not fit the frame in
-      progress with its identity, or a rebuilt frame shorter than an
-      Ethernet header;
+    - C{"reassembly"}: a piece that does not fit the frame in progress with
+      its identity, or an authentic frame shorter than an Ethernet header;
     - C{"limit"}: a piece that does not fit the reassembly memory budget.
 
 The sending side raises C{ValueError} for a frame it cannot send (shorter
@@ -120,9 +128,11 @@ __all__ = [
     "Sealer",
     "Opener",
     "Reassembler",
+    "join_frame",
+    "open_datagram",
 ]
 
-VERSION = 1
+VERSION = 2
 
 #: A unicast frame under a pair key.
 TYPE_PAIR = 1
@@ -160,7 +170,7 @@ _IPV4_HEADER_LEN = 20
 _IPV6_HEADER_LEN = 40
 _UDP_HEADER_LEN = 8
 
-#: The HKDF salt of every traffic key of wire version 1.
+#: The HKDF salt of every traffic key (unchanged since wire version 1).
 KDF_SALT = b"securelan v1"
 
 DROP_SHORT = "short"
@@ -258,7 +268,7 @@ def parse_header(datagram) -> Header:
         C{"fragment"} or C{"incarnation"} (see the module docstring); never
         anything else.
     """
-    if len(datagram) < OVERHEAD:
+    if len(datagram) <= HEADER_LEN:
         raise WireError(DROP_SHORT)
     fields = _HEADER.unpack_from(datagram)
     if fields[0] != VERSION:
@@ -266,8 +276,12 @@ def parse_header(datagram) -> Header:
     if fields[1] & _TYPE_MASK not in _KNOWN_TYPES or fields[1] & ~(_TYPE_MASK | FLAG_OFFLOAD):
         raise WireError(DROP_TYPE)
     index = fields[2]
-    if not 0 < fields[3] <= MAX_FRAGMENTS or index >= fields[3] or fields[6] < index:
+    count = fields[3]
+    if not 0 < count <= MAX_FRAGMENTS or index >= count or fields[6] < index:
         raise WireError(DROP_FRAGMENT)
+    if count == 1 and len(datagram) < OVERHEAD:
+        # A whole frame carries its tag; a piece may carry a part of one.
+        raise WireError(DROP_SHORT)
     if not fields[5]:
         raise WireError(DROP_INCARNATION)
     return _tuple_new(Header, fields)
@@ -481,7 +495,9 @@ class Sealer:
         bytes: one datagram when it fits, else up to L{MAX_FRAGMENTS} pieces
         with consecutive counters, every piece but the last exactly
         C{max_datagram} bytes long (so the datagrams can leave in one UDP
-        GSO send).
+        GSO send).  The pieces of a split frame are one AEAD message under
+        the counter of piece 0, whose header is the associated data: the
+        ciphertext and its tag are cut across the pieces.
 
         @param frame: the whole frame, destination MAC, source MAC,
             EtherType, payload (bytes-like).
@@ -491,7 +507,8 @@ class Sealer:
             L{FLAG_OFFLOAD}.
         @return: the datagrams (C{bytes}), in order.
         @raise ValueError: if the frame is shorter than an Ethernet header,
-            or would need more than L{MAX_FRAGMENTS} pieces.
+            or would need more than L{MAX_FRAGMENTS} pieces, or
+            C{max_datagram} leaves no room beyond L{OVERHEAD}.
         @raise CounterExhausted: if the key may not protect that many more
             messages; nothing is sealed then.
         """
@@ -519,7 +536,10 @@ class Sealer:
             return [header + self._encrypt(_NONCE.pack(counter), plaintext, header)]
         if room < 1:
             raise ValueError(f"a datagram of {max_datagram} bytes has no room for data")
-        count = -(-body // room)
+        # A split frame is one AEAD message: ciphertext and tag, cut into
+        # pieces that carry a header each but no tag of their own.
+        room = max_datagram - HEADER_LEN
+        count = -(-(body + TAG_LEN) // room)
         if count > MAX_FRAGMENTS:
             raise ValueError(
                 f"a {len(frame)}-byte frame needs {count} pieces of at most"
@@ -528,16 +548,14 @@ class Sealer:
         if counter > REJECT_AFTER_MESSAGES - count:
             raise CounterExhausted()
         self._counter = counter + count
-        # Slices, not memoryviews: AESGCM takes bytes faster than a view,
-        # and the copy is cheaper than the difference (measured).
-        pack, encrypt, nonce = _HEADER_OUT.pack, self._encrypt, _NONCE.pack
-        epoch, incarnation = self._epoch, self._incarnation
-        datagrams = []
-        start = 0
-        for index in range(count):
-            header = pack(VERSION, type, index, count, epoch, incarnation, counter, macs)
-            datagrams.append(header + encrypt(nonce(counter), plaintext[start:start + room], header))
-            counter += 1
+        pack, epoch, incarnation = _HEADER_OUT.pack, self._epoch, self._incarnation
+        first = pack(VERSION, type, 0, count, epoch, incarnation, counter, macs)
+        sealed = memoryview(self._encrypt(_NONCE.pack(counter), plaintext, first))
+        datagrams = [first + sealed[:room]]
+        start = room
+        for index in range(1, count):
+            datagrams.append(pack(VERSION, type, index, count, epoch, incarnation, counter + index, macs)
+                             + sealed[start:start + room])
             start += room
         return datagrams
 
@@ -586,33 +604,69 @@ class Opener:
 
     def open(self, datagram, header: Header = None) -> bytes:
         """
-        Authenticate and decrypt one datagram: first the tag, then the
-        replay window, which moves only for an authentic datagram.
+        Authenticate and decrypt a datagram that holds a whole frame: first
+        the tag, then the replay window, which moves only for an authentic
+        datagram.  A piece of a split frame cannot be opened alone: collect
+        the pieces with a L{Reassembler} and give them to L{open_pieces}.
 
         @param datagram: the whole datagram (bytes-like).
         @param header: C{parse_header(datagram)}, if the caller has it.
-        @return: the piece's plaintext: EtherType and payload for a whole
-            frame, a part of them for a piece; give it to
-            L{Reassembler.add}.
+        @return: the plaintext: EtherType and payload (after the virtio-net
+            header for a frame sent with L{FLAG_OFFLOAD}); see
+            L{join_frame}.
         @raise WireError: with reason C{"type"}, C{"epoch"} or
-            C{"incarnation"} if the header does not name this key, C{"auth"}
-            if the tag does not verify, C{"replay"} if the counter is not
-            fresh, or any reason of L{parse_header}.
+            C{"incarnation"} if the header does not name this key,
+            C{"fragment"} for a piece, C{"auth"} if the tag does not verify,
+            C{"replay"} if the counter is not fresh, or any reason of
+            L{parse_header}.
         """
         if header is None:
             header = parse_header(datagram)
+        self._check_names(header)
+        if header.count != 1:
+            raise WireError(DROP_FRAGMENT)
+        return self.open_counter(datagram, header.counter)
+
+    def open_pieces(self, header: Header, pieces) -> bytes:
+        """
+        Authenticate and decrypt a split frame, as L{open} does a whole one:
+        the tag over all its pieces, then the replay window for the frame's
+        identity (the counter of its piece 0).  One forged, corrupt or
+        misplaced piece fails the whole frame.
+
+        @param header: the header of any of its pieces.
+        @param pieces: what follows the header in each piece, in order of
+            index (as L{Reassembler.add} returns them).
+        @return: the plaintext, as L{open} returns it.
+        @raise WireError: as L{open}.
+        """
+        self._check_names(header)
+        if len(pieces) != header.count:
+            raise WireError(DROP_FRAGMENT)
+        counter = header.counter - header.index
+        first = _HEADER.pack(header.version, header.type, 0, header.count, header.epoch,
+                             header.incarnation, counter, header.dst, header.src)
+        try:
+            plaintext = self._decrypt(_NONCE.pack(counter), b"".join(pieces), first)
+        except InvalidTag:
+            raise WireError(DROP_AUTH) from None
+        if not self._window.check(counter):
+            raise WireError(DROP_REPLAY)
+        return plaintext
+
+    def _check_names(self, header):
         if header.type & _TYPE_MASK != self._type:
             raise WireError(DROP_TYPE)
         if header.epoch != self._epoch:
             raise WireError(DROP_EPOCH)
         if header.incarnation != self._incarnation:
             raise WireError(DROP_INCARNATION)
-        return self.open_counter(datagram, header.counter)
 
     def open_counter(self, datagram, counter: int) -> bytes:
         """
         L{open} for a caller that has already checked that the header names
-        this key (type, epoch, incarnation): the tag, then the replay window.
+        this key (type, epoch, incarnation) and a whole frame (count 1): the
+        tag, then the replay window.
         A header that names another key fails the tag anyway (the header is
         the associated data and the epoch and incarnation are in the key);
         L{open} only tells that case apart.
@@ -630,9 +684,11 @@ class Opener:
 
 def join_frame(header: Header, pieces) -> bytes:
     """
-    The frame that C{pieces} (authentic, all of them, in order) make, as
-    L{Reassembler.add} returns it: with the virtio-net header in front for a
-    frame sent with L{FLAG_OFFLOAD}.
+    The frame that C{pieces} of plaintext (authentic, all of them, in
+    order; usually one, what L{Opener.open} or L{Opener.open_pieces}
+    returned) make: with the virtio-net header in front for a frame sent
+    with L{FLAG_OFFLOAD}, as a TAP device opened with C{IFF_VNET_HDR} takes
+    it.
 
     @raise WireError: C{"reassembly"} if the frame is shorter than an
         Ethernet header (and, with the flag, a virtio-net header).
@@ -670,14 +726,36 @@ class _Frame:
         self.started = started
 
 
+def open_datagram(opener: "Opener", reassembler: "Reassembler", datagram, header: Header = None):
+    """
+    What a receiver does with one datagram once it has picked the
+    L{Opener}: a whole frame is opened at once; a piece waits in the
+    reassembler until its frame is complete, and the frame is opened then.
+
+    @return: the frame (see L{join_frame}), or C{None} while pieces are due.
+    @raise WireError: for any reason of L{parse_header}, L{Opener.open},
+        L{Reassembler.add} or L{join_frame}.
+    """
+    if header is None:
+        header = parse_header(datagram)
+    if header.count == 1:
+        return join_frame(header, (opener.open(datagram, header),))
+    pieces = reassembler.add(header, datagram[HEADER_LEN:])
+    if pieces is None:
+        return None
+    return join_frame(header, (opener.open_pieces(header, pieces),))
+
+
 class Reassembler:
     """
-    Rebuilds Ethernet frames from authentic pieces, in any order, within
+    Gathers the pieces of split frames, in any order, within
     bounds: at most C{max_frames_per_sender} frames in progress per source
     MAC (a new one evicts that sender's oldest), at most C{max_bytes} of
     pieces held in all (new pieces evict the oldest frames), and a frame
     not complete C{timeout} seconds after its first piece is dropped.  A
-    frame missing a piece is never delivered.
+    frame missing a piece is never delivered.  The pieces are not
+    authenticated yet (a split frame has one tag, over all of them): only
+    L{Opener.open_pieces} of a complete frame tells whether it is authentic.
 
     Call L{expire} from a timer too, so a frame that lost a piece frees its
     memory even when no more pieces arrive.
@@ -730,24 +808,22 @@ class Reassembler:
         """
         return self._bytes
 
-    def add(self, header: Header, piece: bytes):
+    def add(self, header: Header, piece) -> list:
         """
-        Take one authentic piece (what L{Opener.open} returned for the
-        datagram with this header).
+        Take one piece: what follows the header in the datagram with this
+        header.
 
-        @return: the rebuilt Ethernet frame when this piece completes it (at
-            once for a whole frame), else C{None}.  A frame sent with
-            L{FLAG_OFFLOAD} comes back with its 10-byte virtio-net header in
-            front, as a TAP device opened with C{IFF_VNET_HDR} takes it.
+        @return: the pieces of the frame, in order of index, when this one
+            completes it (at once for a whole frame), else C{None}.  Open
+            them with L{Opener.open_pieces}.
         @raise WireError: with reason C{"reassembly"} if the piece does not
             fit the frame in progress with its identity (another piece
-            count, another destination, an index already held) or the frame
-            would be shorter than an Ethernet header; C{"limit"} if the
-            piece alone exceeds the memory budget.
+            count, another destination, an index already held); C{"limit"}
+            if the piece alone exceeds the memory budget.
         """
         count = header.count
         if count == 1:
-            return join_frame(header, (piece,))
+            return [piece]
         src = header.src
         index = header.index
         # The sender's counter space is its key's, named by these fields;
@@ -786,9 +862,8 @@ class Reassembler:
                 self._by_source.setdefault(src, OrderedDict())[key] = frame
             return None
         self._drop(key, frame)
-        result = join_frame(header, frame.pieces)
         self.completed += 1
-        return result
+        return frame.pieces
 
     def holds(self, header: Header) -> bool:
         """

@@ -347,7 +347,7 @@ class MissTests(SynchronousTestCase):
         net = Net(self)
         bob = net["bob"]
         template = bytearray(32 + 16)
-        template[0:4] = b"\x01\x01\x00\x01"
+        template[0:4] = b"\x02\x01\x00\x01"
         template[8:12] = (1).to_bytes(4, "big")
         template[20:26] = MAC_2
         for i in range(1000):
@@ -513,16 +513,21 @@ class BatchTests(SynchronousTestCase):
 
     def test_forged_piece_in_a_run(self):
         """
-        A forged piece among a frame's pieces is dropped; the frame still
-        completes with the genuine piece; a replayed piece is refused.
+        A forged piece among a frame's pieces spoils that frame only (a
+        split frame has one tag): the genuine piece that comes after it is a
+        second piece with its index, the frame fails authentication, and
+        nothing of it is written; the next frame is.  The spoilt frame did
+        not move the replay window, so the genuine frame sent again is
+        delivered; the next one again is a replay.
         """
-        first = self.pieces[0]
+        first, second = self.pieces[0], self.pieces[1]
         forged = bytearray(first[1])
         forged[-1] ^= 1
-        batch = [first[0], bytes(forged)] + first[1:] + [first[2]]
-        written = self.receive([batch])
-        self.assertEqual(written, [self.frames[0]])
-        self.assertEqual(self.bob.dataplane.peers[MAC_1].stats.drops, {"auth": 1, "replay": 1})
+        batch = [first[0], bytes(forged)] + first[1:] + second
+        self.assertEqual(self.receive([batch]), [self.frames[1]])
+        self.assertEqual(self.bob.dataplane.peers[MAC_1].stats.drops, {"auth": 1, "reassembly": 1})
+        self.assertEqual(self.receive([first + second]), [self.frames[1], self.frames[0]])
+        self.assertEqual(self.bob.dataplane.peers[MAC_1].stats.drops, {"auth": 1, "reassembly": 1, "replay": 1})
 
     def test_lost_piece(self):
         """

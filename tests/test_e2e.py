@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from securelan import netns
 from securelan.addresses import format_mac
-from securelan.wire import parse_header
+from securelan.wire import VERSION, parse_header
 from securelan.labnet import (
     BORDER_PORT,
     CODE_ROOT,
@@ -101,7 +101,7 @@ class CarrierTests(E2ETestCase):
         payloads = capture.udp_payloads(4789)
         self.assertTrue(payloads)
         for payload in payloads:
-            self.assertEqual(payload[0], 1, "not a securelan datagram")
+            self.assertEqual(payload[0], VERSION, "not a securelan datagram")
         self.assertNotIn(0x88B5, capture.ethertypes())
         # Every datagram fits the 1500-byte underlay: no IP fragments.  On
         # veth a UDP GSO send crosses as one packet: it must be made of
@@ -474,7 +474,7 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         # The WAN: only NETKEY datagrams between the borders.
         wan_datagrams = wan.udp_datagrams(BORDER_PORT)
         self.assertTrue(wan_datagrams)
-        self.assertEqual({(d.payload[0], d.payload[1] & 0x7F) for d in wan_datagrams}, {(1, 4)})
+        self.assertEqual({(d.payload[0], d.payload[1] & 0x7F) for d in wan_datagrams}, {(VERSION, 4)})
         self.assertEqual({d.src for d in wan_datagrams} | {d.dst for d in wan_datagrams},
                          {east_border.wan_address, west_border.wan_address})
         for capture, port in ((wan, BORDER_PORT), (east, 4789), (west, 4789)):
@@ -494,18 +494,29 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         self.assertGreater(link["tx_frames"], 0)
         self.assertGreater(link["rx_frames"], 0)
 
-        # What must fail: a replayed WAN datagram.
+        # What must fail: replayed WAN datagrams (whole frames, and every
+        # piece of a split frame: those are one replay, of one frame).
         to_west = [segment for d in wan_datagrams if d.dst == west_border.wan_address
                    for segment in gso_segments(d.payload, 1472)]
+        replayed = [d for d in to_west if parse_header(d).count == 1][:10]
+        self.assertEqual(len(replayed), 10)
+        frames = {}
+        for d in to_west:
+            header = parse_header(d)
+            if header.count > 1:
+                frames.setdefault(header.counter - header.index, {})[header.index] = (header.count, d)
+        whole = [pieces for pieces in frames.values() if len(pieces) == next(iter(pieces.values()))[0]]
+        if whole:
+            replayed += [d for _, (_, d) in sorted(whole[0].items())]
         before = west_border.net()["links"][0]["drops"].get("replay", 0)
         code = ("import socket,sys\n"
                 "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                 "for line in sys.stdin.read().split():\n"
                 f"    s.sendto(bytes.fromhex(line), ('{west_border.wan_address}', {BORDER_PORT}))\n")
-        nets.wan.run([sys.executable, "-c", code], input="\n".join(p.hex() for p in to_west[:10]))
+        nets.wan.run([sys.executable, "-c", code], input="\n".join(p.hex() for p in replayed))
         time.sleep(0.5)
         after = west_border.net()["links"][0]["drops"].get("replay", 0)
-        self.assertEqual(after - before, min(10, len(to_west)))
+        self.assertEqual(after - before, 10 + (1 if whole else 0))
         # A third subnet (its own CA) and an impostor of west (west's CA,
         # another name) ask east for a NETKEY and are refused.
         north = self._rogue_keyserver(nets, "keyserver.north", None, "north", 3)

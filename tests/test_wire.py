@@ -35,7 +35,9 @@ from securelan.wire import (
     derive_net_key,
     derive_pair_key,
     subnet_tag,
+    join_frame,
     max_datagram,
+    open_datagram,
     parse_header,
     tap_mtu,
 )
@@ -108,8 +110,7 @@ def receive(opener, reassembler, datagram):
     """
     What an agent does with one datagram.
     """
-    header = parse_header(datagram)
-    return reassembler.add(header, opener.open(datagram, header))
+    return open_datagram(opener, reassembler, datagram)
 
 
 def hkdf(ikm, info):
@@ -126,10 +127,11 @@ class ConstantsTests(SynchronousTestCase):
 
     def test_sizes(self):
         """
-        The header is 32 bytes, the tag 16, 64 pieces at most, and the
-        counter limit is WireGuard's.
+        Version 2 (split frames are one AEAD message), the header is 32
+        bytes, the tag 16, 64 pieces at most, and the counter limit is
+        WireGuard's.
         """
-        self.assertEqual((VERSION, HEADER_LEN, TAG_LEN, OVERHEAD), (1, 32, 16, 48))
+        self.assertEqual((VERSION, HEADER_LEN, TAG_LEN, OVERHEAD), (2, 32, 16, 48))
         self.assertEqual((TYPE_PAIR, TYPE_GROUP, TYPE_CONTROL), (1, 2, 3))
         self.assertEqual(MAX_FRAGMENTS, 64)
         self.assertEqual(REJECT_AFTER_MESSAGES, 2**64 - 2**13 - 1)
@@ -329,7 +331,7 @@ class SealOpenTests(SynchronousTestCase):
         [datagram] = sealer.seal(frame(), 1500)
         self.assertEqual(
             datagram[:HEADER_LEN],
-            bytes([1, 1, 0, 1, 0x0A, 0x0B, 0x0C, 0x0D, 1, 2, 3, 4])
+            bytes([2, 1, 0, 1, 0x0A, 0x0B, 0x0C, 0x0D, 1, 2, 3, 4])
             + (1).to_bytes(8, "big")
             + B_MAC
             + A_MAC,
@@ -454,7 +456,9 @@ class SealOpenTests(SynchronousTestCase):
             header.incarnation,
         )
         error = self.assertRaises(WireError, same_key.open, tampered, header)
-        self.assertEqual(error.reason, "auth")
+        # A whole frame relabelled as a piece (a count above 1) is refused
+        # as one; it would then fail as part of a split frame.
+        self.assertEqual(error.reason, "auth" if header.count == 1 else "fragment")
         # The genuine datagram still opens.
         self.assertEqual(opener.open(datagram), sent[12:])
 
@@ -543,7 +547,7 @@ class SealOpenTests(SynchronousTestCase):
         key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7, RECEIVER_INCARNATION)
         opener = Opener(key, TYPE_PAIR, EPOCH, 7)
         for counter in (REJECT_AFTER_MESSAGES, 2**64 - 1):
-            header = struct.pack("!BBBBIIQ", 1, 1, 0, 1, EPOCH, 7, counter) + B_MAC + A_MAC
+            header = struct.pack("!BBBBIIQ", 2, 1, 0, 1, EPOCH, 7, counter) + B_MAC + A_MAC
             nonce = bytes(4) + counter.to_bytes(8, "big")
             datagram = header + AESGCM(key.material).encrypt(nonce, b"\x08\x00", header)
             error = self.assertRaises(WireError, opener.open, datagram)
@@ -575,7 +579,7 @@ class ParseHeaderTests(SynchronousTestCase):
     L{parse_header} reads the clear header and refuses malformed ones.
     """
 
-    def datagram(self, version=1, type=1, index=0, count=1, epoch=3, incarnation=7,
+    def datagram(self, version=2, type=1, index=0, count=1, epoch=3, incarnation=7,
                  counter=9, tail=bytes(18)):
         """
         A datagram with these header fields, from B_MAC to A_MAC.
@@ -600,24 +604,29 @@ class ParseHeaderTests(SynchronousTestCase):
         header = parse_header(self.datagram(type=2, index=3, count=5, counter=2**64 - 1))
         self.assertEqual(
             header,
-            Header(1, 2, 3, 5, 3, 7, 2**64 - 1, B_MAC, A_MAC),
+            Header(2, 2, 3, 5, 3, 7, 2**64 - 1, B_MAC, A_MAC),
         )
         self.assertEqual((header.dst, header.src), (B_MAC, A_MAC))
 
     def test_shortest(self):
         """
-        A header and a tag (an empty ciphertext) is the shortest datagram;
-        one byte less is short.
+        A header and a tag (an empty ciphertext) is the shortest datagram
+        of a whole frame; one byte less is short.  A piece of a split frame
+        (which carries a part of the one tag, or none) needs one byte after
+        its header.
         """
         self.assertEqual(parse_header(self.datagram(tail=bytes(16))).count, 1)
         self.assertDropped("short", self.datagram(tail=bytes(15)))
         self.assertDropped("short", b"")
+        self.assertEqual(parse_header(self.datagram(count=2, tail=b"x")).count, 2)
+        self.assertDropped("short", self.datagram(count=2, tail=b""))
 
     def test_version(self):
         """
-        Only version 1 is read.
+        Only version 2 is read: version 1 authenticated every piece of a
+        split frame on its own.
         """
-        for version in (0, 2, 255):
+        for version in (0, 1, 3, 255):
             self.assertDropped("version", self.datagram(version=version))
 
     def test_type(self):
@@ -662,23 +671,45 @@ class FragmentTests(SynchronousTestCase):
 
     def test_split(self):
         """
-        A 64 KiB frame becomes 47 datagrams of at most the MTU, with indexes
-        0 to 46, consecutive counters, the frame's MACs on each; every
+        A 64 KiB frame becomes 46 datagrams of at most the MTU, with indexes
+        0 to 45, consecutive counters, the frame's MACs on each; every
         datagram but the last is exactly the maximum size (one UDP GSO send
         takes them).
         """
         datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
-        self.assertEqual(len(datagrams), 47)
+        self.assertEqual(len(datagrams), 46)
         headers = [parse_header(d) for d in datagrams]
-        self.assertEqual([h.index for h in headers], list(range(47)))
-        self.assertEqual({h.count for h in headers}, {47})
-        self.assertEqual([h.counter for h in headers], list(range(47)))
+        self.assertEqual([h.index for h in headers], list(range(46)))
+        self.assertEqual({h.count for h in headers}, {46})
+        self.assertEqual([h.counter for h in headers], list(range(46)))
         self.assertEqual({(h.dst, h.src) for h in headers}, {(B_MAC, A_MAC)})
         self.assertEqual({len(d) for d in datagrams[:-1]}, {MTU_DATAGRAM})
-        self.assertLessEqual(len(datagrams[-1]), MTU_DATAGRAM)
+        self.assertEqual(len(datagrams[-1]), HEADER_LEN + len(self.big) - 12 + TAG_LEN - 45 * 1440)
+
+    def test_splitLayout(self):
+        """
+        A split frame is one AES-256-GCM message: what follows the headers,
+        joined in order, is the encryption of EtherType and payload under
+        the nonce of piece 0's counter, with piece 0's header as associated
+        data; each later header is piece 0's with its own index and counter.
+        """
+        self.sealer.seal(frame(), MTU_DATAGRAM)
+        datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
+        first = datagrams[0][:HEADER_LEN]
+        self.assertEqual(parse_header(datagrams[0]).counter, 1)
+        for index, datagram in enumerate(datagrams):
+            expected = bytearray(first)
+            expected[2] = index
+            expected[12:20] = (1 + index).to_bytes(8, "big")
+            self.assertEqual(datagram[:HEADER_LEN], bytes(expected))
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7, RECEIVER_INCARNATION)
+        self.assertEqual(
+            b"".join(d[HEADER_LEN:] for d in datagrams),
+            AESGCM(key.material).encrypt(bytes(4) + (1).to_bytes(8, "big"), self.big[12:], first),
+        )
 
     @HYPOTHESIS
-    @given(st.permutations(range(47)))
+    @given(st.permutations(range(46)))
     def test_anyOrder(self, order):
         """
         The pieces rebuild the exact frame in any order; nothing comes out
@@ -687,19 +718,20 @@ class FragmentTests(SynchronousTestCase):
         datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
         reassembler = Reassembler(self.clock)
         results = [receive(self.opener, reassembler, datagrams[i]) for i in order]
-        self.assertEqual(results[:-1], [None] * 46)
+        self.assertEqual(results[:-1], [None] * 45)
         self.assertEqual(results[-1], self.big)
         self.assertEqual((reassembler.completed, reassembler.dropped), (1, 0))
         self.assertEqual((reassembler.in_progress, reassembler.bytes_held), (0, 0))
 
     def test_smallestPieces(self):
         """
-        Pieces of a single byte work (a datagram just one byte over the
-        overhead).
+        The smallest datagrams that carry frames (one byte beyond the
+        overhead) work: the pieces carry 17 bytes of ciphertext and tag, the
+        last one 4.
         """
         sent = frame(payload=b"abc")
         datagrams = self.sealer.seal(sent, OVERHEAD + 1)
-        self.assertEqual(len(datagrams), 5)
+        self.assertEqual([len(d) for d in datagrams], [OVERHEAD + 1, HEADER_LEN + 4])
         reassembler = Reassembler(self.clock)
         results = [receive(self.opener, reassembler, d) for d in reversed(datagrams)]
         self.assertEqual(results[-1], sent)
@@ -709,9 +741,10 @@ class FragmentTests(SynchronousTestCase):
         A frame needing more than 64 pieces, or any piece when the datagram
         has no room beyond the overhead, is refused without using a counter.
         """
-        self.assertEqual(len(self.sealer.seal(frame(payload=bytes(64 * 100 - 2)), 148)), 64)
+        # 64 pieces of 148 bytes carry 64 * 116 bytes: EtherType, payload, tag.
+        self.assertEqual(len(self.sealer.seal(frame(payload=bytes(64 * 116 - 18)), 148)), 64)
         before = self.sealer.counter
-        self.assertRaises(ValueError, self.sealer.seal, frame(payload=bytes(64 * 100 - 1)), 148)
+        self.assertRaises(ValueError, self.sealer.seal, frame(payload=bytes(64 * 116 - 17)), 148)
         self.assertRaises(ValueError, self.sealer.seal, frame(), OVERHEAD)
         self.assertEqual(self.sealer.counter, before)
 
@@ -746,16 +779,88 @@ class FragmentTests(SynchronousTestCase):
         receive(self.opener, reassembler, second[0])
         self.assertEqual((reassembler.expired, reassembler.in_progress), (1, 1))
 
-    def test_duplicatePieceIsReplay(self):
+    def test_duplicatePieceAndReplayedFrame(self):
         """
-        A piece received twice is a replay: the Opener drops it before the
-        reassembler sees it.
+        A piece received twice while its frame is in progress is dropped
+        ("reassembly") and the frame still comes out once; the whole frame
+        sent again is a replay, and so is an old one beyond the window.
         """
         datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
         reassembler = Reassembler(self.clock)
         receive(self.opener, reassembler, datagrams[3])
         error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[3])
+        self.assertEqual(error.reason, "reassembly")
+        results = [receive(self.opener, reassembler, d) for d in datagrams[:3] + datagrams[4:]]
+        self.assertEqual(results[-1], self.big)
+        for datagram in datagrams[:-1]:
+            self.assertIsNone(receive(self.opener, reassembler, datagram))
+        error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
         self.assertEqual(error.reason, "replay")
+        for _ in range(8128 // 46 + 1):
+            for datagram in self.sealer.seal(self.big, MTU_DATAGRAM):
+                receive(self.opener, reassembler, datagram)
+        self.opener.reject_through(0)
+        for datagram in datagrams[:-1]:
+            receive(self.opener, reassembler, datagram)
+        error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
+        self.assertEqual(error.reason, "replay")
+
+    def test_forgedPieceSpoilsOnlyItsFrame(self):
+        """
+        One changed byte in any piece fails the whole frame ("auth") when it
+        is complete; nothing of it comes out, the replay window does not
+        move, and the next frame opens.
+        """
+        reassembler = Reassembler(self.clock)
+        for position in (HEADER_LEN, 700, MTU_DATAGRAM - 1):
+            for target in (0, 17, -1):
+                datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
+                forged = bytearray(datagrams[target])
+                forged[min(position, len(forged) - 1)] ^= 1
+                datagrams[target] = bytes(forged)
+                before = self.opener.last_counter
+                for datagram in datagrams[:-1]:
+                    self.assertIsNone(receive(self.opener, reassembler, datagram))
+                error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
+                self.assertEqual(error.reason, "auth")
+                self.assertEqual(self.opener.last_counter, before)
+                self.assertEqual(reassembler.in_progress, 0)
+        results = [receive(self.opener, reassembler, d) for d in self.sealer.seal(self.big, MTU_DATAGRAM)]
+        self.assertEqual(results[-1], self.big)
+
+    def test_piecesMovedOrMixed(self):
+        """
+        Pieces in the wrong place, or taken from another frame under that
+        frame's headers, fail authentication: the headers of a split frame
+        cannot be moved to other ciphertext.
+        """
+        one = self.sealer.seal(self.big, MTU_DATAGRAM)
+        two = self.sealer.seal(frame(payload=big_payload(65536 - 14)[::-1]), MTU_DATAGRAM)
+        swapped = list(one)
+        swapped[4] = one[4][:HEADER_LEN] + one[5][HEADER_LEN:]
+        swapped[5] = one[5][:HEADER_LEN] + one[4][HEADER_LEN:]
+        mixed = list(one)
+        mixed[9] = one[9][:HEADER_LEN] + two[9][HEADER_LEN:]
+        for datagrams in (swapped, mixed):
+            reassembler = Reassembler(self.clock)
+            for datagram in datagrams[:-1]:
+                receive(self.opener, reassembler, datagram)
+            error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
+            self.assertEqual(error.reason, "auth")
+
+    def test_pieceAloneDoesNotOpen(self):
+        """
+        A piece is not a datagram that opens on its own: L{Opener.open}
+        refuses it, and L{Opener.open_pieces} wants all of them.
+        """
+        datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
+        header = parse_header(datagrams[0])
+        self.assertEqual(self.assertRaises(WireError, self.opener.open, datagrams[0]).reason, "fragment")
+        error = self.assertRaises(WireError, self.opener.open_pieces, header,
+                                  [d[HEADER_LEN:] for d in datagrams[:-1]])
+        self.assertEqual(error.reason, "fragment")
+        self.assertEqual(self.opener.open_pieces(parse_header(datagrams[7]), [d[HEADER_LEN:] for d in datagrams]),
+                         self.big[12:])
 
     def test_framesInProgressPerSender(self):
         """
@@ -818,7 +923,7 @@ class FragmentTests(SynchronousTestCase):
         is dropped with reason "reassembly"; the frame is not harmed.
         """
         reassembler = Reassembler(self.clock)
-        first = Header(1, TYPE_PAIR, 0, 3, EPOCH, 7, 100, B_MAC, A_MAC)
+        first = Header(2, TYPE_PAIR, 0, 3, EPOCH, 7, 100, B_MAC, A_MAC)
         self.assertIsNone(reassembler.add(first, b"\x08\x00ab"))
         for bad in (
             first._replace(index=1, counter=101, count=4),
@@ -830,26 +935,23 @@ class FragmentTests(SynchronousTestCase):
         self.assertIsNone(reassembler.add(first._replace(index=2, counter=102), b"ef"))
         self.assertEqual(
             reassembler.add(first._replace(index=1, counter=101), b"cd"),
-            B_MAC + A_MAC + b"\x08\x00abcdef",
+            [b"\x08\x00ab", b"cd", b"ef"],
         )
 
     def test_framesShorterThanAnEthernetHeader(self):
         """
-        An authentic frame without a whole EtherType, whole or in pieces, is
-        dropped with reason "reassembly".
+        An authentic frame without a whole EtherType is dropped with reason
+        "reassembly", and so is an authentic datagram of no plaintext.
         """
-        reassembler = Reassembler(self.clock)
-        whole = Header(1, TYPE_PAIR, 0, 1, EPOCH, 7, 5, B_MAC, A_MAC)
+        whole = Header(2, TYPE_PAIR, 0, 1, EPOCH, 7, 5, B_MAC, A_MAC)
         for plaintext in (b"", b"\x08"):
-            error = self.assertRaises(WireError, reassembler.add, whole, plaintext)
+            error = self.assertRaises(WireError, join_frame, whole, (plaintext,))
             self.assertEqual(error.reason, "reassembly")
-        piece = whole._replace(count=2)
-        reassembler.add(piece, b"\x08")
-        error = self.assertRaises(
-            WireError, reassembler.add, piece._replace(index=1, counter=6), b""
-        )
+        key = derive_pair_key(PAIR_KEY, ALICE, BOB, EPOCH, 7, RECEIVER_INCARNATION)
+        header = struct.pack("!BBBBIIQ", 2, 1, 0, 1, EPOCH, 7, 1) + B_MAC + A_MAC
+        empty = header + AESGCM(key.material).encrypt(bytes(4) + (1).to_bytes(8, "big"), b"", header)
+        error = self.assertRaises(WireError, receive, self.opener, Reassembler(self.clock), empty)
         self.assertEqual(error.reason, "reassembly")
-        self.assertEqual(reassembler.in_progress, 0)
 
     def test_badBounds(self):
         """
@@ -884,7 +986,7 @@ class OffloadTests(SynchronousTestCase):
                 h = parse_header(d)
                 self.assertEqual(h.type, TYPE_PAIR | FLAG_OFFLOAD)
                 self.assertNotIn(vnet, d)
-                out = reassembler.add(h, opener.open(d, h)) or out
+                out = open_datagram(opener, reassembler, d, h) or out
             self.assertEqual(out, vnet + f)
 
     def test_unknown_flags_refused(self):
@@ -906,6 +1008,5 @@ class OffloadTests(SynchronousTestCase):
 
         sealer, _ = pair()
         h = parse_header(sealer.seal(frame(payload=b""), MTU_DATAGRAM)[0])
-        e = self.assertRaises(WireError, Reassembler(Clock()).add,
-                              h._replace(type=TYPE_PAIR | FLAG_OFFLOAD), b"\x08\x00")
+        e = self.assertRaises(WireError, join_frame, h._replace(type=TYPE_PAIR | FLAG_OFFLOAD), (b"\x08\x00",))
         self.assertEqual(e.reason, "reassembly")

@@ -26,8 +26,10 @@ Inbound (L{DataPlane.datagram_received}):
     is made and the datagram dropped (C{no_key});
  3. the header's epoch must be the key's, its sender incarnation selects the
     receiving direction (a newer one means the peer restarted);
- 4. the tag is verified, then the replay window checked and moved;
- 5. pieces of a split frame are reassembled;
+ 4. the pieces of a split frame are gathered (in order from one read, or
+    by the reassembler);
+ 5. the tag of the whole frame is verified, then the replay window checked
+    and moved;
  6. the peer's endpoint follows its authenticated datagrams (roaming);
  7. the frame is written to the device.
 
@@ -46,6 +48,7 @@ from ..ratelimit import TokenBucket
 from ..wire import (
     ETHERNET_HEADER_LEN,
     FLAG_OFFLOAD,
+    HEADER_LEN,
     TYPE_GROUP,
     TYPE_PAIR,
     VNET_HDR_LEN,
@@ -138,6 +141,7 @@ class DataPlane:
         self._run = []
         self._run_header = None
         self._run_peer = None
+        self._run_opener = None
         self._run_started = 0.0
         self._receiving = False
         self._backlog = []
@@ -583,16 +587,17 @@ class DataPlane:
         Datagrams that arrived together from C{source} (one UDP GRO read:
         usually the pieces of one super-frame from one peer).  The peer and
         its receiving direction are looked up once per run of datagrams
-        that name the same sender, epoch and incarnation; every datagram is
-        still authenticated and replay-checked on its own.
+        that name the same sender, epoch and incarnation; every whole frame
+        and every split frame is still authenticated and replay-checked on
+        its own.
         """
         my_mac = self.my_mac
         cached = None
         peer = opener = None
         moved = False
         # The pieces of one frame usually arrive in order (though a frame
-        # may straddle two reads): they are joined here; anything else goes
-        # through the reassembler.
+        # may straddle two reads): they are gathered here; anything else
+        # goes through the reassembler.
         run = self._run
         run_header = self._run_header
         for datagram in datagrams:
@@ -626,25 +631,17 @@ class DataPlane:
                     continue
                 cached = key
                 moved = False
-            try:
-                piece = opener.open_counter(datagram, header.counter)
-            except WireError as e:
-                self._drop(e.reason, peer)
-                continue
-            if not moved:
-                # First authentic datagram of this run: adopt a restarted
-                # peer's new incarnation, follow a roaming peer; a datagram
-                # under the new epoch shows the peer has the new key.
-                moved = True
-                peer.accept(opener, header.incarnation)
-                if peer.switch_at:
-                    peer.switch_at = 0.0
-                if source != peer.endpoint and source is not None:
-                    log.info("peer {peer_id} moved to {endpoint}", peer_id=peer.member_id, endpoint=source)
-                    peer.endpoint = source
-                    self.members[peer.mac] = source
             count = header.count
             if count == 1:
+                try:
+                    piece = opener.open_counter(datagram, header.counter)
+                except WireError as e:
+                    self._drop(e.reason, peer)
+                    continue
+                if not moved:
+                    # Once per run of whole frames: the first is authentic.
+                    moved = True
+                    self._authentic(peer, opener, header, source)
                 self._deliver(header, piece, peer.stats, peer)
                 continue
             index = header.index
@@ -658,30 +655,62 @@ class DataPlane:
                 if index == 0:
                     self._run_header = run_header = header
                     self._run_peer = peer
+                    self._run_opener = opener
                     self._run_started = self.clock.seconds()
-                run.append(piece)
+                run.append(datagram[HEADER_LEN:])
                 if len(run) == count:
                     pieces = run
                     self._run = run = []
-                    try:
-                        frame = join_frame(run_header, pieces)
-                    except WireError as e:
-                        self._drop(e.reason, peer)
-                    else:
-                        self._write(frame, run_header.type & FLAG_OFFLOAD, peer.stats, peer)
+                    self._open_pieces(run_header, pieces, opener, peer, source)
             else:
-                self._deliver(header, piece, peer.stats, peer)
+                self._piece(header, datagram[HEADER_LEN:], opener, peer, source)
 
     def _flush_run(self):
         """
         Hand the pieces of an unfinished run (indexes 0, 1, ...) to the
         reassembler, where the rest of their frame will find them.
         """
-        header, pieces, peer = self._run_header, self._run, self._run_peer
+        header, pieces, peer, opener = self._run_header, self._run, self._run_peer, self._run_opener
         self._run = []
         counter = header.counter
         for index, piece in enumerate(pieces):
-            self._deliver(header._replace(index=index, counter=counter + index), piece, peer.stats, peer)
+            self._piece(header._replace(index=index, counter=counter + index), piece, opener, peer, None)
+
+    def _piece(self, header, piece, opener, peer, source):
+        """
+        A piece of a split frame that did not arrive in order with the rest.
+        """
+        try:
+            pieces = self.reassembler.add(header, piece)
+        except WireError as e:
+            return self._drop(e.reason, peer)
+        if pieces is not None:
+            self._open_pieces(header, pieces, opener, peer, source)
+
+    def _open_pieces(self, header, pieces, opener, peer, source):
+        """
+        A split frame with all its pieces: authenticate it, then deliver.
+        """
+        try:
+            plaintext = opener.open_pieces(header, pieces)
+        except WireError as e:
+            return self._drop(e.reason, peer)
+        self._authentic(peer, opener, header, source)
+        self._deliver(header, plaintext, peer.stats, peer)
+
+    def _authentic(self, peer, opener, header, source):
+        """
+        A frame from C{peer} authenticated: adopt a restarted peer's new
+        incarnation, follow a roaming peer; a frame under the new epoch
+        shows the peer has the new key.
+        """
+        peer.accept(opener, header.incarnation)
+        if peer.switch_at:
+            peer.switch_at = 0.0
+        if source != peer.endpoint and source is not None:
+            log.info("peer {peer_id} moved to {endpoint}", peer_id=peer.member_id, endpoint=source)
+            peer.endpoint = source
+            self.members[peer.mac] = source
 
     #: Seconds the previous epoch of a rekeyed pair key is still accepted.
     REKEY_GRACE = 15.0
@@ -791,7 +820,13 @@ class DataPlane:
         if opener is None:
             return self._drop("incarnation")
         try:
-            piece = opener.open(datagram, header)
+            if header.count == 1:
+                plaintext = opener.open_counter(datagram, header.counter)
+            else:
+                pieces = self.reassembler.add(header, datagram[HEADER_LEN:])
+                if pieces is None:
+                    return
+                plaintext = opener.open_pieces(header, pieces)
         except WireError as e:
             return self._drop(e.reason)
         group.accept(src, opener, header.incarnation)
@@ -800,15 +835,14 @@ class DataPlane:
             # A member we did not know of (it joined after our list was
             # fetched), or a host behind a gateway: send our broadcasts there.
             self.members[src] = source
-        self._deliver(header, piece, group.stats, None)
+        self._deliver(header, plaintext, group.stats, None)
 
-    def _deliver(self, header, piece, stats, peer):
+    def _deliver(self, header, plaintext, stats, peer):
         try:
-            frame = self.reassembler.add(header, piece)
+            frame = join_frame(header, (plaintext,))
         except WireError as e:
             return self._drop(e.reason, peer)
-        if frame is not None:
-            self._write(frame, header.type & FLAG_OFFLOAD, stats, peer)
+        self._write(frame, header.type & FLAG_OFFLOAD, stats, peer)
 
     def _write(self, frame, offload, stats, peer):
         # Length first: no copy of every frame to spot the rare announce.

@@ -41,6 +41,7 @@ from ..wire import (
     Sealer,
     WireError,
     derive_net_key,
+    open_datagram,
     parse_header,
     subnet_tag,
 )
@@ -450,19 +451,15 @@ class NetPlane:
                 self.ask()
             return self._drop(state, "epoch" if header.epoch not in state.keys else "incarnation")
         try:
-            piece = opener.open_counter(datagram, header.counter)
-        except WireError as e:
-            return self._drop(state, e.reason)
-        state.accepted(header.epoch, header.incarnation, opener)
-        if header.incarnation == state.rx_incarnation and source != state.endpoint and source is not None:
-            log.info("border of subnet {subnet} now at {source}", subnet=state.link.subnet, source=source)
-            state.endpoint = source
-        try:
-            frame = self.reassembler.add(header, piece)
+            frame = open_datagram(opener, self.reassembler, datagram, header)
         except WireError as e:
             return self._drop(state, e.reason)
         if frame is None:
             return
+        state.accepted(header.epoch, header.incarnation, opener)
+        if header.incarnation == state.rx_incarnation and source != state.endpoint and source is not None:
+            log.info("border of subnet {subnet} now at {source}", subnet=state.link.subnet, source=source)
+            state.endpoint = source
         # frame: [virtio-net header] + the two subnet tags + EtherType + packet.
         base = VNET_HDR_LEN if header.type & FLAG_OFFLOAD else 0
         stats = state.stats
