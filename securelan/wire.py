@@ -130,6 +130,7 @@ __all__ = [
     "Reassembler",
     "join_frame",
     "open_datagram",
+    "piece_header",
 ]
 
 VERSION = 2
@@ -644,8 +645,7 @@ class Opener:
         if len(pieces) != header.count:
             raise WireError(DROP_FRAGMENT)
         counter = header.counter - header.index
-        first = _HEADER.pack(header.version, header.type, 0, header.count, header.epoch,
-                             header.incarnation, counter, header.dst, header.src)
+        first = piece_header(header, 0)
         try:
             plaintext = self._decrypt(_NONCE.pack(counter), b"".join(pieces), first)
         except InvalidTag:
@@ -680,6 +680,15 @@ class Opener:
         if not self._window.check(counter):
             raise WireError(DROP_REPLAY)
         return plaintext
+
+
+def piece_header(header: Header, index: int) -> bytes:
+    """
+    The 32 header bytes of piece C{index} of the frame that the piece with
+    C{header} belongs to: what that piece's datagram begins with.
+    """
+    return _HEADER.pack(header.version, header.type, index, header.count, header.epoch,
+                        header.incarnation, header.counter - header.index + index, header.dst, header.src)
 
 
 def join_frame(header: Header, pieces) -> bytes:

@@ -57,6 +57,7 @@ from ..wire import (
     WireError,
     join_frame,
     parse_header,
+    piece_header,
 )
 from .pending import PendingFrames
 from .peers import GroupState, Peer, Retired, Stats
@@ -600,7 +601,21 @@ class DataPlane:
         # goes through the reassembler.
         run = self._run
         run_header = self._run_header
+        # The header the next piece of the run will have, if it comes now.
+        expected = piece_header(run_header, len(run)) if run else None
         for datagram in datagrams:
+            if expected is not None and datagram[:HEADER_LEN] == expected:
+                # The next piece of the frame in progress: the same sender,
+                # key and frame as its piece 0, checked in full below.
+                run.append(datagram[HEADER_LEN:])
+                if len(run) < run_header.count:
+                    expected = piece_header(run_header, len(run))
+                    continue
+                pieces = run
+                self._run = run = []
+                expected = None
+                self._open_pieces(run_header, pieces, self._run_opener, self._run_peer, source)
+                continue
             try:
                 header = parse_header(datagram)
             except WireError as e:
@@ -651,6 +666,7 @@ class DataPlane:
                         or header.incarnation != run_header.incarnation):
                 self._flush_run()
                 run = self._run
+                expected = None
             if run or (index == 0 and not self.reassembler.holds(header)):
                 if index == 0:
                     self._run_header = run_header = header
@@ -661,7 +677,10 @@ class DataPlane:
                 if len(run) == count:
                     pieces = run
                     self._run = run = []
+                    expected = None
                     self._open_pieces(run_header, pieces, opener, peer, source)
+                else:
+                    expected = piece_header(run_header, len(run))
             else:
                 self._piece(header, datagram[HEADER_LEN:], opener, peer, source)
 
