@@ -131,6 +131,7 @@ __all__ = [
     "join_frame",
     "open_datagram",
     "piece_header",
+    "piece_headers",
 ]
 
 VERSION = 2
@@ -691,6 +692,16 @@ def piece_header(header: Header, index: int) -> bytes:
                         header.incarnation, header.counter - header.index + index, header.dst, header.src)
 
 
+def piece_headers(header: Header) -> list:
+    """
+    L{piece_header} of every piece of the frame, in order of index.
+    """
+    version, type, _, count, epoch, incarnation, counter, dst, src = header
+    first, pack = counter - header.index, _HEADER.pack
+    return [pack(version, type, index, count, epoch, incarnation, first + index, dst, src)
+            for index in range(count)]
+
+
 def join_frame(header: Header, pieces) -> bytes:
     """
     The frame that C{pieces} of plaintext (authentic, all of them, in
@@ -861,7 +872,9 @@ class Reassembler:
             self.evicted += 1
             if oldest is frame:
                 raise WireError(DROP_LIMIT)
-        frame.pieces[index] = piece
+        # A copy: the piece may be a view of a whole GRO read, which must not
+        # stay alive for the sake of a few bytes.
+        frame.pieces[index] = bytes(piece)
         frame.missing -= 1
         if frame.missing:
             frame.size += size

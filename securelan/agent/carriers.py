@@ -175,7 +175,9 @@ class UDPCarrier:
                 if level == socket.IPPROTO_UDP and kind == UDP_GRO:
                     segment = int.from_bytes(value[:4], "little")
             if segment and len(data) > segment:
-                receiver([data[offset:offset + segment] for offset in range(0, len(data), segment)],
+                # Views, not copies: the receiver copies what it keeps.
+                view = memoryview(data)
+                receiver([view[offset:offset + segment] for offset in range(0, len(data), segment)],
                          source[:2])
             else:
                 receiver((data,), source[:2])

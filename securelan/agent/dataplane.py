@@ -57,7 +57,7 @@ from ..wire import (
     WireError,
     join_frame,
     parse_header,
-    piece_header,
+    piece_headers,
 )
 from .pending import PendingFrames
 from .peers import GroupState, Peer, Retired, Stats
@@ -143,6 +143,7 @@ class DataPlane:
         self._run_header = None
         self._run_peer = None
         self._run_opener = None
+        self._run_headers = []
         self._run_started = 0.0
         self._receiving = False
         self._backlog = []
@@ -602,14 +603,15 @@ class DataPlane:
         run = self._run
         run_header = self._run_header
         # The header the next piece of the run will have, if it comes now.
-        expected = piece_header(run_header, len(run)) if run else None
+        headers = self._run_headers
+        expected = headers[len(run)] if run else None
         for datagram in datagrams:
             if expected is not None and datagram[:HEADER_LEN] == expected:
                 # The next piece of the frame in progress: the same sender,
                 # key and frame as its piece 0, checked in full below.
                 run.append(datagram[HEADER_LEN:])
-                if len(run) < run_header.count:
-                    expected = piece_header(run_header, len(run))
+                if len(run) < len(headers):
+                    expected = headers[len(run)]
                     continue
                 pieces = run
                 self._run = run = []
@@ -670,6 +672,7 @@ class DataPlane:
             if run or (index == 0 and not self.reassembler.holds(header)):
                 if index == 0:
                     self._run_header = run_header = header
+                    self._run_headers = headers = piece_headers(header)
                     self._run_peer = peer
                     self._run_opener = opener
                     self._run_started = self.clock.seconds()
@@ -680,7 +683,7 @@ class DataPlane:
                     expected = None
                     self._open_pieces(run_header, pieces, opener, peer, source)
                 else:
-                    expected = piece_header(run_header, len(run))
+                    expected = headers[len(run)]
             else:
                 self._piece(header, datagram[HEADER_LEN:], opener, peer, source)
 
@@ -756,14 +759,14 @@ class DataPlane:
         if held is None:
             if len(self._held) >= self.HOLD_TOTAL or not self._inbound_requests.take():
                 return False
-            self._held[src] = [(self.clock.seconds(), datagram, source)]
+            self._held[src] = [(self.clock.seconds(), bytes(datagram), source)]
             self._held_count += 1
             # Last: the answer may come at once and release what is held.
             self._request_pair_key(src, epoch=epoch)
             return True
         if len(held) >= self.HOLD_PER_SENDER or self._held_count >= self.HOLD_TOTAL:
             return False
-        held.append((self.clock.seconds(), datagram, source))
+        held.append((self.clock.seconds(), bytes(datagram), source))
         self._held_count += 1
         return True
 
