@@ -281,6 +281,14 @@ class ICarrier(Interface):
         endpoint; several go out in one system call where the carrier can.
         """
 
+    def send_parts(parts, endpoint):
+        """
+        L{send}, with each datagram given as its two parts, laid flat:
+        C{[header 0, rest 0, header 1, rest 1, ...]}, as
+        L{securelan.wire.Sealer.seal_parts} makes them (so a carrier that
+        can send scattered buffers joins nothing).
+        """
+
     def broadcast(datagrams, endpoints):
         """
         Send the datagrams of one frame to every member: to each of

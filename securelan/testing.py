@@ -410,6 +410,9 @@ class MemoryCarrier:
         for datagram in datagrams:
             self.lan.transmit(datagram, self.address, endpoint)
 
+    def send_parts(self, parts, endpoint):
+        self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
+
     def broadcast(self, datagrams, endpoints):
         for endpoint in endpoints:
             self.send(datagrams, endpoint)

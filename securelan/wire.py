@@ -44,7 +44,8 @@ C{derive_group_key(group_key, sender_mac, epoch, incarnation) -> SecretKey}
     incarnation), never per frame.
 
 C{Sealer(key, type, epoch, incarnation)}
-    C{.seal(frame, max_datagram) -> list[bytes]}; C{.counter}.
+    C{.seal(frame, max_datagram) -> list[bytes]}; C{.seal_parts(...)}, the
+    same as header and body parts for a scatter-gather send; C{.counter}.
 
 C{Opener(key, type, epoch, incarnation)}
     C{.open(datagram, header=None) -> bytes} (a whole frame);
@@ -514,6 +515,16 @@ class Sealer:
         @raise CounterExhausted: if the key may not protect that many more
             messages; nothing is sealed then.
         """
+        parts = self.seal_parts(frame, max_datagram, offload)
+        return list(map(bytes.__add__, parts[0::2], parts[1::2]))
+
+    def seal_parts(self, frame, max_datagram: int, offload=None) -> list:
+        """
+        L{seal}, with each datagram as its two parts, laid flat: C{[header
+        0, rest of datagram 0, header 1, rest of datagram 1, ...]} (the
+        rests are views of one buffer), for a scatter-gather send that
+        joins nothing in Python (L{securelan._interfaces.ICarrier.send_parts}).
+        """
         if len(frame) < ETHERNET_HEADER_LEN:
             raise ValueError("an Ethernet frame is at least 14 bytes")
         type = self._type
@@ -535,7 +546,7 @@ class Sealer:
             header = _HEADER_OUT.pack(
                 VERSION, type, 0, 1, self._epoch, self._incarnation, counter, macs
             )
-            return [header + self._encrypt(_NONCE.pack(counter), plaintext, header)]
+            return [header, self._encrypt(_NONCE.pack(counter), plaintext, header)]
         if room < 1:
             raise ValueError(f"a datagram of {max_datagram} bytes has no room for data")
         # A split frame is one AEAD message: ciphertext and tag, cut into
@@ -551,15 +562,12 @@ class Sealer:
             raise CounterExhausted()
         self._counter = counter + count
         pack, epoch, incarnation = _HEADER_OUT.pack, self._epoch, self._incarnation
-        first = pack(VERSION, type, 0, count, epoch, incarnation, counter, macs)
-        sealed = memoryview(self._encrypt(_NONCE.pack(counter), plaintext, first))
-        datagrams = [first + sealed[:room]]
-        start = room
-        for index in range(1, count):
-            datagrams.append(pack(VERSION, type, index, count, epoch, incarnation, counter + index, macs)
-                             + sealed[start:start + room])
-            start += room
-        return datagrams
+        parts = [None] * (2 * count)
+        parts[0::2] = headers = [pack(VERSION, type, index, count, epoch, incarnation, counter + index, macs)
+                                 for index in range(count)]
+        sealed = memoryview(self._encrypt(_NONCE.pack(counter), plaintext, headers[0]))
+        parts[1::2] = [sealed[start:start + room] for start in range(0, len(sealed), room)]
+        return parts
 
 
 class Opener:

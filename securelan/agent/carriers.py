@@ -186,33 +186,33 @@ class UDPCarrier:
         return parse_udp_endpoint(text, self.family)
 
     def send(self, datagrams, endpoint):
+        self.send_parts([part for datagram in datagrams for part in (datagram, b"")], endpoint)
+
+    def send_parts(self, parts, endpoint):
         sock = self._socket
         try:
-            if len(datagrams) == 1:
-                sock.sendto(datagrams[0], endpoint)
+            if len(parts) == 2:
+                sock.sendmsg(parts, (), 0, endpoint)
                 return
             if self.gso:
-                size = len(datagrams[0])
+                size = len(parts[0]) + len(parts[1])
                 # One GSO send is one UDP datagram to the kernel: at most
                 # 64 KiB of payload, so a super-frame may take two.
-                step = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
+                step = 2 * min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
                 segment = [(socket.IPPROTO_UDP, UDP_SEGMENT, _U16.pack(size))]
                 try:
-                    for start in range(0, len(datagrams), step):
-                        chunk = datagrams[start:start + step]
-                        if len(chunk) == 1:
-                            sock.sendto(chunk[0], endpoint)
-                        else:
-                            sock.sendmsg(chunk, segment, 0, endpoint)
+                    for start in range(0, len(parts), step):
+                        chunk = parts[start:start + step]
+                        sock.sendmsg(chunk, segment if len(chunk) > 2 else (), 0, endpoint)
                     return
                 except OSError as e:
                     if e.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
                         raise
                     # No UDP GSO on this path (or device): one by one.
                     self.gso = False
-                    datagrams = datagrams[start:]
-            for datagram in datagrams:
-                sock.sendto(datagram, endpoint)
+                    parts = parts[start:]
+            for start in range(0, len(parts), 2):
+                sock.sendmsg(parts[start:start + 2], (), 0, endpoint)
         except Exception:
             # A full socket buffer, an unreachable peer, an address the
             # socket cannot use: counted, never raised into the frame path.
@@ -295,6 +295,9 @@ class EthernetCarrier:
                 send(b"".join((datagram[20:32], _ETHERTYPE_BYTES, datagram)))
             except OSError:
                 self.errors += 1
+
+    def send_parts(self, parts, endpoint):
+        self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
 
     def broadcast(self, datagrams, endpoints):
         self.send(datagrams, None)

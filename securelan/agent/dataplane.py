@@ -288,12 +288,12 @@ class DataPlane:
             # peer shows it has the new key, or for a moment at most.
             sealer = peer.older[-1][0].sealer
         try:
-            datagrams = sealer.seal(frame, self._max_datagram, offload)
+            parts = sealer.seal_parts(frame, self._max_datagram, offload)
         except CounterExhausted:
             return self._drop("counter", peer)
         except ValueError:
             return self._drop("too_big", peer)
-        self.carrier.send(datagrams, peer.endpoint)
+        self.carrier.send_parts(parts, peer.endpoint)
         if sealer is peer.sealer and not peer.rekey_asked:
             if self.rekey_after_bytes:
                 peer.epoch_bytes += len(frame)
