@@ -286,6 +286,29 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(store.issue_pair_key(a_pair_key("alice", "bob"), 10)), first)
         self.assertEqual(runner.queue, [])
 
+    def test_newPairKeysShareATransaction(self):
+        """
+        New pair keys asked for while one is being written go into the next
+        write transaction together (a group commit): three keys, two
+        transactions; each caller gets its own key, and the store holds all.
+        """
+        runner = QueuedRunner()
+        store = self.make_store(":memory:", None, runner=runner)
+        d = store.open()
+        runner.run_next()
+        self.successResultOf(d)
+        candidates = [a_pair_key("alice", "bob"), a_pair_key("alice", "carol"), a_pair_key("bob", "carol")]
+        issued = [store.issue_pair_key(candidate, 10) for candidate in candidates]
+        self.assertEqual(len(runner.queue), 1)
+        runner.run_next()
+        self.assertEqual(self.successResultOf(issued[0]), candidates[0])
+        self.assertNoResult(issued[1])
+        self.assertEqual(len(runner.queue), 1)
+        runner.run_next()
+        self.assertEqual([self.successResultOf(d) for d in issued[1:]], candidates[1:])
+        self.assertEqual(runner.queue, [])
+        self.assertEqual(self.successResultOf(store.pair_key("carol", "bob")), candidates[2])
+
     def test_coalescedFailure(self):
         """
         When a shared write fails, every caller waiting on it gets the

@@ -28,6 +28,7 @@ from importlib import resources
 
 from attrs import define, evolve, field
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -38,7 +39,7 @@ from ..errors import AddressInUse, BadRequest, MacInUse, StoreUnavailable, Table
 from ..keys import KEY_BYTES, MasterKey, MasterKeyError, SecretKey
 from ..records import GROUP_ID, GroupKey, Member, PairKey
 from . import StoreOpenError
-from .mirror import SharedStore, forget_member
+from .mirror import SharedStore, coalesce, forget_member
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "run_synchronously"]
 
@@ -427,13 +428,23 @@ def _issue_pair_txn(conn, path, master, candidate, max_pair_keys):
         wrapped = master.wrap(candidate.key, _pair_context(candidate.id_a, candidate.id_b, candidate.epoch))
         # DO NOTHING, then SELECT: whoever inserted first wins, and every
         # process returns the winner.
-        conn.execute(
+        inserted = conn.execute(
             "INSERT INTO pair_keys (id_a, id_b, epoch, wrapped_key, created_at, expires_at)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id_a, id_b) DO NOTHING",
             (candidate.id_a, candidate.id_b, candidate.epoch, wrapped, candidate.created_at, candidate.expires_at),
-        )
+        ).rowcount
+        if inserted == 1:
+            # Ours went in: the row is the candidate (no read-back, no unwrap).
+            return candidate
         row = conn.execute(_SELECT_PAIR, pair).fetchone()
     return _pair_key_from_row(master, path, *row)
+
+
+def _issue_pairs_txn(conn, path, master, candidates):
+    """
+    L{_issue_pair_txn} for every candidate, in the one transaction.
+    """
+    return [_issue_pair_txn(conn, path, master, candidate, None) for candidate in candidates]
 
 
 def _issue_group_txn(conn, path, master, candidate):
@@ -561,6 +572,9 @@ class SQLiteStore(SharedStore):
     _foreign: dict = field(init=False, factory=dict, repr=False)
     #: Writes under way that later callers join rather than repeat.
     _in_flight: dict = field(init=False, factory=dict, repr=False)
+    #: (candidate, Deferred) of the new pair keys for the next transaction.
+    _pair_batch: list = field(init=False, factory=list, repr=False)
+    _pair_batch_running: bool = field(init=False, default=False, repr=False)
 
     # Life cycle
 
@@ -663,9 +677,37 @@ class SQLiteStore(SharedStore):
         issuing = sum(1 for key in self._in_flight if key[0] == "pair")
         if ("pair",) + pair not in self._in_flight and len(self._pair_keys) + issuing >= max_pair_keys:
             return defer.fail(TableFull(f"the pair-key table is full ({max_pair_keys} keys)"))
-        return self._coalesced(
-            ("pair",) + pair, self._pair_issued, _issue_pair_txn, self.path, self._master, candidate, max_pair_keys
-        )
+        return coalesce(self._in_flight, ("pair",) + pair, lambda: self._issue_in_batch(candidate))
+
+    def _issue_in_batch(self, candidate):
+        """
+        Issue C{candidate} in the next write transaction that issues pair
+        keys: one starts at once when none is under way; the keys asked for
+        meanwhile all go into the one after it (a group commit), so a burst
+        of new pairs costs a transaction per burst, not per key.
+        """
+        d = defer.Deferred()
+        self._pair_batch.append((candidate, d))
+        if not self._pair_batch_running:
+            self._issue_batch()
+        return d
+
+    def _issue_batch(self):
+        batch, self._pair_batch = self._pair_batch, []
+        self._pair_batch_running = True
+
+        def done(result):
+            self._pair_batch_running = False
+            if isinstance(result, Failure):
+                for _, d in batch:
+                    d.errback(result)
+            else:
+                for (_, d), pair_key in zip(batch, result):
+                    d.callback(self._pair_issued(pair_key))
+            if self._pair_batch:
+                self._issue_batch()
+
+        self._write(_issue_pairs_txn, self.path, self._master, [candidate for candidate, _ in batch]).addBoth(done)
 
     def issue_group_key(self, candidate):
         if self._group_key is not None:
