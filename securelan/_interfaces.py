@@ -255,6 +255,9 @@ class ICarrier(Interface):
         "What the agent registers as its endpoint ('' when the carrier needs none).")
     can_broadcast = Attribute(
         "True when one send reaches every member (so no per-member fan-out).")
+    pieces_per_send = Attribute(
+        "How many datagrams of one frame leave in one system call at most"
+        " (UDP GSO), or None when each leaves on its own.")
 
     def start(receiver):
         """

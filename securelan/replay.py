@@ -79,6 +79,22 @@ class ReplayWindow:
         self._ring[(counter >> _BLOCK_BIT_LOG) & _BLOCK_MASK] = (1 << ((counter & _BIT_MASK) + 1)) - 1
         self._last = counter
 
+    def seen(self, counter: int) -> bool:
+        """
+        Whether L{check} would refuse C{counter} now, without changing
+        anything.  Unlike L{check} this may be asked before the tag is
+        verified (RFC 4303, section 3.4.3: a replay is dropped cheaply,
+        and only an authentic message moves the window).
+        """
+        if counter >= REJECT_AFTER_MESSAGES:
+            return True
+        last = self._last
+        if counter > last:
+            return False
+        if last - counter > WINDOW_SIZE:
+            return True
+        return bool(self._ring[(counter >> _BLOCK_BIT_LOG) & _BLOCK_MASK] & (1 << (counter & _BIT_MASK)))
+
     def check(self, counter: int) -> bool:
         """
         Whether a message with this counter may be accepted; if so, remember

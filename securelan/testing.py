@@ -386,6 +386,7 @@ class MemoryCarrier:
     __test__ = False
     name = "memory"
     can_broadcast = False
+    pieces_per_send = None
 
     def __init__(self, lan, address, max_datagram):
         self.lan = lan

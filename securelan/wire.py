@@ -121,6 +121,7 @@ __all__ = [
     "Header",
     "parse_header",
     "tap_mtu",
+    "largest_split_frame",
     "max_datagram",
     "derive_pair_key",
     "derive_group_key",
@@ -295,6 +296,14 @@ def max_datagram(underlay_mtu: int, ipv6: bool = False) -> int:
     The largest UDP payload that crosses an underlay of this MTU unfragmented.
     """
     return underlay_mtu - (_IPV6_HEADER_LEN if ipv6 else _IPV4_HEADER_LEN) - _UDP_HEADER_LEN
+
+
+def largest_split_frame(max_datagram: int, pieces: int) -> int:
+    """
+    The longest Ethernet frame, sent with its virtio-net header, whose
+    datagrams of at most C{max_datagram} bytes number C{pieces} at most.
+    """
+    return pieces * (max_datagram - HEADER_LEN) - TAG_LEN - VNET_HDR_LEN + _MACS_LEN
 
 
 def frame_mtu(max_datagram: int) -> int:
@@ -612,6 +621,14 @@ class Opener:
         """
         self._window.reject_through(counter)
 
+    def seen(self, counter: int) -> bool:
+        """
+        Whether the replay window would refuse C{counter} (a whole frame's,
+        or a split frame's identity), without moving it: a piece of a frame
+        already accepted can be dropped before it is held.
+        """
+        return self._window.seen(counter)
+
     def open(self, datagram, header: Header = None) -> bytes:
         """
         Authenticate and decrypt a datagram that holds a whole frame: first
@@ -768,6 +785,8 @@ def open_datagram(opener: "Opener", reassembler: "Reassembler", datagram, header
         header = parse_header(datagram)
     if header.count == 1:
         return join_frame(header, (opener.open(datagram, header),))
+    if opener.seen(header.counter - header.index):
+        raise WireError(DROP_REPLAY)
     pieces = reassembler.add(header, datagram[HEADER_LEN:])
     if pieces is None:
         return None

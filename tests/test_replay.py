@@ -283,7 +283,8 @@ class ReplayWindowTests(SynchronousTestCase):
         On any sequence of counters the window answers exactly as the
         set-based specification: it never accepts a duplicate, never one
         too old or past the limit, and accepts every fresh counter in the
-        window.
+        window; L{ReplayWindow.seen} foretells each answer without
+        changing the window.
         """
         window, reference = ReplayWindow(), Reference()
         for kind, value in steps:
@@ -295,7 +296,13 @@ class ReplayWindowTests(SynchronousTestCase):
                 counters = [max(0, reference.highest + value)]
             for counter in counters:
                 counter = min(counter, 2**64 - 1)
-                self.assertEqual(window.check(counter), reference.check(counter), counter)
+                # seen() tells beforehand what check() will say, and
+                # changes nothing (asked twice, the answer stands).
+                seen = window.seen(counter)
+                self.assertEqual(window.seen(counter), seen)
+                accepted = window.check(counter)
+                self.assertEqual(accepted, reference.check(counter), counter)
+                self.assertEqual(seen, not accepted, counter)
                 self.assertEqual(window.last, reference.highest)
 
 

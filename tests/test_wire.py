@@ -782,8 +782,9 @@ class FragmentTests(SynchronousTestCase):
     def test_duplicatePieceAndReplayedFrame(self):
         """
         A piece received twice while its frame is in progress is dropped
-        ("reassembly") and the frame still comes out once; the whole frame
-        sent again is a replay, and so is an old one beyond the window.
+        ("reassembly") and the frame still comes out once; every piece of
+        the frame sent again is a replay, and so is an old one beyond the
+        window.
         """
         datagrams = self.sealer.seal(self.big, MTU_DATAGRAM)
         reassembler = Reassembler(self.clock)
@@ -792,17 +793,20 @@ class FragmentTests(SynchronousTestCase):
         self.assertEqual(error.reason, "reassembly")
         results = [receive(self.opener, reassembler, d) for d in datagrams[:3] + datagrams[4:]]
         self.assertEqual(results[-1], self.big)
-        for datagram in datagrams[:-1]:
-            self.assertIsNone(receive(self.opener, reassembler, datagram))
-        error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
-        self.assertEqual(error.reason, "replay")
+        # Pieces of a frame accepted before are refused as they come, by a
+        # look at the replay window that does not move it.
+        for datagram in datagrams:
+            error = self.assertRaises(WireError, receive, self.opener, reassembler, datagram)
+            self.assertEqual(error.reason, "replay")
+        self.assertEqual(reassembler.in_progress, 0)
         for _ in range(8128 // 46 + 1):
             for datagram in self.sealer.seal(self.big, MTU_DATAGRAM):
                 receive(self.opener, reassembler, datagram)
-        self.opener.reject_through(0)
-        for datagram in datagrams[:-1]:
-            receive(self.opener, reassembler, datagram)
-        error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
+        error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[5])
+        self.assertEqual(error.reason, "replay")
+        # Whole, the old frame is refused after its tag verifies too.
+        error = self.assertRaises(WireError, self.opener.open_pieces, parse_header(datagrams[0]),
+                                  [d[HEADER_LEN:] for d in datagrams])
         self.assertEqual(error.reason, "replay")
 
     def test_forgedPieceSpoilsOnlyItsFrame(self):

@@ -121,6 +121,8 @@ class UDPCarrier:
         self.reactor = reactor
         self.family = socket.AF_INET6 if ipaddress.ip_address(listen).version == 6 else socket.AF_INET
         self.max_datagram = max_datagram(underlay_mtu, ipv6=self.family == socket.AF_INET6)
+        #: Datagrams of one frame that one GSO send takes at most.
+        self.pieces_per_send = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // self.max_datagram)
         self.endpoint = advertise or f":{port}"
         self.errors = 0
         self.gso = self.gro = False
@@ -175,9 +177,9 @@ class UDPCarrier:
                 if level == socket.IPPROTO_UDP and kind == UDP_GRO:
                     segment = int.from_bytes(value[:4], "little")
             if segment and len(data) > segment:
-                # Views, not copies: the receiver copies what it keeps.
-                view = memoryview(data)
-                receiver([view[offset:offset + segment] for offset in range(0, len(data), segment)],
+                # Slices, not memoryviews: a view costs as much to make as
+                # a 1.4 KB copy, and is slower to compare and join (measured).
+                receiver([data[offset:offset + segment] for offset in range(0, len(data), segment)],
                          source[:2])
             else:
                 receiver((data,), source[:2])
@@ -235,6 +237,8 @@ class EthernetCarrier:
     name = "ethernet"
     can_broadcast = True
     endpoint = ""
+    #: One send per datagram: no limit to match.
+    pieces_per_send = None
 
     def __init__(self, interface: str, underlay_mtu: int, reactor):
         self.interface = interface

@@ -662,6 +662,10 @@ class DataPlane:
                 self._deliver(header, piece, peer.stats, peer)
                 continue
             index = header.index
+            if opener.seen(header.counter - index):
+                # A piece of a frame accepted before: not worth holding.
+                self._drop("replay", peer)
+                continue
             if run and (index != len(run) or header.counter - index != run_header.counter
                         or header.src != run_header.src or count != run_header.count
                         or header.type != run_header.type or header.epoch != run_header.epoch
@@ -712,11 +716,13 @@ class DataPlane:
     def _open_pieces(self, header, pieces, opener, peer, source):
         """
         A split frame with all its pieces: authenticate it, then deliver.
+        A frame that fails counts a drop for each of its datagrams, as
+        everything else here counts datagrams.
         """
         try:
             plaintext = opener.open_pieces(header, pieces)
         except WireError as e:
-            return self._drop(e.reason, peer)
+            return self._drop(e.reason, peer, n=len(pieces))
         self._authentic(peer, opener, header, source)
         self._deliver(header, plaintext, peer.stats, peer)
 
@@ -845,10 +851,15 @@ class DataPlane:
             if header.count == 1:
                 plaintext = opener.open_counter(datagram, header.counter)
             else:
+                if opener.seen(header.counter - header.index):
+                    return self._drop("replay")
                 pieces = self.reassembler.add(header, datagram[HEADER_LEN:])
                 if pieces is None:
                     return
-                plaintext = opener.open_pieces(header, pieces)
+                try:
+                    plaintext = opener.open_pieces(header, pieces)
+                except WireError as e:
+                    return self._drop(e.reason, n=len(pieces))
         except WireError as e:
             return self._drop(e.reason)
         group.accept(src, opener, header.incarnation)

@@ -123,13 +123,17 @@ class TapDevice:
     KIND = "TAP"
     _MODE = IFF_TAP
 
-    def __init__(self, name: str, mac: bytes, mtu: int, addresses=(), reactor=None, system=None):
+    def __init__(self, name: str, mac: bytes, mtu: int, addresses=(), reactor=None, system=None,
+                 gso_max_size=None):
         if reactor is None:
             from twisted.internet import reactor
         self.name = name
         self.mac = mac
         self.mtu = mtu
         self.addresses = tuple(addresses)
+        #: The largest super-frame the kernel may hand over (None: its own
+        #: limit, 64 KiB).
+        self.gso_max_size = gso_max_size
         self.system = system or RealSystem()
         self.fd = None
         self._reactor = reactor
@@ -160,6 +164,14 @@ class TapDevice:
         self.fd = fd
         try:
             system.ip(["link", "set", "dev", self.name, *self._link_settings(), "mtu", str(self.mtu)])
+            if self.gso_max_size:
+                try:
+                    system.ip(["link", "set", "dev", self.name, "gso_max_size", str(self.gso_max_size)])
+                except DeviceError as e:
+                    # An older ip or kernel: super-frames then take two
+                    # sends instead of one, which costs speed, not function.
+                    log.warn("{kind} device {name}: cannot limit super-frames to {size} bytes: {error}",
+                             kind=self.KIND, name=self.name, size=self.gso_max_size, error=e)
             for address in self.addresses:
                 system.ip(["addr", "add", address, "dev", self.name])
             system.ip(["link", "set", "dev", self.name, "up"])
@@ -229,8 +241,8 @@ class TunDevice(TapDevice):
     KIND = "TUN"
     _MODE = IFF_TUN
 
-    def __init__(self, name: str, mtu: int, addresses=(), reactor=None, system=None):
-        super().__init__(name, None, mtu, addresses, reactor=reactor, system=system)
+    def __init__(self, name: str, mtu: int, addresses=(), reactor=None, system=None, gso_max_size=None):
+        super().__init__(name, None, mtu, addresses, reactor=reactor, system=system, gso_max_size=gso_max_size)
 
     def _link_settings(self):
         return []

@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from ..logs import logger
 from .._interfaces import IKeyListener, IRole
-from ..wire import frame_mtu
+from ..wire import ETHERNET_HEADER_LEN, frame_mtu, largest_split_frame
 from .carriers import UDPCarrier
 from .dataplane import DataPlane
 from .layer3 import Layer3Device
@@ -90,6 +90,17 @@ def parse_routes(texts):
     return routes
 
 
+def super_frame_limit(carrier):
+    """
+    The largest TSO super-frame the kernel should hand the agent (the
+    device's C{gso_max_size}): one whose datagrams all leave in one send of
+    C{carrier}, and so arrive in one UDP GRO read.  None when the carrier
+    sends each datagram on its own.
+    """
+    pieces = carrier.pieces_per_send
+    return largest_split_frame(carrier.max_datagram, pieces) if pieces else None
+
+
 @implementer(IRole, IKeyListener)
 class ClientRole:
     """
@@ -115,14 +126,16 @@ class ClientRole:
     def start(self, agent):
         self.agent = agent
         config = agent.config.device
+        gso_max_size = super_frame_limit(agent.carrier)
         if config.type == "tun":
-            tun = self._tun_factory(config.name, self.device_mtu(agent), config.addresses, reactor=agent.reactor)
+            tun = self._tun_factory(config.name, self.device_mtu(agent), config.addresses, reactor=agent.reactor,
+                                    gso_max_size=gso_max_size and gso_max_size - ETHERNET_HEADER_LEN)
             self.device = self.layer3 = Layer3Device(
                 tun, agent.mac, agent.reactor, resolve=lambda address: agent.keys.request_pair_key_by_address(address),
                 on_grant=self._resolved)
         else:
             self.device = self._device_factory(config.name, agent.mac, self.device_mtu(agent),
-                                               config.addresses, reactor=agent.reactor)
+                                               config.addresses, reactor=agent.reactor, gso_max_size=gso_max_size)
         self.device.start(self._frame)
 
     def _resolved(self, grant):
@@ -315,8 +328,8 @@ class BorderRole(ClientRole):
             self.wan = UDPCarrier(config.listen, config.port, config.underlay_mtu, "", agent.reactor)
         super().start(agent)
         try:
-            self.tun = self._tun_factory(config.tun, frame_mtu(self.wan.max_datagram),
-                                         reactor=agent.reactor)
+            self.tun = self._tun_factory(config.tun, frame_mtu(self.wan.max_datagram), reactor=agent.reactor,
+                                         gso_max_size=super_frame_limit(self.wan) - ETHERNET_HEADER_LEN)
             self.tun.start(self._packet)
             self.wan.start(self._wan_datagrams)
         except Exception:
