@@ -419,6 +419,50 @@ class MemoryCarrier:
             self.send(datagrams, endpoint)
 
 
+class FakeDeviceSystem:
+    """
+    The operating system as L{securelan.agent.device.TapDevice} uses it
+    (the C{system} argument), in memory: it records the ioctls, the C{ip}
+    commands and the writes, and serves C{to_read} to reads.  An C{ip}
+    command with a word in C{refuse} fails as an older iproute2 would.
+    """
+
+    __test__ = False
+
+    def __init__(self, refuse=()):
+        self.refuse = set(refuse)
+        self.ioctls = []
+        self.ip_calls = []
+        self.written = []
+        self.to_read = []
+        self.closed = []
+
+    def open(self, path, flags):
+        return 7
+
+    def ioctl(self, fd, request, arg):
+        self.ioctls.append((request, arg))
+
+    def read(self, fd, size):
+        if not self.to_read:
+            raise BlockingIOError()
+        return self.to_read.pop(0)[:size]
+
+    def write(self, fd, data):
+        self.written.append(bytes(data))
+        return len(data)
+
+    def close(self, fd):
+        self.closed.append(fd)
+
+    def ip(self, args):
+        from .agent.device import DeviceError
+
+        self.ip_calls.append(list(args))
+        if self.refuse & set(args):
+            raise DeviceError(f"ip {' '.join(args)}: Error: either \"dev\" is duplicate, or \"{args[-2]}\" is a garbage.")
+
+
 @implementer(IDevice)
 class MemoryDevice:
     """
