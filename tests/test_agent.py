@@ -542,6 +542,40 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual(self.bob.dataplane.reassembler.expired, 1)
 
 
+class FreshKeyRunTests(SynchronousTestCase):
+    """
+    The first frames from a peer under a receiving direction not adopted
+    yet (a new peer, a new epoch, a restarted peer).
+    """
+
+    def test_run_across_reads_not_accepted_twice(self):
+        """
+        A split frame whose run starts in one read under a candidate
+        receiving direction, and ends in the next after a whole frame made
+        another candidate the adopted one, is opened under the adopted one:
+        replayed afterwards it is refused, not delivered again.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        bob.send(MAC_1, b"hello alice")
+        net.settle()
+        self.assertEqual(bob.dataplane.peers[MAC_1].rx_incarnation, 0)
+        sent = []
+        alice.carrier.send = lambda datagrams, endpoint: sent.append(list(datagrams))
+        split, whole = alice.frame(MAC_2, b"G" * 6000), alice.frame(MAC_2, b"W" * 100)
+        alice.dataplane.frame_from_device(split)
+        alice.dataplane.frame_from_device(whole)
+        pieces, (datagram,) = sent
+        before = len(bob.device.written)
+        source = ("10.0.0.1", 4789)
+        bob.dataplane.datagrams_received(pieces[:2], source)
+        bob.dataplane.datagrams_received([datagram] + pieces[2:], source)
+        for _ in range(2):
+            bob.dataplane.datagrams_received(list(pieces), source)
+        self.assertEqual(bob.device.written[before:], [whole, split])
+        self.assertEqual(bob.dataplane.peers[MAC_1].stats.drops, {"replay": 2 * len(pieces)})
+
+
 class KeyCacheTests(SynchronousTestCase):
     """
     The key cache holds one entry per peer, follows the peer's MAC,

@@ -289,25 +289,34 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
     def test_newPairKeysShareATransaction(self):
         """
         New pair keys asked for while one is being written go into the next
-        write transaction together (a group commit): three keys, two
-        transactions; each caller gets its own key, and the store holds all.
+        write transaction together (a group commit); so do the ones that
+        callers ask for as they hear of their own keys.  Each caller gets its
+        own key, and the store holds all.
         """
         runner = QueuedRunner()
         store = self.make_store(":memory:", None, runner=runner)
         d = store.open()
         runner.run_next()
         self.successResultOf(d)
-        candidates = [a_pair_key("alice", "bob"), a_pair_key("alice", "carol"), a_pair_key("bob", "carol")]
-        issued = [store.issue_pair_key(candidate, 10) for candidate in candidates]
+        names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+        candidates = [a_pair_key(names[0], name) for name in names[1:]]
+        issued = [store.issue_pair_key(candidate, 10) for candidate in candidates[:3]]
+        later = []
+        for d, candidate in zip(issued[1:], candidates[3:]):
+            d.addCallback(lambda _, c=candidate: later.append(store.issue_pair_key(c, 10)))
         self.assertEqual(len(runner.queue), 1)
         runner.run_next()
         self.assertEqual(self.successResultOf(issued[0]), candidates[0])
         self.assertNoResult(issued[1])
         self.assertEqual(len(runner.queue), 1)
         runner.run_next()
-        self.assertEqual([self.successResultOf(d) for d in issued[1:]], candidates[1:])
+        self.assertEqual(len(later), 2)
+        self.assertEqual(len(runner.queue), 1)
+        runner.run_next()
         self.assertEqual(runner.queue, [])
-        self.assertEqual(self.successResultOf(store.pair_key("carol", "bob")), candidates[2])
+        self.assertEqual([self.successResultOf(d) for d in later], candidates[3:])
+        for candidate in candidates:
+            self.assertEqual(self.successResultOf(store.pair_key(candidate.id_b, candidate.id_a)), candidate)
 
     def test_coalescedFailure(self):
         """

@@ -617,6 +617,8 @@ class DataPlane:
                 self._run = run = []
                 expected = None
                 self._open_pieces(run_header, pieces, self._run_opener, self._run_peer, source)
+                # It may have adopted another receiving direction.
+                cached = None
                 continue
             try:
                 header = parse_header(datagram)
@@ -686,10 +688,12 @@ class DataPlane:
                     self._run = run = []
                     expected = None
                     self._open_pieces(run_header, pieces, opener, peer, source)
+                    cached = None
                 else:
                     expected = headers[len(run)]
             else:
                 self._piece(header, datagram[HEADER_LEN:], opener, peer, source)
+                cached = None
 
     def _flush_run(self):
         """
@@ -719,6 +723,9 @@ class DataPlane:
         A frame that fails counts a drop for each of its datagrams, as
         everything else here counts datagrams.
         """
+        # Its pieces may have come before another frame of the peer made a
+        # candidate direction the adopted one: open it under that one.
+        opener = peer.adopted(header.incarnation) or opener
         try:
             plaintext = opener.open_pieces(header, pieces)
         except WireError as e:

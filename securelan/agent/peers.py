@@ -150,6 +150,15 @@ class Peer:
             opener.reject_through(last)
         return opener
 
+    def adopted(self, incarnation: int):
+        """
+        The receiving direction already adopted for C{incarnation}, or None.
+        Two candidates for one incarnation derive the same key but keep two
+        replay windows: a frame must be opened under the adopted one when
+        there is one, or it could be accepted once in each.
+        """
+        return self._opener if incarnation == self._rx_incarnation else None
+
     def accept(self, opener, incarnation: int):
         """
         C{opener} authenticated a datagram: it is now the receiving

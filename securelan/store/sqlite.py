@@ -697,13 +697,15 @@ class SQLiteStore(SharedStore):
         self._pair_batch_running = True
 
         def done(result):
-            self._pair_batch_running = False
+            # Still running while the callers hear: what they ask for now
+            # joins the next batch, which starts after.
             if isinstance(result, Failure):
                 for _, d in batch:
                     d.errback(result)
             else:
                 for (_, d), pair_key in zip(batch, result):
                     d.callback(self._pair_issued(pair_key))
+            self._pair_batch_running = False
             if self._pair_batch:
                 self._issue_batch()
 
