@@ -223,11 +223,14 @@ class WireError(Exception):
     A datagram or piece was dropped.
 
     @ivar reason: why, one of L{DROP_REASONS}.
+    @ivar datagrams: how many datagrams the drop stands for: 1, or the
+        pieces of a split frame that failed as a whole.
     """
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, datagrams: int = 1):
         super().__init__(reason)
         self.reason = reason
+        self.datagrams = datagrams
 
     def __str__(self):
         return f"datagram dropped: {self.reason}"
@@ -790,7 +793,11 @@ def open_datagram(opener: "Opener", reassembler: "Reassembler", datagram, header
     pieces = reassembler.add(header, datagram[HEADER_LEN:])
     if pieces is None:
         return None
-    return join_frame(header, (opener.open_pieces(header, pieces),))
+    try:
+        plaintext = opener.open_pieces(header, pieces)
+    except WireError as e:
+        raise WireError(e.reason, len(pieces)) from None
+    return join_frame(header, (plaintext,))
 
 
 class Reassembler:

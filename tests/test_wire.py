@@ -826,7 +826,7 @@ class FragmentTests(SynchronousTestCase):
                 for datagram in datagrams[:-1]:
                     self.assertIsNone(receive(self.opener, reassembler, datagram))
                 error = self.assertRaises(WireError, receive, self.opener, reassembler, datagrams[-1])
-                self.assertEqual(error.reason, "auth")
+                self.assertEqual((error.reason, error.datagrams), ("auth", len(datagrams)))
                 self.assertEqual(self.opener.last_counter, before)
                 self.assertEqual(reassembler.in_progress, 0)
         results = [receive(self.opener, reassembler, d) for d in self.sealer.seal(self.big, MTU_DATAGRAM)]

@@ -430,10 +430,10 @@ class NetPlane:
                 self.stats.drop("error")
                 log.failure("datagram from {source}", source=source)
 
-    def _drop(self, state, reason):
-        self.stats.drop(reason)
+    def _drop(self, state, reason, n=1):
+        self.stats.drop(reason, n)
         if state is not None:
-            state.stats.drop(reason)
+            state.stats.drop(reason, n)
 
     def _datagram(self, datagram, source):
         header = parse_header(datagram)
@@ -453,7 +453,8 @@ class NetPlane:
         try:
             frame = open_datagram(opener, self.reassembler, datagram, header)
         except WireError as e:
-            return self._drop(state, e.reason)
+            # A split frame that failed counts each of its datagrams.
+            return self._drop(state, e.reason, e.datagrams)
         if frame is None:
             return
         state.accepted(header.epoch, header.incarnation, opener)
