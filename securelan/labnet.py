@@ -66,6 +66,19 @@ def overlay_in_clear(frames, port=4789, overlay=OVERLAY) -> set:
     return found
 
 
+def poll(probe, timeout, interval=0.1):
+    """
+    Call C{probe} every C{interval} seconds until it returns something true
+    or C{timeout} seconds have passed, and return what it returned last.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
 def member_mac(index: int) -> bytes:
     return bytes([0x02, 0x5E, 0xC0, 0, 0, index])
 
@@ -179,28 +192,26 @@ addresses = [{self.device_addresses()}]
         return status_of(self.status_socket)
 
     def wait_registered(self, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def registered():
             status = self.status()
             role = (status or {}).get("role", {})
             if role.get("incarnation") and role.get("group"):
                 return status
-            if self.process is not None and self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"agent {self.name} did not register: {self.log_text()[-3000:]}")
+            # An agent that exited will not register: stop waiting.
+            return self.process is not None and self.process.poll() is not None and {}
+
+        status = poll(registered, timeout)
+        if not status:
+            raise RuntimeError(f"agent {self.name} did not register: {self.log_text()[-3000:]}")
+        return status
 
     def wait_route(self, prefix, timeout=20.0):
         """
         Wait until this host routes C{prefix} (the key server told the
         agent to).
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if prefix in self.host.run(["ip", "route", "show", prefix], check=False).stdout:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} does not route {prefix}: {self.log_text()[-3000:]}")
+        if not poll(lambda: prefix in self.host.run(["ip", "route", "show", prefix], check=False).stdout, timeout):
+            raise RuntimeError(f"{self.name} does not route {prefix}: {self.log_text()[-3000:]}")
 
     def log_text(self):
         try:
@@ -287,13 +298,11 @@ class Border(Member):
         """
         Wait until the link to C{subnet} is ready to send.
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for link in self.net().get("links", []):
-                if link["subnet"] == subnet and link["ready"]:
-                    return link
-            time.sleep(0.1)
-        raise RuntimeError(f"border {self.name} has no link to {subnet}: {self.log_text()[-3000:]}")
+        link = poll(lambda: next((link for link in self.net().get("links", [])
+                                  if link["subnet"] == subnet and link["ready"]), None), timeout)
+        if link is None:
+            raise RuntimeError(f"border {self.name} has no link to {subnet}: {self.log_text()[-3000:]}")
+        return link
 
 
 class PlainHost:
@@ -449,14 +458,15 @@ pair_key_lifetime = {self.pair_key_lifetime}
             self.keyserver2_process = process
         else:
             self.keyserver_process = process
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if b"listening on" in open(log_path, "rb").read():
-                return
-            if process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"key server did not start: {open(log_path, errors='replace').read()[-3000:]}")
+        def listening():
+            with open(log_path, "rb") as f:
+                if b"listening on" in f.read():
+                    return "listening"
+            # A key server that exited will not listen: stop waiting.
+            return process.poll() is not None and "exited"
+
+        if poll(listening, timeout, interval=0.05) != "listening":
+            raise RuntimeError(f"key server did not start: {open(log_path, errors='replace').read()[-3000:]}")
 
     def kill_keyserver(self, second=False):
         """

@@ -24,6 +24,7 @@ from securelan.labnet import (
     BorderedSubnets,
     EncryptedLAN,
     overlay_in_clear,
+    poll,
 )
 
 PING_PATTERN = MARKER[:16]
@@ -316,10 +317,7 @@ class CascadeE2ETests(E2ETestCase):
             lan.kill_keyserver()
             out = flood.communicate(timeout=30)[0]
             self.assertIn(" 0% packet loss", out, out)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not (
-                    server_of(alice) == server_of(carol) == lan.keyserver2_address):
-                time.sleep(0.2)
+            poll(lambda: server_of(alice) == server_of(carol) == lan.keyserver2_address, 30, 0.2)
             self.assertEqual(server_of(alice), lan.keyserver2_address)
             self.assertEqual(server_of(carol), lan.keyserver2_address)
             self.assertIsNone(carol.peer("bob"))
@@ -396,6 +394,18 @@ class BorderTests(E2ETestCase):
     by a routed WAN; their key servers agree a NETKEY over a management
     network.
     """
+
+    @staticmethod
+    def _border_epochs(east_border, west_border, epoch, timeout):
+        """
+        The NETKEY epochs of both borders' links once both reach C{epoch},
+        or as they are after C{timeout} seconds.
+        """
+        def epochs():
+            return [b.net()["links"][0]["epoch"] for b in (east_border, west_border)]
+
+        poll(lambda: epochs() == [epoch, epoch], timeout)
+        return epochs()
 
     def _rogue_keyserver(self, nets, name, ca_dir, subnet, mgmt_index):
         """
@@ -521,13 +531,12 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         # another name) ask east for a NETKEY and are refused.
         north = self._rogue_keyserver(nets, "keyserver.north", None, "north", 3)
         impostor = self._rogue_keyserver(nets, "laptop.west", nets.west.pki_dir, "west", 4)
-        deadline = time.monotonic() + 20
-        east_log = ""
-        while time.monotonic() < deadline:
-            east_log = open(nets.east.ks_log, errors="replace").read()
-            if f"{nets.MGMT}.3" in east_log and "laptop.west" in east_log:
-                break
-            time.sleep(0.2)
+        def east_log():
+            with open(nets.east.ks_log, errors="replace") as f:
+                return f.read()
+
+        poll(lambda: f"{nets.MGMT}.3" in east_log() and "laptop.west" in east_log(), 20, 0.2)
+        east_log = east_log()
         self.assertIn(f"TLS handshake from key server at {nets.MGMT}.3", east_log)
         self.assertIn("laptop.west", east_log)
         self.assertIn("not that of a configured peer", east_log)
@@ -569,13 +578,7 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         self.assertNotEqual(refused.returncode, 0, "the follower made a NETKEY")
         out = flood.communicate(timeout=30)[0]
         self.assertIn(" 0% packet loss", out, out)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            epochs = [b.net()["links"][0]["epoch"] for b in (east_border, west_border)]
-            if epochs == [2, 2]:
-                break
-            time.sleep(0.1)
-        self.assertEqual(epochs, [2, 2])
+        self.assertEqual(self._border_epochs(east_border, west_border, 2, 10), [2, 2])
         self.assertTrue(alice.ping(carol, count=2))
         keys = cli(nets.east, "keys", "--socket", nets.east.admin_socket)
         self.assertIn("NETKEY with subnet west (leader, connected): epoch 2", keys.stdout)
@@ -593,13 +596,7 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
         nets.east.keyserver.ip("link", "set", "eth1", "up")
         result = cli(nets.east, "rekey", "--netkey", "west", "--socket", nets.east.admin_socket)
         self.assertEqual(result.returncode, 0, result.stderr)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            epochs = [b.net()["links"][0]["epoch"] for b in (east_border, west_border)]
-            if epochs == [3, 3]:
-                break
-            time.sleep(0.2)
-        self.assertEqual(epochs, [3, 3])
+        self.assertEqual(self._border_epochs(east_border, west_border, 3, 30), [3, 3])
         self.assertTrue(alice.ping(carol, count=2))
 
 
@@ -707,13 +704,12 @@ class LifecycleE2ETests(E2ETestCase):
             lan.kill_keyserver()
             time.sleep(rng.uniform(0.0, 1.0))
             lan.start_keyserver()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        def converged():
             ok = alice.ping(bob, count=1, timeout=2)
             a, b = alice.peer("bob"), bob.peer("alice")
-            if ok and a and b and a["epoch"] == b["epoch"]:
-                break
-        self.assertTrue(ok, "alice and bob did not converge after the key server's crashes")
+            return ok and a and b and a["epoch"] == b["epoch"]
+
+        self.assertTrue(poll(converged, 20, 0), "alice and bob did not converge after the key server's crashes")
         self.assertEqual(alice.peer("bob")["epoch"], bob.peer("alice")["epoch"])
         self.assertGreater(alice.peer("bob")["epoch"], 3, "the key server was not rekeying")
         self.assertTrue(bob.ping(alice, count=5))
