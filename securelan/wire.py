@@ -347,6 +347,15 @@ def _length_prefixed(member_id: str) -> bytes:
     return bytes((len(encoded),)) + encoded
 
 
+def _epoch_and_incarnations(epoch, *incarnations) -> bytes:
+    """
+    The end of every key derivation's info: the epoch and the incarnations,
+    each 4 bytes big-endian (an incarnation is never 0).
+    """
+    return _U32.pack(_check_u32("epoch", epoch)) + b"".join(
+        _U32.pack(_check_u32("incarnation", incarnation, 1)) for incarnation in incarnations)
+
+
 def _hkdf(ikm: SecretKey, info: bytes) -> SecretKey:
     if not isinstance(ikm, SecretKey):
         raise TypeError("the input key must be a SecretKey")
@@ -378,9 +387,7 @@ def derive_pair_key(
             b"pair",
             _length_prefixed(sender_id),
             _length_prefixed(receiver_id),
-            _U32.pack(_check_u32("epoch", epoch)),
-            _U32.pack(_check_u32("incarnation", sender_incarnation, 1)),
-            _U32.pack(_check_u32("incarnation", receiver_incarnation, 1)),
+            _epoch_and_incarnations(epoch, sender_incarnation, receiver_incarnation),
         )
     )
     return _hkdf(pair_key, info)
@@ -401,8 +408,7 @@ def derive_group_key(
         (
             b"group",
             check_mac(sender_mac),
-            _U32.pack(_check_u32("epoch", epoch)),
-            _U32.pack(_check_u32("incarnation", incarnation, 1)),
+            _epoch_and_incarnations(epoch, incarnation),
         )
     )
     return _hkdf(group_key, info)
@@ -437,9 +443,7 @@ def derive_net_key(
             _length_prefixed(sender_border),
             _length_prefixed(receiver_subnet),
             _length_prefixed(receiver_border),
-            _U32.pack(_check_u32("epoch", epoch)),
-            _U32.pack(_check_u32("incarnation", sender_incarnation, 1)),
-            _U32.pack(_check_u32("incarnation", receiver_incarnation, 1)),
+            _epoch_and_incarnations(epoch, sender_incarnation, receiver_incarnation),
         )
     )
     return _hkdf(net_key, info)
@@ -543,7 +547,8 @@ class Sealer:
         if offload:
             if len(offload) != VNET_HDR_LEN:
                 raise ValueError(f"a virtio-net header is {VNET_HDR_LEN} bytes")
-            plaintext = bytes(offload) + frame[_MACS_LEN:]
+            # One copy of a super-frame, not a slice and then a join.
+            plaintext = b"".join((offload, memoryview(frame)[_MACS_LEN:]))
             type |= FLAG_OFFLOAD
         else:
             plaintext = frame[_MACS_LEN:]
@@ -745,6 +750,7 @@ def join_frame(header: Header, pieces) -> bytes:
     if header.type & FLAG_OFFLOAD:
         if len(first) < VNET_HDR_LEN or sum(map(len, pieces)) < _MIN_BODY + VNET_HDR_LEN:
             raise WireError(DROP_REASSEMBLY)
+        first = memoryview(first)
         return b"".join((first[:VNET_HDR_LEN], header.dst, header.src, first[VNET_HDR_LEN:], *pieces[1:]))
     if len(pieces) == 1:
         if len(first) < _MIN_BODY:
