@@ -382,7 +382,7 @@ class NetPlane:
             self.stats.drop("peer_not_ready")
             return
         try:
-            datagrams = sealer.seal(frame, self.carrier.max_datagram, offload)
+            parts = sealer.seal_parts(frame, self.carrier.max_datagram, offload)
         except (ValueError, CounterExhausted) as e:
             state.stats.drop("seal")
             log.info("cannot send to subnet {subnet}: {error}", subnet=state.link.subnet,
@@ -390,7 +390,7 @@ class NetPlane:
             if isinstance(e, CounterExhausted):
                 self.ask()
             return
-        self.carrier.send(datagrams, state.endpoint)
+        self.carrier.send_parts(parts, state.endpoint)
         state.last_sent = self.clock.seconds()
         if count:
             stats = state.stats
