@@ -91,6 +91,7 @@ agent must get a new key (or a new incarnation) before sending more.
 No repr, message or exception here carries key bytes.
 """
 
+import functools
 import hashlib
 import struct
 from collections import OrderedDict, namedtuple
@@ -134,6 +135,8 @@ __all__ = [
     "open_datagram",
     "piece_header",
     "piece_headers",
+    "Train",
+    "train_pieces",
 ]
 
 VERSION = 2
@@ -733,6 +736,82 @@ def piece_headers(header: Header) -> list:
     first, pack = counter - header.index, _HEADER.pack
     return [pack(version, type, index, count, epoch, incarnation, first + index, dst, src)
             for index in range(count)]
+
+
+class Train:
+    """
+    Datagrams that arrived as one buffer, as a UDP GRO read hands them
+    over: each C{segment} bytes long but the last, which may be shorter.
+    Iterating gives each datagram (C{bytes}); a receiver that knows trains
+    takes a split frame's pieces from one with L{train_pieces} without
+    cutting it into datagrams first.
+    """
+
+    __slots__ = ("data", "segment")
+
+    def __init__(self, data: bytes, segment: int):
+        if segment < 1:
+            raise ValueError("a train's segment size is positive")
+        self.data = data
+        self.segment = segment
+
+    def __repr__(self):
+        return f"<Train of {len(self)} datagrams, {len(self.data)} bytes>"
+
+    def __len__(self):
+        return -(-len(self.data) // self.segment)
+
+    def __iter__(self):
+        data, segment = self.data, self.segment
+        return (data[offset:offset + segment] for offset in range(0, len(data), segment))
+
+    def after(self, datagrams: int) -> list:
+        """
+        The datagrams that follow the first C{datagrams}.
+        """
+        data, segment = self.data, self.segment
+        return [data[offset:offset + segment] for offset in range(datagrams * segment, len(data), segment)]
+
+
+@functools.lru_cache(maxsize=128)
+def _train_layout(pieces: int, segment: int):
+    """
+    How to read C{pieces} datagrams of C{segment} bytes, laid end to end, in
+    one call: each header as the fields that are the same in every piece of
+    a frame (version and type; count, epoch and incarnation; the MACs),
+    its index, its counter, and then what follows the header.
+    """
+    rest = segment - HEADER_LEN
+    return struct.Struct("!" + f"2sB9sQ12s{rest}s" * pieces), tuple(range(pieces))
+
+
+def train_pieces(train: Train, header: Header):
+    """
+    The pieces of the split frame whose piece 0 begins C{train} (with
+    C{header}), as L{Reassembler.add} would return them, when the train
+    holds all of them, in order, each with the header L{piece_header} says
+    it must have; else C{None} (take the datagrams one by one then).  What
+    the pieces hold is not checked: only L{Opener.open_pieces} tells
+    whether the frame is authentic.
+    """
+    count, segment, data = header.count, train.segment, train.data
+    full = count - 1
+    last = full * segment
+    if header.index or count == 1 or segment <= HEADER_LEN or not HEADER_LEN < len(data) - last:
+        return None
+    layout, indexes = _train_layout(full, segment)
+    fields = layout.unpack_from(data)
+    first = fields[0:5]
+    # Every header but the index and counter is piece 0's; those count up.
+    counter = header.counter
+    if (fields[0::6] != (first[0],) * full or fields[2::6] != (first[2],) * full
+            or fields[4::6] != (first[4],) * full or fields[1::6] != indexes
+            or fields[3::6] != tuple(range(counter, counter + full))
+            or data[last:last + HEADER_LEN] != piece_header(header, full)):
+        return None
+    pieces = list(fields[5::6])
+    pieces.append(data[last + HEADER_LEN:last + segment])
+    return pieces
 
 
 def join_frame(header: Header, pieces) -> bytes:

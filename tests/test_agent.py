@@ -12,7 +12,8 @@ from securelan.addresses import parse_mac
 from securelan.agent.pending import PendingFrames
 from securelan.keys import SecretKey
 from securelan.testing import MemoryLAN, MemoryMember, MemorySubnet
-from securelan.wire import TYPE_PAIR, Opener, WireError, derive_pair_key, parse_header
+from securelan.agent import dataplane
+from securelan.wire import TYPE_PAIR, Opener, Train, WireError, derive_pair_key, parse_header
 
 MAC_1 = parse_mac("02:00:00:00:00:01")
 MAC_2 = parse_mac("02:00:00:00:00:02")
@@ -492,6 +493,9 @@ class BatchTests(SynchronousTestCase):
         All pieces of three frames, shuffled and cut into batches anyhow:
         each frame is delivered once, whole.
         """
+        self.check_any_order(data)
+
+    def check_any_order(self, data):
         self.fresh_frames()
         flat = [d for frame in self.pieces for d in frame]
         order = data.draw(st.permutations(flat))
@@ -540,6 +544,123 @@ class BatchTests(SynchronousTestCase):
         self.net.subnet.clock.advance(5)
         self.bob.dataplane.tick()
         self.assertEqual(self.bob.dataplane.reassembler.expired, 1)
+
+
+def as_gro_reads(batch):
+    """
+    The reads UDP GRO would make of C{batch}: runs of datagrams of one
+    length, each ended by a shorter one, as one L{Train} each (a datagram
+    alone stays one).
+    """
+    reads, run = [], []
+    for datagram in batch:
+        if run and len(datagram) > len(run[0]):
+            reads.append(run)
+            run = []
+        run.append(datagram)
+        if len(datagram) < len(run[0]):
+            reads.append(run)
+            run = []
+    if run:
+        reads.append(run)
+    return [Train(b"".join(run), len(run[0])) if len(run) > 1 else run for run in reads]
+
+
+class TrainBatchTests(BatchTests):
+    """
+    L{BatchTests}, with the datagrams arriving as UDP GRO reads (trains):
+    a read that holds a whole split frame is taken at once, anything else
+    datagram by datagram, with the same outcome.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.taken = 0
+        real = dataplane.train_pieces
+
+        def counting(train, header):
+            pieces = real(train, header)
+            self.taken += pieces is not None
+            return pieces
+
+        self.patch(dataplane, "train_pieces", counting)
+
+    def receive(self, batches):
+        return super().receive([read for batch in batches for read in as_gro_reads(batch)])
+
+    @HYPOTHESIS
+    @given(st.data())
+    def test_any_order_any_batches(self, data):
+        """
+        All pieces of three frames, shuffled and cut into batches anyhow,
+        each batch read as GRO would: each frame is delivered once, whole.
+        """
+        self.check_any_order(data)
+
+    def test_in_order_one_batch(self):
+        """
+        Each frame's read is taken whole: no frame goes through the
+        reassembler or the in-order run.
+        """
+        super().test_in_order_one_batch()
+        self.assertEqual(self.taken, len(self.frames))
+
+    def test_replayed_reads(self):
+        """
+        A read replayed is refused, one drop per datagram, as the pieces are.
+        """
+        self.assertEqual(self.receive(self.pieces), self.frames)
+        self.assertEqual(self.receive(self.pieces), self.frames)
+        drops = self.bob.dataplane.peers[MAC_1].stats.drops
+        self.assertEqual(drops, {"replay": sum(map(len, self.pieces))})
+
+    def test_forged_piece_in_a_read(self):
+        """
+        A read that holds a whole frame with one forged piece: the frame is
+        refused, one drop per datagram, and the window does not move.
+        """
+        first = list(self.pieces[0])
+        forged = bytearray(first[3])
+        forged[-1] ^= 1
+        first[3] = bytes(forged)
+        self.assertEqual(self.receive([first]), [])
+        self.assertEqual(self.taken, 1)
+        self.assertEqual(self.bob.dataplane.peers[MAC_1].stats.drops, {"auth": len(first)})
+        self.assertEqual(self.receive([self.pieces[0]]), [self.frames[0]])
+
+    def test_read_split_across_frames(self):
+        """
+        A read that ends inside a frame (the rest comes in the next read)
+        and reads that begin with a piece other than piece 0 are taken
+        datagram by datagram.
+        """
+        first, second, third = self.pieces
+        reads = [first, second[:2], second[2:], third[1:], third[:1]]
+        for read in reads:
+            read = Train(b"".join(read), len(read[0]))
+            self.bob.dataplane.datagrams_received(read, ("10.0.0.1", 4789))
+        self.assertEqual(self.bob.device.written[self.before:], self.frames)
+        self.assertEqual(self.taken, 1)
+        self.assertEqual(self.bob.dataplane.reassembler.completed, 1)
+
+    def test_unknown_sender(self):
+        """
+        A read from a sender whose key is not here is held and opened once
+        the key comes, as datagrams are.
+        """
+        bob, carol = self.bob, self.net["carol"]
+        sent = []
+        carol.carrier.send = lambda datagrams, endpoint: sent.append(list(datagrams))
+        big = carol.frame(MAC_2, b"C" * 9000)
+        carol.send(MAC_2, b"key, please")
+        self.net.settle()
+        del bob.dataplane.peers[MAC_3]
+        bob.dataplane.peers_by_id.pop("carol")
+        carol.dataplane.frame_from_device(big)
+        (datagrams,) = sent[-1:]
+        bob.dataplane.datagrams_received(Train(b"".join(datagrams), len(datagrams[0])), ("10.0.0.3", 4789))
+        self.net.settle()
+        self.assertEqual(bob.device.written[-1], big)
 
 
 class FreshKeyRunTests(SynchronousTestCase):

@@ -26,8 +26,9 @@ Inbound (L{DataPlane.datagram_received}):
     is made and the datagram dropped (C{no_key});
  3. the header's epoch must be the key's, its sender incarnation selects the
     receiving direction (a newer one means the peer restarted);
- 4. the pieces of a split frame are gathered (in order from one read, or
-    by the reassembler);
+ 4. the pieces of a split frame are gathered (in order from one read,
+    taken at once from a UDP GRO read that holds them all, or by the
+    reassembler);
  5. the tag of the whole frame is verified, then the replay window checked
     and moved;
  6. the peer's endpoint follows its authenticated datagrams (roaming);
@@ -54,10 +55,12 @@ from ..wire import (
     VNET_HDR_LEN,
     CounterExhausted,
     Reassembler,
+    Train,
     WireError,
     join_frame,
     parse_header,
     piece_headers,
+    train_pieces,
 )
 from .pending import PendingFrames
 from .peers import GroupState, Peer, Retired, Stats
@@ -578,11 +581,40 @@ class DataPlane:
             return
         self._receiving = True
         try:
+            if type(datagrams) is Train and not self._run:
+                datagrams = self._receive_train(datagrams, source)
             self._receive_batch(datagrams, source)
             while self._backlog:
                 self._receive_batch(*self._backlog.pop(0))
         finally:
             self._receiving = False
+
+    def _receive_train(self, train, source):
+        """
+        A UDP GRO read that begins with a whole split frame from a peer
+        whose key is here (the usual case: one GSO send of a super-frame is
+        one read): its pieces are taken from the read at once and the frame
+        opened as L{_receive_batch} would open it.  Anything else, and what
+        follows that frame, is left to L{_receive_batch}: the datagrams
+        returned.
+        """
+        try:
+            header = parse_header(train.data)
+        except WireError:
+            return train
+        peer = self.peers.get(header.src)
+        if (peer is None or header.type & _KIND_MASK != TYPE_PAIR or header.epoch != peer.epoch
+                or (header.dst != self.my_mac and (not self.gateway or header.dst in self.members
+                                                   or header.dst in self.peers))):
+            return train
+        # Only under the adopted direction: a candidate (a restarted peer)
+        # is the exception, left to the general path.
+        opener = peer.adopted(header.incarnation)
+        if (opener is None or opener.seen(header.counter) or self.reassembler.holds(header)
+                or (pieces := train_pieces(train, header)) is None):
+            return train
+        self._open_pieces(header, pieces, opener, peer, source)
+        return train.after(header.count)
 
     def _receive_batch(self, datagrams, source):
         """
