@@ -24,12 +24,13 @@ class SecretKey:
     L{SecretKey.material}, so they cannot end up in a log line by accident.
     """
 
-    __slots__ = ("_material",)
+    __slots__ = ("_material", "_fingerprint")
 
     def __init__(self, material: bytes):
         if not isinstance(material, bytes) or len(material) != KEY_BYTES:
             raise ValueError(f"a key is {KEY_BYTES} bytes")
         self._material = material
+        self._fingerprint = None
 
     @classmethod
     def generate(cls) -> "SecretKey":
@@ -48,7 +49,10 @@ class SecretKey:
         A short, one-way name for this key, safe to log and show: two holders
         of the same key see the same fingerprint.
         """
-        return hashlib.sha256(b"securelan key fingerprint\0" + self._material).hexdigest()[:16]
+        if self._fingerprint is None:
+            # Named once: the key server compares fingerprints per request.
+            self._fingerprint = hashlib.sha256(b"securelan key fingerprint\0" + self._material).hexdigest()[:16]
+        return self._fingerprint
 
     def __eq__(self, other):
         if not isinstance(other, SecretKey):

@@ -95,7 +95,7 @@ class UnicastTests(SynchronousTestCase):
         derive fails the tag.
         """
         net = Net(self)
-        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        alice, carol = net["alice"], net["carol"]
         alice.send(MAC_2, MARKER)
         net.settle()
         carol.send(MAC_1, b"x")
@@ -930,7 +930,7 @@ class RekeyTests(SynchronousTestCase):
         reconnects she forgets carol's key and takes the new group key.
         """
         net = Net(self)
-        alice, carol = net["alice"], net["carol"]
+        alice = net["alice"]
         alice.send(MAC_3, b"hi carol")
         net.settle()
         self.assertIn(MAC_3, alice.dataplane.peers)

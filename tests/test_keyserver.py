@@ -405,6 +405,29 @@ class LimitTests(SubnetTestCase):
         net.clock.advance(5)
         self.assertEqual(self.pair_key(alice, MAC_2).peer_id, "bob")
 
+    def test_requests_make_no_timers(self):
+        """
+        Requests from several sessions in one reactor turn start one timer
+        of the key server's in all (the end of the turn), and more requests
+        none: neither the turn count nor the idle timeout costs a timer per
+        session or per request.
+        """
+        net, sessions = self.three()
+        box = amp.AmpBox(_command=b"Ping", _ask=b"1").serialize()
+
+        def ours():
+            owners = {net.server} | {member.session for member in sessions}
+            return len([c for c in net.clock.getDelayedCalls() if getattr(c.func, "__self__", None) in owners])
+
+        before = ours()
+        for member in sessions:
+            member.session.dataReceived(box)
+        self.assertEqual(ours(), before + 1)
+        for member in sessions:
+            member.session.dataReceived(box * 3)
+        self.assertEqual(net.server.counters[("requests", "ping")], 12)
+        self.assertEqual(ours(), before + 1)
+
     def test_turns_taken(self):
         """
         A session that sent many requests at once is handled a few at a

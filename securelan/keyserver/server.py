@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
-from twisted.protocols.policies import TimeoutMixin, WrappingFactory
+from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
 from ..logs import logger
@@ -143,6 +143,9 @@ class KeyServer:
     acknowledged: dict = attrs.Factory(dict)
     #: Member IDs in order, for paging ListPeers (rebuilt when members join).
     _sorted_ids: list | None = None
+    #: The reactor turn's number, for the sessions' fair share of a turn.
+    _turn: int = attrs.field(default=0, init=False)
+    _turn_ending: bool = attrs.field(default=False, init=False)
     _group_key: GroupKey | None = None
     #: (id_a, id_b) -> when a count-based rekey of the pair was last done.
     _count_rekeys: dict = attrs.Factory(dict)
@@ -441,6 +444,21 @@ class KeyServer:
             peer_addresses=peer.addresses,
         )
 
+    def current_turn(self) -> int:
+        """
+        The number of this reactor turn: it goes up by one at the end of
+        every turn in which a session asked (one call for all of them, not
+        one per session per turn).
+        """
+        if not self._turn_ending:
+            self._turn_ending = True
+            self.clock.callLater(0, self._end_turn)
+        return self._turn
+
+    def _end_turn(self):
+        self._turn_ending = False
+        self._turn += 1
+
     def list_peers(self, member: Member, after: str):
         """
         One page of the other members, by member ID, after C{after}.
@@ -729,7 +747,7 @@ class KeyServer:
 
 
 @implementer(IHandshakeListener, IMemberConnection)
-class MemberSession(TimeoutMixin, QuietAMP):
+class MemberSession(QuietAMP):
     """
     One member's control connection.  Nothing member-specific exists until
     the TLS handshake has authenticated a member certificate.  A connection
@@ -751,6 +769,10 @@ class MemberSession(TimeoutMixin, QuietAMP):
         self._paused = False
         self._yielding = False
         self._turn_boxes = 0
+        self._turn = -1
+        self._deadline = None
+        self._deadline_call = None
+        self._active_at = 0.0
         self._checking = False
         self._peer = "?"
         self._peer_host = None
@@ -779,6 +801,33 @@ class MemberSession(TimeoutMixin, QuietAMP):
         self._rejected = True
         self.member = None
         self.transport.abortConnection()
+
+    def setTimeout(self, seconds):
+        """
+        Close the connection once it has been silent for C{seconds} (None:
+        never).  Each request only notes the time (L{resetTimeout}); the
+        one timer looks at it when it fires and waits for the rest, so a
+        busy session does not move a timer per request.
+        """
+        if self._deadline_call is not None:
+            if self._deadline_call.active():
+                self._deadline_call.cancel()
+            self._deadline_call = None
+        self._deadline = seconds
+        self._active_at = self.server.clock.seconds()
+        if seconds is not None:
+            self._deadline_call = self.callLater(seconds, self._check_deadline)
+
+    def resetTimeout(self):
+        self._active_at = self.server.clock.seconds()
+
+    def _check_deadline(self):
+        silent = self.server.clock.seconds() - self._active_at
+        if silent < self._deadline:
+            self._deadline_call = self.callLater(self._deadline - silent, self._check_deadline)
+            return
+        self._deadline_call = None
+        self.timeoutConnection()
 
     def timeoutConnection(self):
         log.info("closed connection from {peer} ({member_id}): {what}", peer=self._peer,
@@ -857,10 +906,12 @@ class MemberSession(TimeoutMixin, QuietAMP):
     def ampBoxReceived(self, box):
         self._box_bytes = 0
         self.resetTimeout()
-        if not self._turn_boxes:
+        turn = self.server.current_turn()
+        if turn != self._turn:
             # Each request arrives in a TLS record of its own: count them
             # per reactor turn, not per read.
-            self.server.clock.callLater(0, self._turn_over)
+            self._turn = turn
+            self._turn_boxes = 0
         self._turn_boxes += 1
         if self._turn_boxes > self.BOXES_PER_TURN and not self._yielding:
             # What else it sent waits for the next turn.
@@ -928,9 +979,6 @@ class MemberSession(TimeoutMixin, QuietAMP):
             self._resume()
 
         self.server.clock.callLater(self.RATE_LIMIT_PAUSE, resume)
-
-    def _turn_over(self):
-        self._turn_boxes = 0
 
     def _next_turn(self):
         self._yielding = False
