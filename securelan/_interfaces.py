@@ -72,6 +72,23 @@ class IStore(Interface):
         pair, or None.
         """
 
+    def peek_member(member_id):
+        """
+        L{member}, at once rather than through a Deferred, when the store
+        holds the answer in memory; None when it does not know (without
+        memory, always: ask L{member} then).
+        """
+
+    def peek_member_by_mac(mac):
+        """
+        L{member_by_mac}, at once, as L{peek_member}.
+        """
+
+    def peek_pair_key(id_1, id_2):
+        """
+        L{pair_key}, at once, as L{peek_member}.
+        """
+
     def pairs_of(member_id):
         """
         Fires with the list of current L{PairKey}s that C{member_id} holds.

@@ -64,6 +64,61 @@ class SubnetTestCase(SynchronousTestCase):
         return self.successResultOf(conn.run(request_pair_key(conn.client, mac, **kw)))
 
 
+class QuickResponseTests(SynchronousTestCase):
+    """
+    The pair-key answers are serialised without AMP's generic path, into
+    the same boxes.
+    """
+
+    def grant(self, **changes):
+        fields = dict(peer_id="bob", peer_mac=MAC_2, peer_role="client", peer_endpoint="192.0.2.2:4789",
+                      peer_incarnation=3, key=SecretKey(bytes(range(32))), epoch=2, lifetime=60, age=5,
+                      peer_addresses=("10.9.0.2",))
+        fields.update(changes)
+        return fields
+
+    def test_same_box(self):
+        """
+        With and without the optional field, the box is AMP's own.
+        """
+        from securelan.protocol import RequestPairKey, RequestPairKeyByAddress
+
+        for command in (RequestPairKey, RequestPairKeyByAddress):
+            for grant in (self.grant(), self.grant(peer_addresses=None)):
+                generic = amp._objectsToStrings(grant, command.response, amp.AmpBox(), None)
+                self.assertEqual(command.makeResponse(dict(grant), None), generic)
+        self.assertNotIn(b"peer_addresses", RequestPairKey.makeResponse(self.grant(peer_addresses=None), None))
+        # Not AMP's path in disguise: every field is laid out.
+        self.assertEqual(len(RequestPairKey.response_layout()), len(RequestPairKey.response))
+
+    def test_same_objects(self):
+        """
+        An answer parses into what AMP would make of it, with or without
+        the optional field.
+        """
+        from securelan.protocol import RequestPairKey
+
+        for grant in (self.grant(), self.grant(peer_addresses=None)):
+            box = RequestPairKey.makeResponse(dict(grant), None)
+            generic = amp._stringsToObjects(box, RequestPairKey.response, None)
+            self.assertEqual(RequestPairKey.parseResponse(box, None), generic)
+            self.assertEqual(RequestPairKey.parseResponse(box, None)["peer_addresses"],
+                             list(grant["peer_addresses"]) if grant["peer_addresses"] else None)
+        box = RequestPairKey.makeResponse(self.grant(), None)
+        del box[b"epoch"]
+        self.assertRaises(KeyError, RequestPairKey.parseResponse, box, None)
+
+    def test_missing_field(self):
+        """
+        A missing field fails as it does in AMP.
+        """
+        from securelan.protocol import RequestPairKey
+
+        grant = self.grant()
+        del grant["epoch"]
+        self.assertRaises(KeyError, RequestPairKey.makeResponse, grant, None)
+
+
 class TLSTests(SubnetTestCase):
     """
     The control channel is mutually authenticated TLS 1.3 with a

@@ -155,6 +155,10 @@ class RegistryTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(store.member("alice")), moved)
         self.assertEqual(self.successResultOf(store.member_by_mac(MAC_2)), moved)
         self.assertIsNone(self.successResultOf(store.member_by_mac(MAC_1)))
+        # The same answers at once, from memory.
+        self.assertEqual(store.peek_member("alice"), moved)
+        self.assertEqual(store.peek_member_by_mac(MAC_2), moved)
+        self.assertIsNone(store.peek_member_by_mac(MAC_1))
         bob = a_member("bob", MAC_1)
         self.assertEqual(self.successResultOf(store.register(bob, 10)), a_member("bob", MAC_1, incarnation=1))
         self.assertEqual(self.successResultOf(store.counts())["members"], 2)
@@ -229,6 +233,8 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(store.pair_key("bob", "alice")), candidate)
         self.assertIsNone(self.successResultOf(store.pair_key("alice", "carol")))
         self.assertEqual(self.successResultOf(store.counts())["pair_keys"], 1)
+        self.assertEqual(store.peek_pair_key("bob", "alice"), candidate)
+        self.assertIsNone(store.peek_pair_key("alice", "carol"))
 
     def test_secondCandidateGetsExisting(self):
         """

@@ -311,7 +311,6 @@ class KeyServer:
             if peer is not None:
                 self._push_to(member_id, self._grant(pair_key, peer))
 
-    @defer.inlineCallbacks
     def pair_key_for(self, member: Member, peer_mac: bytes, epoch):
         """
         Step 3: the pair key of C{member} and whoever holds C{peer_mac}.
@@ -320,9 +319,23 @@ class KeyServer:
         try:
             check_mac(peer_mac)
         except AddressError as e:
-            raise BadRequest(str(e)) from None
+            return defer.fail(BadRequest(str(e)))
         if is_group_mac(peer_mac):
-            raise BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key")
+            return defer.fail(BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key"))
+        # The usual request, for a key already issued to two members the
+        # store holds in memory, is answered at once.
+        store = self.store
+        peer = store.peek_member_by_mac(peer_mac)
+        if peer is not None and peer.member_id != member.member_id:
+            pair_key = store.peek_pair_key(member.member_id, peer.member_id)
+            me = store.peek_member(member.member_id)
+            if pair_key is not None and me is not None:
+                self._tell_peer(pair_key, me, peer, epoch)
+                return defer.succeed(self._grant(pair_key, peer))
+        return self._pair_key_for(member, peer_mac, epoch)
+
+    @defer.inlineCallbacks
+    def _pair_key_for(self, member: Member, peer_mac: bytes, epoch):
         peer = yield self.store.member_by_mac(peer_mac)
         foreign = peer is None
         if foreign:
@@ -353,23 +366,29 @@ class KeyServer:
         pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
         if pair_key is None:
             pair_key = yield self._issue(member.member_id, peer.member_id)
-        # The peer will hear from the requester at once: hand it the key (and
-        # the requester's current facts: its MAC, endpoint and incarnation,
-        # from the store, not the session's older copy) unless it was handed
-        # exactly these already, so the seed's receive-side miss is rare.  A
-        # requester that names the current epoch is the seed's second
-        # recovery case (the peer is behind): push again regardless.
+        # The requester's current facts, from the store, not the session's
+        # older copy.
         me = yield self.store.member(member.member_id)
         if me is not None:
-            facts = (pair_key.epoch, pair_key.key.fingerprint, me.mac, me.endpoint, me.incarnation,
-                     me.addresses)
-            pushed = (peer.member_id, me.member_id)
-            if epoch == pair_key.epoch or self._pushed.get(pushed) != facts:
-                if len(self._pushed) >= self.limits.max_pair_keys * 2:
-                    self._pushed.clear()
-                self._pushed[pushed] = facts
-                self._push_to(peer.member_id, self._grant(pair_key, me))
+            self._tell_peer(pair_key, me, peer, epoch)
         return self._grant(pair_key, peer)
+
+    def _tell_peer(self, pair_key: PairKey, me: Member, peer: Member, epoch):
+        """
+        C{me} asked for its pair key with C{peer}, which will hear from it
+        at once: push the key to C{peer}, with C{me}'s current facts, unless
+        it was pushed exactly these already (so the seed's receive-side
+        miss is rare).  A requester that names the current epoch is the
+        seed's second recovery case (the peer is behind): push again
+        regardless.
+        """
+        facts = (pair_key.epoch, pair_key.key.fingerprint, me.mac, me.endpoint, me.incarnation, me.addresses)
+        pushed = (peer.member_id, me.member_id)
+        if epoch == pair_key.epoch or self._pushed.get(pushed) != facts:
+            if len(self._pushed) >= self.limits.max_pair_keys * 2:
+                self._pushed.clear()
+            self._pushed[pushed] = facts
+            self._push_to(peer.member_id, self._grant(pair_key, me))
 
     @defer.inlineCallbacks
     def _gateway_for(self, member: Member, mac: bytes):

@@ -91,6 +91,15 @@ class SharedStore:
     def member_by_mac(self, mac):
         return defer.succeed(self._by_mac.get(mac))
 
+    def peek_member(self, member_id):
+        return self._members.get(member_id)
+
+    def peek_member_by_mac(self, mac):
+        return self._by_mac.get(mac)
+
+    def peek_pair_key(self, id_1, id_2):
+        return self._pair_keys.get(pair_of(id_1, id_2))
+
     def member_by_address(self, address):
         return defer.succeed(self._by_address.get(address))
 
