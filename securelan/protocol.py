@@ -62,59 +62,93 @@ class SecretKeyArgument(amp.Argument):
         return inObject.material
 
 
-class _QuickResponse(amp.Command):
+def _plain(arg) -> bool:
+    return (type(arg).toBox is amp.Argument.toBox and type(arg).fromBox is amp.Argument.fromBox
+            and type(arg).retrieve is amp.Argument.retrieve)
+
+
+def _to_box(layout, objects, box, proto):
+    for name, identifier, arg in layout:
+        value = objects.get(identifier)
+        if value is None:
+            if arg.optional:
+                continue
+            # What AMP does with a missing field: KeyError.
+            value = objects[identifier]
+        box[name] = arg.toStringProto(value, proto)
+    return box
+
+
+def _from_box(layout, box, proto):
+    objects = {}
+    for name, identifier, arg in layout:
+        value = box.get(name)
+        if value is None:
+            if arg.optional:
+                objects[identifier] = None
+                continue
+            value = box[name]
+        objects[identifier] = arg.fromStringProto(value, proto)
+    return objects
+
+
+class _QuickBoxes(amp.Command):
     """
-    A command whose answers are serialised and parsed without AMP's
+    A command whose boxes are serialised and parsed without AMP's
     per-field name conversion (the wire names' Python names are worked out
-    once): the same boxes, for the answers a key server sends thousands of
-    a second.
+    once per command): the same boxes, for the commands a key server
+    answers or pushes thousands of a second.
     """
 
     @classmethod
-    def response_layout(cls) -> tuple:
+    def layout(cls, which: str) -> tuple:
         """
-        (wire name, Python name, argument) of each response field; empty
-        when a field's argument has its own box handling (AMP's path then).
+        (wire name, Python name, argument) of each field of C{which}
+        (C{"arguments"} or C{"response"}); empty when a field's argument
+        has its own box handling (AMP's own path is taken then).
         """
-        layout = cls.__dict__.get("_response_layout")
+        key = "_layout_" + which
+        layout = cls.__dict__.get(key)
         if layout is None:
-            plain = all(type(arg).toBox is amp.Argument.toBox and type(arg).fromBox is amp.Argument.fromBox
-                        and type(arg).retrieve is amp.Argument.retrieve for _, arg in cls.response)
-            layout = cls._response_layout = tuple(
-                (name, amp._wireNameToPythonIdentifier(name), arg) for name, arg in cls.response) if plain else ()
+            fields = getattr(cls, which)
+            layout = tuple((name, amp._wireNameToPythonIdentifier(name), arg) for name, arg in fields
+                           ) if all(_plain(arg) for _, arg in fields) else ()
+            setattr(cls, key, layout)
         return layout
 
     @classmethod
+    def makeArguments(cls, objects, proto):
+        layout = cls.layout("arguments")
+        if not layout:
+            return super().makeArguments(objects, proto)
+        names = cls.__dict__.get("_argument_names")
+        if names is None:
+            names = cls._argument_names = frozenset(identifier for _, identifier, _ in layout)
+        for identifier in objects:
+            if identifier not in names:
+                raise amp.InvalidSignature(f"{identifier} is not a valid argument")
+        return _to_box(layout, objects, cls.commandType(), proto)
+
+    @classmethod
+    def parseArguments(cls, box, protocol):
+        layout = cls.layout("arguments")
+        if not layout:
+            return super().parseArguments(box, protocol)
+        return _from_box(layout, box, protocol)
+
+    @classmethod
     def makeResponse(cls, objects, proto):
-        layout = cls.response_layout()
+        layout = cls.layout("response")
         if not layout:
             return super().makeResponse(objects, proto)
-        box = cls.responseType()
-        for name, identifier, arg in layout:
-            value = objects.get(identifier)
-            if value is None:
-                if arg.optional:
-                    continue
-                # What AMP does with a missing field: KeyError.
-                value = objects[identifier]
-            box[name] = arg.toStringProto(value, proto)
-        return box
+        return _to_box(layout, objects, cls.responseType(), proto)
 
     @classmethod
     def parseResponse(cls, box, protocol):
-        layout = cls.response_layout()
+        layout = cls.layout("response")
         if not layout:
             return super().parseResponse(box, protocol)
-        objects = {}
-        for name, identifier, arg in layout:
-            value = box.get(name)
-            if value is None:
-                if arg.optional:
-                    objects[identifier] = None
-                    continue
-                value = box[name]
-            objects[identifier] = arg.fromStringProto(value, protocol)
-        return objects
+        return _from_box(layout, box, protocol)
 
 
 class Register(amp.Command):
@@ -171,7 +205,7 @@ _GROUP_KEY_FIELDS = [
 ]
 
 
-class RequestPairKey(_QuickResponse):
+class RequestPairKey(_QuickBoxes):
     """
     The seed's ``(ID_1, MAC_2, ?)``: the pair key shared with whoever holds
     C{peer_mac}.  C{epoch} is the epoch the requester holds, if any.
@@ -185,7 +219,7 @@ class RequestPairKey(_QuickResponse):
     errors = ERRORS
 
 
-class RequestPairKeyByAddress(_QuickResponse):
+class RequestPairKeyByAddress(_QuickBoxes):
     """
     Layer 3: the pair key shared with whoever holds the overlay IP
     C{peer_address} (the seed's lookup by IP at the layer-3 level).
@@ -347,7 +381,7 @@ class Ping(amp.Command):
     errors = ERRORS
 
 
-class PushPairKey(amp.Command):
+class PushPairKey(_QuickBoxes):
     """
     Key server to member: a pair key was issued or replaced (rekey).
     """

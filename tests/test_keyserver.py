@@ -66,8 +66,8 @@ class SubnetTestCase(SynchronousTestCase):
 
 class QuickResponseTests(SynchronousTestCase):
     """
-    The pair-key answers are serialised without AMP's generic path, into
-    the same boxes.
+    The pair-key answers and pushes are serialised and parsed without
+    AMP's generic path, into and from the same boxes.
     """
 
     def grant(self, **changes):
@@ -89,7 +89,7 @@ class QuickResponseTests(SynchronousTestCase):
                 self.assertEqual(command.makeResponse(dict(grant), None), generic)
         self.assertNotIn(b"peer_addresses", RequestPairKey.makeResponse(self.grant(peer_addresses=None), None))
         # Not AMP's path in disguise: every field is laid out.
-        self.assertEqual(len(RequestPairKey.response_layout()), len(RequestPairKey.response))
+        self.assertEqual(len(RequestPairKey.layout("response")), len(RequestPairKey.response))
 
     def test_same_objects(self):
         """
@@ -107,6 +107,22 @@ class QuickResponseTests(SynchronousTestCase):
         box = RequestPairKey.makeResponse(self.grant(), None)
         del box[b"epoch"]
         self.assertRaises(KeyError, RequestPairKey.parseResponse, box, None)
+
+    def test_push_arguments(self):
+        """
+        A pushed key's arguments are AMP's own box, and parse back as AMP
+        would; an unknown argument is refused as AMP refuses it.
+        """
+        from securelan.protocol import PushPairKey
+
+        for grant in (self.grant(), self.grant(peer_addresses=None)):
+            box = PushPairKey.makeArguments(dict(grant), None)
+            generic = amp._objectsToStrings(grant, PushPairKey.arguments, amp.AmpBox(), None)
+            self.assertEqual(box, generic)
+            self.assertEqual(PushPairKey.parseArguments(box, None),
+                             amp._stringsToObjects(box, PushPairKey.arguments, None))
+        self.assertEqual(len(PushPairKey.layout("arguments")), len(PushPairKey.arguments))
+        self.assertRaises(amp.InvalidSignature, PushPairKey.makeArguments, self.grant(colour="red"), None)
 
     def test_missing_field(self):
         """

@@ -270,6 +270,31 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         self.assertIsNone(self.successResultOf(store.pair_key("alice", "carol")))
         self.assertEqual(self.successResultOf(store.issue_pair_key(a_pair_key("bob", "alice"), 1)), first)
 
+    def test_tableFullCountsIssuesUnderWay(self):
+        """
+        Keys being issued count toward C{max_pair_keys}, whether their write
+        is running or waiting for the next batch; once written (or failed)
+        they count as keys (or not at all).
+        """
+        runner = QueuedRunner()
+        store = self.make_store(":memory:", None, runner=runner)
+        d = store.open()
+        runner.run_next()
+        self.successResultOf(d)
+        running = store.issue_pair_key(a_pair_key("alice", "bob"), 2)
+        waiting = store.issue_pair_key(a_pair_key("alice", "carol"), 2)
+        self.failureResultOf(store.issue_pair_key(a_pair_key("bob", "carol"), 2), TableFull)
+        # The same pair again is not a new key.
+        again = store.issue_pair_key(a_pair_key("bob", "alice"), 2)
+        while runner.queue:
+            runner.run_next()
+        self.assertEqual(self.successResultOf(again), self.successResultOf(running))
+        self.successResultOf(waiting)
+        self.failureResultOf(store.issue_pair_key(a_pair_key("bob", "carol"), 2), TableFull)
+        third = store.issue_pair_key(a_pair_key("bob", "carol"), 3)
+        runner.run_next()
+        self.successResultOf(third)
+
     def test_concurrentIssuesCoalesce(self):
         """
         Two issues for one pair under way at once make one write, and both

@@ -575,6 +575,7 @@ class SQLiteStore(SharedStore):
     #: (candidate, Deferred) of the new pair keys for the next transaction.
     _pair_batch: list = field(init=False, factory=list, repr=False)
     _pair_batch_running: bool = field(init=False, default=False, repr=False)
+    _pairs_issuing: int = field(init=False, default=0, repr=False)
 
     # Life cycle
 
@@ -674,8 +675,7 @@ class SQLiteStore(SharedStore):
             return defer.succeed(held)
         if pair != (candidate.id_a, candidate.id_b):
             candidate = evolve(candidate, id_a=pair[0], id_b=pair[1])
-        issuing = sum(1 for key in self._in_flight if key[0] == "pair")
-        if ("pair",) + pair not in self._in_flight and len(self._pair_keys) + issuing >= max_pair_keys:
+        if ("pair",) + pair not in self._in_flight and len(self._pair_keys) + self._pairs_issuing >= max_pair_keys:
             return defer.fail(TableFull(f"the pair-key table is full ({max_pair_keys} keys)"))
         return coalesce(self._in_flight, ("pair",) + pair, lambda: self._issue_in_batch(candidate))
 
@@ -688,6 +688,9 @@ class SQLiteStore(SharedStore):
         """
         d = defer.Deferred()
         self._pair_batch.append((candidate, d))
+        # Counted, not looked for among the writes in flight: the table's
+        # bound is checked for every new pair.
+        self._pairs_issuing += 1
         if not self._pair_batch_running:
             self._issue_batch()
         return d
@@ -700,11 +703,14 @@ class SQLiteStore(SharedStore):
             # Still running while the callers hear: what they ask for now
             # joins the next batch, which starts after.
             if isinstance(result, Failure):
+                self._pairs_issuing -= len(batch)
                 for _, d in batch:
                     d.errback(result)
             else:
                 for (_, d), pair_key in zip(batch, result):
-                    d.callback(self._pair_issued(pair_key))
+                    pair_key = self._pair_issued(pair_key)
+                    self._pairs_issuing -= 1
+                    d.callback(pair_key)
             self._pair_batch_running = False
             if self._pair_batch:
                 self._issue_batch()
