@@ -219,6 +219,7 @@ _U32 = struct.Struct("!I")
 assert _HEADER.size == _HEADER_OUT.size == HEADER_LEN
 
 _MAX_U32 = 2**32 - 1
+_MAX_U64 = 2**64 - 1
 
 
 class WireError(Exception):
@@ -797,7 +798,8 @@ def train_pieces(train: Train, header: Header):
     count, segment, data = header.count, train.segment, train.data
     full = count - 1
     last = full * segment
-    if header.index or count == 1 or segment <= HEADER_LEN or not HEADER_LEN < len(data) - last:
+    if (header.index or count == 1 or segment <= HEADER_LEN or not HEADER_LEN < len(data) - last
+            or header.counter > _MAX_U64 - full):
         return None
     layout, indexes = _train_layout(full, segment)
     fields = layout.unpack_from(data)

@@ -643,6 +643,61 @@ class TrainBatchTests(BatchTests):
         self.assertEqual(self.taken, 1)
         self.assertEqual(self.bob.dataplane.reassembler.completed, 1)
 
+    def captured(self, member, frame):
+        """
+        The datagrams C{member} sends for C{frame}, kept off the LAN.
+        """
+        sent = []
+        member.carrier.send = lambda datagrams, endpoint: sent.append(list(datagrams))
+        member.dataplane.frame_from_device(frame)
+        self.net.settle()
+        (datagrams,) = sent
+        return datagrams
+
+    def test_restarted_peer(self):
+        """
+        A read from a restarted peer (a receiving direction not adopted
+        yet) goes the general way: delivered once, refused when replayed.
+        """
+        self.alice.carrier.stop()
+        again = MemoryMember(self.net.subnet, self.net.lan, "alice", MAC_1, "10.0.0.1")
+        big = again.frame(MAC_2, b"R" * 9000)
+        datagrams = self.captured(again, big)
+        read = Train(b"".join(datagrams), len(datagrams[0]))
+        for _ in range(2):
+            self.bob.dataplane.datagrams_received(read, ("10.0.0.1", 4789))
+        self.assertEqual(self.bob.device.written[self.before:], [big])
+        self.assertEqual(self.taken, 0)
+        self.assertEqual(self.bob.dataplane.peers[MAC_1].stats.drops, {"replay": len(datagrams)})
+
+    def test_previous_epoch(self):
+        """
+        A read sealed under the epoch before a rekey, arriving within the
+        grace period, goes the general way and is delivered.
+        """
+        big = self.alice.frame(MAC_2, b"E" * 9000)
+        datagrams = self.captured(self.alice, big)
+        self.successResultOf(self.net.subnet.server.rekey_pair("alice", "bob"))
+        self.net.settle()
+        self.assertEqual(self.bob.dataplane.peers[MAC_1].epoch, parse_header(datagrams[0]).epoch + 1)
+        self.bob.dataplane.datagrams_received(Train(b"".join(datagrams), len(datagrams[0])), ("10.0.0.1", 4789))
+        self.assertEqual(self.bob.device.written[-1], big)
+        self.assertEqual(self.taken, 0)
+
+    def test_not_for_us(self):
+        """
+        A read of a frame for another member is refused, a drop per
+        datagram, as datagrams are.
+        """
+        carol = self.net["carol"]
+        self.alice.send(MAC_3, b"key, please")
+        self.net.settle()
+        datagrams = self.captured(self.alice, self.alice.frame(MAC_3, b"C" * 9000))
+        self.bob.dataplane.datagrams_received(Train(b"".join(datagrams), len(datagrams[0])), ("10.0.0.1", 4789))
+        self.assertEqual(self.bob.device.written[self.before:], [])
+        self.assertEqual(self.bob.dataplane.stats.drops, {"not_for_us": len(datagrams)})
+        self.assertEqual(carol.dataplane.stats.drops, {})
+
     def test_unknown_sender(self):
         """
         A read from a sender whose key is not here is held and opened once

@@ -124,6 +124,19 @@ class QuickResponseTests(SynchronousTestCase):
         self.assertEqual(len(PushPairKey.layout("arguments")), len(PushPairKey.arguments))
         self.assertRaises(amp.InvalidSignature, PushPairKey.makeArguments, self.grant(colour="red"), None)
 
+    def test_request_arguments(self):
+        """
+        A pair-key request's arguments are AMP's own box, with and without
+        the optional epoch, and parse back as AMP would.
+        """
+        from securelan.protocol import RequestPairKey
+
+        for request in ({"peer_mac": MAC_2}, {"peer_mac": MAC_2, "epoch": 4}):
+            box = RequestPairKey.makeArguments(dict(request), None)
+            self.assertEqual(box, amp._objectsToStrings(request, RequestPairKey.arguments, amp.AmpBox(), None))
+            self.assertEqual(RequestPairKey.parseArguments(box, None),
+                             amp._stringsToObjects(box, RequestPairKey.arguments, None))
+
     def test_missing_field(self):
         """
         A missing field fails as it does in AMP.
@@ -491,6 +504,8 @@ class LimitTests(SubnetTestCase):
             return len([c for c in net.clock.getDelayedCalls() if getattr(c.func, "__self__", None) in owners])
 
         before = ours()
+        deadlines = [member.session._deadline_call.getTime() for member in sessions]
+        net.clock.advance(5)
         for member in sessions:
             member.session.dataReceived(box)
         self.assertEqual(ours(), before + 1)
@@ -498,6 +513,23 @@ class LimitTests(SubnetTestCase):
             member.session.dataReceived(box * 3)
         self.assertEqual(net.server.counters[("requests", "ping")], 12)
         self.assertEqual(ours(), before + 1)
+        # The idle timers stay where they were: they look at the time of
+        # the last request when they fire.
+        self.assertEqual([member.session._deadline_call.getTime() for member in sessions], deadlines)
+
+    def test_closed_session_leaves_no_timers(self):
+        """
+        A session closed (revoked, or gone) leaves none of its timers
+        behind.
+        """
+        net, (alice, bob, carol) = self.three()
+        sessions = [alice.session, bob.session]
+        alice.session.close("revoked")
+        bob.session.transport.abortConnection()
+        for conn in (alice, bob):
+            conn.pump.flush()
+        self.assertEqual([c for c in net.clock.getDelayedCalls() if getattr(c.func, "__self__", None) in sessions],
+                         [])
 
     def test_turns_taken(self):
         """

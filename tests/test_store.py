@@ -295,6 +295,26 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         runner.run_next()
         self.successResultOf(third)
 
+        # A batch that fails frees its places.
+        from securelan.store import sqlite as sqlite_store
+
+        def broken(*args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        original = sqlite_store._issue_pair_txn
+        self.patch(sqlite_store, "_issue_pair_txn", broken)
+        failed = [store.issue_pair_key(a_pair_key("dave", name), 5) for name in ("erin", "frank")]
+        while runner.queue:
+            runner.run_next()
+        for d in failed:
+            self.failureResultOf(d, StoreUnavailable)
+        self.patch(sqlite_store, "_issue_pair_txn", original)
+        fine = [store.issue_pair_key(a_pair_key("dave", name), 5) for name in ("erin", "frank")]
+        while runner.queue:
+            runner.run_next()
+        for d in fine:
+            self.successResultOf(d)
+
     def test_concurrentIssuesCoalesce(self):
         """
         Two issues for one pair under way at once make one write, and both

@@ -1034,6 +1034,13 @@ class TrainTests(SynchronousTestCase):
         whole = self.sealer.seal(frame(), MTU_DATAGRAM)
         self.assertIsNone(train_pieces(self.train(whole + self.datagrams), parse_header(whole[0])))
         self.assertIsNone(train_pieces(Train(b"".join(self.datagrams), HEADER_LEN), self.header))
+        # Forged pieces whose counters run up to the last one 64 bits hold:
+        # the frame's last piece would need one more.
+        full = len(self.datagrams) - 1
+        base = 2**64 - full
+        forged = [d[:12] + (base + index).to_bytes(8, "big") + d[20:] for index, d in enumerate(self.datagrams[:-1])]
+        forged.append(self.datagrams[-1])
+        self.assertIsNone(train_pieces(self.train(forged), parse_header(forged[0])))
 
     def test_headers_must_match(self):
         """

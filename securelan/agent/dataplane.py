@@ -598,9 +598,15 @@ class DataPlane:
         follows that frame, is left to L{_receive_batch}: the datagrams
         returned.
         """
+        if train.segment != self._max_datagram:
+            # Pieces are cut to the sender's datagram size: a peer with
+            # another MTU (or a forger varying it) takes the general path.
+            return train
         try:
             header = parse_header(train.data)
         except WireError:
+            return train
+        if header.index or header.count == 1:
             return train
         peer = self.peers.get(header.src)
         if (peer is None or header.type & _KIND_MASK != TYPE_PAIR or header.epoch != peer.epoch

@@ -330,8 +330,13 @@ class KeyServer:
             pair_key = store.peek_pair_key(member.member_id, peer.member_id)
             me = store.peek_member(member.member_id)
             if pair_key is not None and me is not None:
-                self._tell_peer(pair_key, me, peer, epoch)
-                return defer.succeed(self._grant(pair_key, peer))
+                try:
+                    self._tell_peer(pair_key, me, peer, epoch)
+                    grant = self._grant(pair_key, peer)
+                except Exception:
+                    # As the general path would: a failed Deferred.
+                    return defer.fail()
+                return defer.succeed(grant)
         return self._pair_key_for(member, peer_mac, epoch)
 
     @defer.inlineCallbacks
