@@ -237,3 +237,25 @@ admin_socket = "{self.admin_socket}"
         else:
             self.fail("a revoked member registered again")
         self.assertIn(b"member bob is revoked", proc.output)
+
+
+class CollectorTests(TestCase):
+    """
+    L{securelan.keyserver.tap.tune_collector}, which the key server's
+    twistd plugin runs first.
+    """
+
+    def test_young_collections_rarer(self):
+        """
+        A key server collects its young objects every 10,000 allocations
+        rather than Python's 700 (so objects that live for a request die
+        young instead of filling the old generation).
+        """
+        import gc
+
+        from securelan.keyserver.tap import tune_collector
+
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        gc.set_threshold(700, 10, 10)
+        tune_collector()
+        self.assertEqual(gc.get_threshold(), (10000, 10, 10))
