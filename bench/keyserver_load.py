@@ -1062,6 +1062,29 @@ def worker_main(args):
 # --------------------------------------------------------------------- entry
 
 
+#: What one run writes into its results folder.
+RESULT_FILES = ("keyserver_load.json", "keyserver_load.md", "profile-keyserver-")
+
+
+def keep_earlier(out):
+    """
+    Move an earlier run's results out of C{out} into
+    C{earlier-<time>-keyserver/} (the time its table was written), as
+    C{bench/dataplane.sh} keeps earlier data-plane runs: never overwritten.
+    """
+    earlier = [name for name in sorted(os.listdir(out)) if name.startswith(RESULT_FILES)]
+    if not earlier:
+        return None
+    table_path = os.path.join(out, "keyserver_load.md")
+    stamp = os.path.getmtime(table_path) if os.path.exists(table_path) else time.time()
+    folder = os.path.join(out, time.strftime("earlier-%H%M%S-keyserver", time.localtime(stamp)))
+    os.makedirs(folder, exist_ok=True)
+    for name in earlier:
+        os.replace(os.path.join(out, name), os.path.join(folder, name))
+    log(f"earlier key-server results moved to {folder}")
+    return folder
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", default="1000,10000", help="session counts to measure memory at")
@@ -1086,6 +1109,7 @@ def main():
         args.sessions, args.duration, args.fpd_samples = "200,1000", 3.0, 200
     args.out = os.path.abspath(args.out or os.path.join(HERE, "results", time.strftime("%Y-%m-%d")))
     os.makedirs(args.out, exist_ok=True)
+    keep_earlier(args.out)
     os.makedirs(args.scratch, exist_ok=True)
     prefix = f"SECURELAN_CODE_ROOT={CODE_ROOT} " if os.environ.get("SECURELAN_CODE_ROOT") else ""
     args.command_line = prefix + " ".join(["PYTHONPATH=. python", os.path.relpath(os.path.abspath(__file__), os.path.dirname(HERE))]
