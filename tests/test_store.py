@@ -88,6 +88,37 @@ class StoreTestMixin:
     def memory_store(self, **kwargs):
         return self.opened(":memory:", None, **kwargs)
 
+    def queued_store(self):
+        """
+        An open store in memory whose writes wait for the test to run them
+        (L{QueuedRunner}), and the runner.
+        """
+        runner = QueuedRunner()
+        store = self.make_store(":memory:", None, runner=runner)
+        d = store.open()
+        runner.run_next()
+        self.successResultOf(d)
+        return store, runner
+
+    def failing_issues(self):
+        """
+        Make every pair-key issue fail as a broken disk does, until the
+        returned function is called.
+        """
+        from securelan.store import sqlite as sqlite_store
+
+        def broken(*args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        original = sqlite_store._issue_pair_txn
+        sqlite_store._issue_pair_txn = broken
+
+        def mend():
+            sqlite_store._issue_pair_txn = original
+
+        self.addCleanup(mend)
+        return mend
+
     def raw(self, path=None):
         conn = sqlite3.connect(path or self.path, isolation_level=None)
         self.addCleanup(conn.close)
@@ -276,11 +307,7 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         is running or waiting for the next batch; once written (or failed)
         they count as keys (or not at all).
         """
-        runner = QueuedRunner()
-        store = self.make_store(":memory:", None, runner=runner)
-        d = store.open()
-        runner.run_next()
-        self.successResultOf(d)
+        store, runner = self.queued_store()
         running = store.issue_pair_key(a_pair_key("alice", "bob"), 2)
         waiting = store.issue_pair_key(a_pair_key("alice", "carol"), 2)
         self.failureResultOf(store.issue_pair_key(a_pair_key("bob", "carol"), 2), TableFull)
@@ -296,19 +323,13 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         self.successResultOf(third)
 
         # A batch that fails frees its places.
-        from securelan.store import sqlite as sqlite_store
-
-        def broken(*args):
-            raise sqlite3.OperationalError("disk I/O error")
-
-        original = sqlite_store._issue_pair_txn
-        self.patch(sqlite_store, "_issue_pair_txn", broken)
+        mend = self.failing_issues()
         failed = [store.issue_pair_key(a_pair_key("dave", name), 5) for name in ("erin", "frank")]
         while runner.queue:
             runner.run_next()
         for d in failed:
             self.failureResultOf(d, StoreUnavailable)
-        self.patch(sqlite_store, "_issue_pair_txn", original)
+        mend()
         fine = [store.issue_pair_key(a_pair_key("dave", name), 5) for name in ("erin", "frank")]
         while runner.queue:
             runner.run_next()
@@ -320,11 +341,7 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         Two issues for one pair under way at once make one write, and both
         callers get the first candidate.
         """
-        runner = QueuedRunner()
-        store = self.make_store(":memory:", None, runner=runner)
-        d = store.open()
-        runner.run_next()
-        self.successResultOf(d)
+        store, runner = self.queued_store()
         first, second = a_pair_key("alice", "bob"), a_pair_key("bob", "alice")
         d1 = store.issue_pair_key(first, 10)
         d2 = store.issue_pair_key(second, 10)
@@ -344,11 +361,7 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         callers ask for as they hear of their own keys.  Each caller gets its
         own key, and the store holds all.
         """
-        runner = QueuedRunner()
-        store = self.make_store(":memory:", None, runner=runner)
-        d = store.open()
-        runner.run_next()
-        self.successResultOf(d)
+        store, runner = self.queued_store()
         names = ["alice", "bob", "carol", "dave", "erin", "frank"]
         candidates = [a_pair_key(names[0], name) for name in names[1:]]
         issued = [store.issue_pair_key(candidate, 10) for candidate in candidates[:3]]
@@ -374,26 +387,14 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         When a shared write fails, every caller waiting on it gets the
         failure, and the next issue tries afresh.
         """
-        runner = QueuedRunner()
-        store = self.make_store(":memory:", None, runner=runner)
-        d = store.open()
-        runner.run_next()
-        self.successResultOf(d)
-        import sqlite3
-
-        from securelan.store import sqlite as sqlite_store
-
-        def broken(*args):
-            raise sqlite3.OperationalError("disk I/O error")
-
-        original = sqlite_store._issue_pair_txn
-        self.patch(sqlite_store, "_issue_pair_txn", broken)
+        store, runner = self.queued_store()
+        mend = self.failing_issues()
         d1 = store.issue_pair_key(a_pair_key("alice", "bob"), 10)
         d2 = store.issue_pair_key(a_pair_key("alice", "bob"), 10)
         runner.run_next()
         self.failureResultOf(d1, StoreUnavailable)
         self.failureResultOf(d2, StoreUnavailable)
-        self.patch(sqlite_store, "_issue_pair_txn", original)
+        mend()
         self.assertEqual(self.failureResultOf(store.issue_pair_key(a_pair_key("alice", "carol"), 0)).type,
                          TableFull)
         d3 = store.issue_pair_key(a_pair_key("alice", "bob"), 10)
