@@ -112,6 +112,11 @@ class AgentCollector:
             drops.add_metric([reason], count)
         drops.add_metric(["reassembly_gave_up"], role.get("reassembly_drops", 0))
         yield drops
+        split = CounterMetricFamily("securelan_agent_split_frames", "Split frames (super-frames) received, by "
+                                    "how their pieces were gathered.", labels=["how"])
+        for how, count in sorted(role.get("split_frames", {}).items()):
+            split.add_metric([how], count)
+        yield split
         pending = GaugeMetricFamily("securelan_agent_pending_frames", "Frames waiting for a key.")
         pending.add_metric([], role.get("pending", 0))
         yield pending

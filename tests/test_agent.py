@@ -515,6 +515,10 @@ class BatchTests(SynchronousTestCase):
         written = self.receive([[d for frame in self.pieces for d in frame]])
         self.assertEqual(written, self.frames)
         self.assertEqual(self.bob.dataplane.reassembler.completed, 0)
+        self.assertEqual(self.bob.dataplane.status()["split_frames"], self.expected_split)
+
+    #: How the frames of one in-order batch are gathered.
+    expected_split = {"whole_read": 0, "in_order": 3, "reassembled": 0}
 
     def test_forged_piece_in_a_run(self):
         """
@@ -586,6 +590,8 @@ class TrainBatchTests(BatchTests):
 
         self.patch(dataplane, "train_pieces", counting)
 
+    expected_split = {"whole_read": 3, "in_order": 0, "reassembled": 0}
+
     def receive(self, batches):
         return super().receive([read for batch in batches for read in as_gro_reads(batch)])
 
@@ -643,6 +649,8 @@ class TrainBatchTests(BatchTests):
         self.assertEqual(self.bob.device.written[self.before:], self.frames)
         self.assertEqual(self.taken, 1)
         self.assertEqual(self.bob.dataplane.reassembler.completed, 1)
+        self.assertEqual(self.bob.dataplane.status()["split_frames"],
+                         {"whole_read": 1, "in_order": 1, "reassembled": 1})
 
     def captured(self, member, frame):
         """

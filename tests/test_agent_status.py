@@ -49,7 +49,18 @@ class StatusFormatTests(SynchronousTestCase):
         self.assertIn("19 B sent (1 frames)", text)
         self.assertIn("key server: keyserver.test@127.0.0.1:7443  connected", text)
         self.assertIn("group key: epoch 1", text)
+        self.assertNotIn("split frames", text)
         json.dumps(status)
+
+    def test_format_split_frames(self):
+        """
+        Once super-frames came in, how their pieces were gathered is shown
+        (from whole GRO reads is the fast way).
+        """
+        status = sample_status(self.mktemp())
+        status["role"]["split_frames"] = {"whole_read": 7, "in_order": 2, "reassembled": 1}
+        self.assertIn("split frames received: 7 from whole reads, 2 in order, 1 reassembled",
+                      format_status(status))
 
 
     def test_format_border(self):

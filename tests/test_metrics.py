@@ -64,6 +64,19 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn('securelan_agent_bytes_total{direction="rx",kind="pair"} 19.0', bob)
         self.assertIn('securelan_agent_drops_total{reason="short"} 1.0', bob)
         self.assertIn("securelan_agent_peers 1.0", alice)
+        self.assertIn('securelan_agent_split_frames_total{how="in_order"} 0.0', bob)
+
+    def test_agent_split_frames(self):
+        """
+        Super-frames received are counted by how their pieces were gathered.
+        """
+        self.alice.send(MAC_2, b"S" * 5000)
+        for _ in range(3):
+            self.net.flush()
+            self.lan.flush()
+        bob = scrape(AgentCollector(_Agent(self.bob)))
+        self.assertIn('securelan_agent_split_frames_total{how="in_order"} 1.0', bob)
+        self.assertIn('securelan_agent_split_frames_total{how="whole_read"} 0.0', bob)
 
 
 class BorderAndLayer3MetricsTests(SynchronousTestCase):

@@ -150,6 +150,10 @@ class DataPlane:
         self._run_started = 0.0
         self._receiving = False
         self._backlog = []
+        #: How the split frames that came in were gathered: taken whole from
+        #: one GRO read, joined from pieces that came in order, or rebuilt
+        #: by the reassembler (counted before they are authenticated).
+        self.split_frames = {"whole_read": 0, "in_order": 0, "reassembled": 0}
         self._announce_due = False
         self._inflight: set[bytes] = set()
         self._group_inflight = False
@@ -619,6 +623,7 @@ class DataPlane:
         if (opener is None or opener.seen(header.counter) or self.reassembler.holds(header)
                 or (pieces := train_pieces(train, header)) is None):
             return train
+        self.split_frames["whole_read"] += 1
         self._open_pieces(header, pieces, opener, peer, source)
         return train.after(header.count)
 
@@ -654,6 +659,7 @@ class DataPlane:
                 pieces = run
                 self._run = run = []
                 expected = None
+                self.split_frames["in_order"] += 1
                 self._open_pieces(run_header, pieces, self._run_opener, self._run_peer, source)
                 # It may have adopted another receiving direction.
                 cached = None
@@ -725,6 +731,7 @@ class DataPlane:
                     pieces = run
                     self._run = run = []
                     expected = None
+                    self.split_frames["in_order"] += 1
                     self._open_pieces(run_header, pieces, opener, peer, source)
                     cached = None
                 else:
@@ -753,6 +760,7 @@ class DataPlane:
         except WireError as e:
             return self._drop(e.reason, peer)
         if pieces is not None:
+            self.split_frames["reassembled"] += 1
             self._open_pieces(header, pieces, opener, peer, source)
 
     def _open_pieces(self, header, pieces, opener, peer, source):
@@ -901,6 +909,7 @@ class DataPlane:
                 pieces = self.reassembler.add(header, datagram[HEADER_LEN:])
                 if pieces is None:
                     return
+                self.split_frames["reassembled"] += 1
                 try:
                     plaintext = opener.open_pieces(header, pieces)
                 except WireError as e:
@@ -962,6 +971,7 @@ class DataPlane:
             "pending": len(self.pending),
             "pending_drops": dict(self.pending.dropped),
             "reassembly_drops": self.reassembler.dropped,
+            "split_frames": dict(self.split_frames),
             "rekeys_asked": self.rekeys_asked,
             "keepalives_sent": self.keepalives_sent,
             "overdue_keys": self.overdue_keys,

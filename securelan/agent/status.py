@@ -45,6 +45,10 @@ def format_status(status: dict) -> str:
                f"reassembly drops: {role.get('reassembly_drops', 0)}  "
                f"carrier errors: {status.get('carrier_errors', 0)}  "
                f"device write errors: {role.get('device_write_errors', 0)}")
+    split = role.get("split_frames")
+    if split and any(split.values()):
+        out.append(f"split frames received: {split['whole_read']} from whole reads, {split['in_order']} in order, "
+                   f"{split['reassembled']} reassembled")
     layer3 = role.get("layer3")
     if layer3 is not None:
         out.append(f"layer 3: {layer3['addresses_known']} peer addresses known, {layer3['asking']} being asked "
