@@ -91,14 +91,14 @@ class CarrierTests(E2ETestCase):
             self.assertGreater(group["tx_frames"], 0)
             self.assertGreater(group["rx_frames"], 0)
             self.assertEqual(len(member.status()["role"]["peers"]), 2)
-        return capture
+        return capture, lan
 
     def test_udp(self):
         """
         Over UDP: every pair pings and talks TCP; the wire carries only
         securelan datagrams (and the underlay's own ARP and TLS).
         """
-        capture = self.check_carrier("udp")
+        capture, lan = self.check_carrier("udp")
         payloads = capture.udp_payloads(4789)
         self.assertTrue(payloads)
         for payload in payloads:
@@ -111,13 +111,16 @@ class CarrierTests(E2ETestCase):
         self.assertLessEqual(max(map(len, datagrams)), 1472)
         self.assertEqual(max(map(len, datagrams)), 1472, "the TCP transfer used full-size datagrams")
         self.assertEqual([f for f in capture.packets() if is_ip_fragment(f)], [])
+        # The super-frames came in on the fast path: whole from one GRO read.
+        taken = sum(lan[name].status()["role"]["split_frames"]["whole_read"] for name in ("alice", "bob", "carol"))
+        self.assertGreater(taken, 0)
 
     def test_ethernet(self):
         """
         Over raw Ethernet (EtherType 0x88B5): the same, with no UDP at all
         on the data path.
         """
-        capture = self.check_carrier("ethernet")
+        capture, _ = self.check_carrier("ethernet")
         self.assertIn(0x88B5, capture.ethertypes())
         self.assertEqual(capture.udp_payloads(4789), [])
 
