@@ -60,6 +60,11 @@ C{Reassembler(clock, timeout=2.0, max_frames_per_sender=8, max_bytes=2 MiB)}
     C{.add(header, piece) -> list | None}; C{.expire() -> int};
     counters C{completed}, C{expired}, C{evicted}, C{dropped}.
 
+C{Train(data, segment)}, C{train_pieces(train, header) -> list | None}
+    Datagrams that arrived as one UDP GRO read, and the pieces of the
+    split frame that begins one, taken at once when all are there in order
+    with the headers they must have.
+
 Errors
 ======
 
