@@ -33,8 +33,8 @@ try:
 except ImportError:  # reported by testing_postgres.unavailable()
     psycopg = store_postgres = PostgreSQLStore = None
 
-#: Why these tests cannot run here, if they cannot: they then fail (a
-#: skipped test proves nothing; CI installs and starts PostgreSQL).
+#: Why these tests cannot run here, if they cannot: they then fail, never
+#: pass over (CI installs and starts PostgreSQL, so they always run there).
 UNAVAILABLE = testing_postgres.unavailable()
 
 MAC_1 = parse_mac("02:00:00:00:00:01")

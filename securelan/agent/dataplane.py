@@ -58,6 +58,7 @@ from ..wire import (
     Train,
     WireError,
     join_frame,
+    open_datagram,
     parse_header,
     piece_headers,
     train_pieces,
@@ -150,9 +151,9 @@ class DataPlane:
         self._run_started = 0.0
         self._receiving = False
         self._backlog = []
-        #: How the split frames that came in were gathered: taken whole from
-        #: one GRO read, joined from pieces that came in order, or rebuilt
-        #: by the reassembler (counted before they are authenticated).
+        #: How the split pair frames that came in were gathered: taken whole
+        #: from one GRO read, joined from pieces that came in order, or
+        #: rebuilt by the reassembler (counted before they are authenticated).
         self.split_frames = {"whole_read": 0, "in_order": 0, "reassembled": 0}
         self._announce_due = False
         self._inflight: set[bytes] = set()
@@ -614,8 +615,7 @@ class DataPlane:
             return train
         peer = self.peers.get(header.src)
         if (peer is None or header.type & _KIND_MASK != TYPE_PAIR or header.epoch != peer.epoch
-                or (header.dst != self.my_mac and (not self.gateway or header.dst in self.members
-                                                   or header.dst in self.peers))):
+                or self._not_for_us(header.dst)):
             return train
         # Only under the adopted direction: a candidate (a restarted peer)
         # is the exception, left to the general path.
@@ -677,10 +677,7 @@ class DataPlane:
                     self._drop("type")
                 continue
             dst = header.dst
-            if dst != my_mac and (not self.gateway or dst in self.members or dst in self.peers):
-                # To a member host: only its own MAC.  To a gateway: the
-                # hosts behind it, never another member (member-to-member
-                # traffic must not reach the plaintext side).
+            if dst != my_mac and self._not_for_us(dst):
                 self._drop("not_for_us")
                 continue
             key = (header.src, header.epoch, header.incarnation)
@@ -739,6 +736,15 @@ class DataPlane:
             else:
                 self._piece(header, datagram[HEADER_LEN:], opener, peer, source)
                 cached = None
+
+    def _not_for_us(self, dst) -> bool:
+        """
+        Whether a pair datagram to C{dst} must be refused here.  To a
+        member host: anything but its own MAC.  To a gateway: another
+        member's MAC (member-to-member traffic must not reach the plaintext
+        side); the hosts behind it are its to take.
+        """
+        return dst != self.my_mac and (not self.gateway or dst in self.members or dst in self.peers)
 
     def _flush_run(self):
         """
@@ -901,28 +907,19 @@ class DataPlane:
         if opener is None:
             return self._drop("incarnation")
         try:
-            if header.count == 1:
-                plaintext = opener.open_counter(datagram, header.counter)
-            else:
-                if opener.seen(header.counter - header.index):
-                    return self._drop("replay")
-                pieces = self.reassembler.add(header, datagram[HEADER_LEN:])
-                if pieces is None:
-                    return
-                self.split_frames["reassembled"] += 1
-                try:
-                    plaintext = opener.open_pieces(header, pieces)
-                except WireError as e:
-                    return self._drop(e.reason, n=len(pieces))
+            frame = open_datagram(opener, self.reassembler, datagram, header)
         except WireError as e:
-            return self._drop(e.reason)
+            # A split frame that failed counts each of its datagrams.
+            return self._drop(e.reason, n=e.datagrams)
+        if frame is None:
+            return
         group.accept(src, opener, header.incarnation)
         if (source is not None and src not in self.members and src not in self.peers
                 and len(self.members) < self._members_listed + self.MAX_LEARNED):
             # A member we did not know of (it joined after our list was
             # fetched), or a host behind a gateway: send our broadcasts there.
             self.members[src] = source
-        self._deliver(header, plaintext, group.stats, None)
+        self._write(frame, header.type & FLAG_OFFLOAD, group.stats, None)
 
     def _deliver(self, header, plaintext, stats, peer):
         try:

@@ -86,10 +86,10 @@ class SharedStore:
     # Reads, from the mirror
 
     def member(self, member_id):
-        return defer.succeed(self._members.get(member_id))
+        return defer.succeed(self.peek_member(member_id))
 
     def member_by_mac(self, mac):
-        return defer.succeed(self._by_mac.get(mac))
+        return defer.succeed(self.peek_member_by_mac(mac))
 
     def peek_member(self, member_id):
         return self._members.get(member_id)
@@ -107,7 +107,7 @@ class SharedStore:
         return defer.succeed(list(self._members.values()))
 
     def pair_key(self, id_1, id_2):
-        return defer.succeed(self._pair_keys.get(pair_of(id_1, id_2)))
+        return defer.succeed(self.peek_pair_key(id_1, id_2))
 
     def pairs_of(self, member_id):
         return defer.succeed([self._pair_keys[pair] for pair in self._pairs_of.get(member_id, ())])
