@@ -7,8 +7,10 @@
 #   bench/ab_dataplane.sh ROUNDS SECONDS SNAPSHOT_DIR...
 #   e.g. for c in 9fd7bf3 f9435c1; do mkdir /tmp/sl-$c; git archive $c | tar -x -C /tmp/sl-$c; done
 #        bench/ab_dataplane.sh 5 6 /tmp/sl-9fd7bf3 /tmp/sl-f9435c1
-# Prints one line per run: the snapshot, TCP x1 and x4 and the ping RTT, as
-# peerbench measured them (custom system = bench/sl_peer.py, udp carrier).
+# Prints one line per run: the snapshot, TCP x1 and x4, the ping RTT and the
+# agents' CPU during x1, as peerbench measured them (custom system =
+# bench/sl_peer.py, udp carrier); then, per snapshot, the medians and the
+# agents' CPU per Gbit/s at x1 (steadier than the rate on a noisy machine).
 # Traffic: only between peerbench's pb-a/pb-b namespaces, removed at the end.
 set -u
 [ $# -ge 3 ] || { sed -n '2,12p' "$0"; exit 2; }
@@ -25,6 +27,19 @@ for r in $(seq 1 "$ROUNDS"); do
     cmd="exec $PY $REPO/bench/sl_peer.py run --pki $SCRATCH/pki --carrier udp --name ab"
     SECURELAN_CODE_ROOT=$snap PB_CUSTOM_NAME=ab PB_CUSTOM_A="$cmd" PB_CUSTOM_B="$cmd" \
       "$PEERBENCH" -r 1 -t "$T" -o "$OUT/ab.csv" custom 2>"$OUT/log" >/dev/null
-    echo "round $r $snap $(grep -o 'P1=[0-9.]* Gbit/s  P4=[0-9.]* Gbit/s  rtt avg=[0-9.]* ms' "$OUT/log" | tail -1)"
+    echo "round $r $snap $(grep -o 'P1=[0-9.]* Gbit/s  P4=[0-9.]* Gbit/s  rtt avg=[0-9.]* ms  daemonCPU=[0-9.]*%' "$OUT/log" | tail -1)" | tee -a "$OUT/lines"
   done
 done
+"$PY" - "$OUT/lines" "$@" <<'EOF'
+import re, statistics, sys
+lines = open(sys.argv[1]).read().splitlines()
+for snap in sys.argv[2:]:
+    found = (re.search(r"P1=([0-9.]+).*P4=([0-9.]+).*avg=([0-9.]+).*daemonCPU=([0-9.]+)", line)
+             for line in lines if f" {snap} P1=" in line)
+    runs = [[float(x) for x in m.groups()] for m in found if m]
+    if runs:
+        p1, p4, rtt, cpu = (statistics.median(column) for column in zip(*runs))
+        per = statistics.median(run[3] / run[0] for run in runs)
+        print(f"median {snap}: P1={p1:.3f} P4={p4:.3f} rtt={rtt:.3f} ms daemonCPU={cpu:.0f}% "
+              f"CPU%/Gbit/s={per:.1f} ({len(runs)} runs)")
+EOF

@@ -238,11 +238,13 @@ class IDevice(Interface):
     mac = Attribute("The device's MAC address (6 bytes).")
     mtu = Attribute("The device's MTU.")
 
-    def start(receiver):
+    def start(receiver, flush=None):
         """
         Create and configure the device, then call C{receiver(frame,
         offload)} with every frame the host sends, where C{offload} is the
-        frame's virtio-net header, or None when it has none (all zero).
+        frame's virtio-net header, or None when it has none (all zero); and,
+        if given, C{flush()} after each batch of frames read in one go, so
+        that the receiver may hold its sends back until then.
         """
 
     def write(frame, offload=False):
@@ -301,12 +303,21 @@ class ICarrier(Interface):
         endpoint; several go out in one system call where the carrier can.
         """
 
-    def send_parts(parts, endpoint):
+    def send_parts(parts, endpoint, hold=False):
         """
         L{send}, with each datagram given as its two parts, laid flat:
         C{[header 0, rest 0, header 1, rest 1, ...]}, as
         L{securelan.wire.Sealer.seal_parts} makes them (so a carrier that
         can send scattered buffers joins nothing).
+
+        With C{hold}, a single datagram may be kept back until L{flush} (or
+        the next send without C{hold}), so that the datagrams held for one
+        endpoint leave together: the caller must call L{flush} soon.
+        """
+
+    def flush():
+        """
+        Send every datagram that L{send_parts} held back.
         """
 
     def broadcast(datagrams, endpoints):

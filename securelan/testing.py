@@ -394,6 +394,8 @@ class MemoryCarrier:
         self.max_datagram = max_datagram
         self.endpoint = f"{address[0]}:{address[1]}"
         self.receiver = None
+        #: What C{send_parts} holds back until L{flush}: (datagram, endpoint).
+        self.held = []
 
     def start(self, receiver):
         self.receiver = receiver
@@ -411,10 +413,21 @@ class MemoryCarrier:
         for datagram in datagrams:
             self.lan.transmit(datagram, self.address, endpoint)
 
-    def send_parts(self, parts, endpoint):
-        self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
+    def send_parts(self, parts, endpoint, hold=False):
+        datagrams = list(map(bytes.__add__, parts[0::2], parts[1::2]))
+        if hold and len(datagrams) == 1:
+            self.held.append((datagrams[0], endpoint))
+            return
+        self.flush()
+        self.send(datagrams, endpoint)
+
+    def flush(self):
+        held, self.held = self.held, []
+        for datagram, endpoint in held:
+            self.lan.transmit(datagram, self.address, endpoint)
 
     def broadcast(self, datagrams, endpoints):
+        self.flush()
         for endpoint in endpoints:
             self.send(datagrams, endpoint)
 
@@ -481,13 +494,24 @@ class MemoryDevice:
         self.written = []
         self.offloads = []
         self.receiver = None
+        self.flush = None
         self.full = False
 
-    def start(self, receiver):
+    def start(self, receiver, flush=None):
         self.receiver = receiver
+        self.flush = flush
 
     def send(self, frame, offload=None):
-        self.receiver(frame, offload)
+        self.send_batch([(frame, offload)])
+
+    def send_batch(self, frames):
+        """
+        The host sends C{frames} (C{(frame, offload)} pairs), read in one go.
+        """
+        for frame, offload in frames:
+            self.receiver(frame, offload)
+        if self.flush is not None:
+            self.flush()
 
     def write(self, frame, offload=False):
         if self.full:
@@ -602,10 +626,14 @@ class MemoryMember:
                                    rekey_after_bytes=self.admission.rekey_after_bytes,
                                    on_grant=self.layer3.learn if self.layer3 is not None else None, **queue)
         self.carrier.start(self.dataplane.datagrams_received)
-        self.device.start(self.dataplane.frame_from_device)
+        self.device.start(self._frame, self.dataplane.flush)
         self.dataplane.start()
         for install, grant in self._early:
             getattr(self.dataplane, install)(grant)
+
+    def _frame(self, frame, offload):
+        # As ClientRole: held until the device's batch ends.
+        self.dataplane.frame_from_device(frame, offload, hold=True)
 
     # Pushes from the key server go to the data plane, as ClientRole does.
     def registered(self, admission):

@@ -238,6 +238,66 @@ class UnicastTests(SynchronousTestCase):
         self.assertEqual(bob.dataplane.peers[MAC_1].stats.drops.get("incarnation"), 1)
 
 
+class HeldSendTests(SynchronousTestCase):
+    """
+    The frames of one batch of device reads may be held by the carrier and
+    leave together when the batch ends; none is left behind or reordered.
+    """
+
+    def test_batch_leaves_at_its_end(self):
+        """
+        While a batch of frames is read, alice's small frames to bob wait in
+        her carrier; at the batch's end they all leave, and bob gets them in
+        order.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"first")
+        net.settle()
+        frames = [alice.frame(MAC_2, b"ack %d" % i) for i in range(5)]
+        on_wire = len(net.lan.wire)
+        for frame in frames:
+            alice.device.receiver(frame, None)
+        self.assertEqual(len(net.lan.wire), on_wire)
+        self.assertEqual(len(alice.carrier.held), 5)
+        alice.device.flush()
+        self.assertEqual(alice.carrier.held, [])
+        net.settle()
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"first")] + frames)
+
+    def test_batch_mixed_with_super_frames_and_broadcasts(self):
+        """
+        A batch that mixes small frames, a super-frame and a broadcast
+        delivers every frame, and bob's in the order alice sent them.
+        """
+        net = Net(self)
+        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        alice.send(MAC_2, b"first")
+        alice.send(MAC_3, b"first")
+        net.settle()
+        big = os.urandom(20000)
+        batch = [alice.frame(MAC_2, b"a"), alice.frame(MAC_3, b"b"), alice.frame(MAC_2, big),
+                 alice.frame(MAC_2, b"c"), alice.frame(BROADCAST, b"everyone"), alice.frame(MAC_2, b"d")]
+        alice.device.send_batch([(frame, None) for frame in batch])
+        net.settle()
+        self.assertEqual(bob.device.written[1:], [f for f in batch if f[:6] in (MAC_2, BROADCAST)])
+        self.assertEqual(carol.device.written[1:], [f for f in batch if f[:6] in (MAC_3, BROADCAST)])
+        self.assertEqual(alice.carrier.held, [])
+
+    def test_queued_frames_released_outside_a_batch(self):
+        """
+        Frames queued on a key miss leave when the key arrives, which is
+        not in a batch of device reads: they are never held.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"queued 1")
+        alice.send(MAC_2, b"queued 2")
+        net.settle()
+        self.assertEqual(alice.carrier.held, [])
+        self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"queued 1"), alice.frame(MAC_2, b"queued 2")])
+
+
 class MissTests(SynchronousTestCase):
     def test_drop_mode_is_the_seed(self):
         """

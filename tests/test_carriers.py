@@ -3,12 +3,35 @@ Tests for L{securelan.agent.carriers}: the udp carrier on real loopback
 sockets (UDP GSO out, UDP GRO in).
 """
 
+import socket
+
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from securelan.agent.carriers import UDPCarrier
 from securelan.keys import SecretKey
 from securelan.wire import TYPE_PAIR, Sealer
+
+
+class _CountingSocket:
+    """
+    A socket whose C{sendmsg} calls are counted (as lists of datagram
+    lengths, from the GSO segment size).
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.sends = []
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def sendmsg(self, buffers, ancillary=(), flags=0, address=None):
+        total = sum(map(len, buffers))
+        segment = next((int.from_bytes(value, "little") for level, kind, value in ancillary
+                        if (level, kind) == (socket.IPPROTO_UDP, 103)), total)
+        self.sends.append([min(segment, total - start) for start in range(0, total, segment)])
+        return self._sock.sendmsg(buffers, ancillary, flags, address)
 
 
 class UDPCarrierTests(TestCase):
@@ -73,3 +96,96 @@ class UDPCarrierTests(TestCase):
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual([d for d, _ in received], expected)
+
+    def counted(self, carrier):
+        carrier._socket = counting = _CountingSocket(carrier._socket)
+        return counting
+
+    @defer.inlineCallbacks
+    def received(self, received, n):
+        for _ in range(200):
+            if len(received) >= n:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_held_datagrams_leave_together(self):
+        """
+        Single datagrams sent with C{hold} stay until C{flush}; then a run
+        to one endpoint, equal in size but the last, leaves in one GSO send
+        and arrives as the same datagrams, in order.
+        """
+        sender, _ = self.carrier()
+        receiver, received = self.carrier()
+        counting = self.counted(sender)
+        to = ("127.0.0.1", receiver.port)
+        datagrams = [bytes([i]) * 90 for i in range(5)] + [b"short"]
+        for datagram in datagrams:
+            sender.send_parts([datagram[:40], datagram[40:]], to, hold=True)
+        self.assertEqual(counting.sends, [])
+        sender.flush()
+        self.assertEqual(counting.sends, [[90] * 5 + [5]])
+        yield self.received(received, len(datagrams))
+        self.assertEqual([d for d, _ in received], datagrams)
+        self.assertEqual(sender.errors, 0)
+        sender.flush()
+        self.assertEqual(len(counting.sends), 1)
+
+    @defer.inlineCallbacks
+    def test_held_runs(self):
+        """
+        A run ends where the endpoint changes, where a datagram is longer
+        than the run's first, and after a shorter one; each endpoint still
+        gets its datagrams in the order they were sent.
+        """
+        sender, _ = self.carrier()
+        one, got_one = self.carrier()
+        two, got_two = self.carrier()
+        counting = self.counted(sender)
+        to_one, to_two = ("127.0.0.1", one.port), ("127.0.0.1", two.port)
+        sends = [(b"a" * 60, to_one), (b"b" * 60, to_one), (b"c" * 80, to_one), (b"d" * 40, to_one),
+                 (b"e" * 40, to_one), (b"f" * 40, to_two), (b"g" * 40, to_one)]
+        for datagram, to in sends:
+            sender.send_parts([datagram, b""], to, hold=True)
+        sender.flush()
+        self.assertEqual(counting.sends, [[60, 60], [80, 40], [40], [40], [40]])
+        yield self.received(got_one, 6)
+        yield self.received(got_two, 1)
+        self.assertEqual([d for d, _ in got_one], [d for d, to in sends if to == to_one])
+        self.assertEqual([d for d, _ in got_two], [b"f" * 40])
+
+    @defer.inlineCallbacks
+    def test_send_without_hold_goes_after_held(self):
+        """
+        A send without C{hold} (a super-frame, or a frame from outside a
+        batch of device reads) first sends what was held: datagrams to one
+        peer never overtake each other.
+        """
+        sender, _ = self.carrier()
+        receiver, received = self.carrier()
+        counting = self.counted(sender)
+        to = ("127.0.0.1", receiver.port)
+        sender.send_parts([b"first", b""], to, hold=True)
+        sender.send_parts([b"second", b"", b"third", b""], to, hold=True)
+        sender.send_parts([b"fourth", b""], to)
+        self.assertEqual(counting.sends, [[5], [6, 5], [6]])
+        yield self.received(received, 4)
+        self.assertEqual([d for d, _ in received], [b"first", b"second", b"third", b"fourth"])
+
+    @defer.inlineCallbacks
+    def test_many_held(self):
+        """
+        More held datagrams than one GSO send takes (64) leave in as many
+        sends as needed, all of them.
+        """
+        sender, _ = self.carrier()
+        receiver, received = self.carrier()
+        counting = self.counted(sender)
+        to = ("127.0.0.1", receiver.port)
+        datagrams = [i.to_bytes(2, "big") * 40 for i in range(150)]
+        for datagram in datagrams:
+            sender.send_parts([datagram, b""], to, hold=True)
+        sender.flush()
+        self.assertEqual([len(send) for send in counting.sends], [64, 64, 22])
+        yield self.received(received, len(datagrams))
+        self.assertEqual([d for d, _ in received], datagrams)

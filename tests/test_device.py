@@ -119,3 +119,41 @@ class TapDeviceTests(SynchronousTestCase):
         self.assertTrue(device.write(b"to the host"))
         self.assertTrue(device.write(vnet + b"offload", offload=True))
         self.assertEqual(system.written, [bytes(10) + b"to the host", vnet + b"offload"])
+
+    def test_flush_after_each_batch(self):
+        """
+        After each batch of reads (until the device has no more, or the
+        batch limit) the receiver's C{flush} is called once, after the last
+        frame: the frames of one batch may be sent together.
+        """
+        system = FakeDeviceSystem()
+        device = TapDevice("slan0", MAC, 1422, reactor=MemoryReactor(), system=system)
+        events = []
+        device.start(lambda frame, offload: events.append(bytes(frame)), lambda: events.append("flush"))
+        self.addCleanup(device.stop)
+        system.to_read = [bytes(10) + b"frame %d" % i for i in range(TapDevice.BATCH + 2)]
+        device.read_batch()
+        self.assertEqual(events, [b"frame %d" % i for i in range(TapDevice.BATCH)] + ["flush"])
+        del events[:]
+        device.read_batch()
+        device.read_batch()
+        self.assertEqual(events, [b"frame 64", b"frame 65", "flush", "flush"])
+
+    def test_flush_when_receiver_fails(self):
+        """
+        A receiver that raises still gets its C{flush}: nothing it held is
+        left behind.
+        """
+        system = FakeDeviceSystem()
+        device = TapDevice("slan0", MAC, 1422, reactor=MemoryReactor(), system=system)
+        flushes = []
+
+        def receiver(frame, offload):
+            raise RuntimeError("a bug")
+
+        device.start(receiver, lambda: flushes.append(1))
+        self.addCleanup(device.stop)
+        system.to_read = [bytes(10) + b"frame"]
+        self.assertRaises(RuntimeError, device.read_batch)
+        self.assertEqual(flushes, [1])
+

@@ -129,6 +129,8 @@ class UDPCarrier:
         self._socket = None
         self._reader = None
         self._receiver = None
+        #: Single datagrams sent with C{hold}, as C{(endpoint, parts)}.
+        self._held = []
 
     def start(self, receiver):
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
@@ -189,7 +191,37 @@ class UDPCarrier:
     def send(self, datagrams, endpoint):
         self.send_parts([part for datagram in datagrams for part in (datagram, b"")], endpoint)
 
-    def send_parts(self, parts, endpoint):
+    def send_parts(self, parts, endpoint, hold=False):
+        if hold and len(parts) == 2:
+            self._held.append((endpoint, parts))
+            return
+        if self._held:
+            # What was held goes first: datagrams to one peer keep their order.
+            self.flush()
+        self._send(parts, endpoint)
+
+    def flush(self):
+        """
+        Send the datagrams held back: a run of them to one endpoint, equal
+        in size but the last, leaves in one GSO send (the TCP ACKs a batch
+        of TAP reads yields, for one, are all alike).
+        """
+        held, self._held = self._held, []
+        run, to, size, ended = [], None, 0, False
+        for endpoint, parts in held:
+            length = len(parts[0]) + len(parts[1])
+            if run and (endpoint != to or length > size or ended):
+                self._send(run, to)
+                run = []
+            if not run:
+                to, size = endpoint, length
+            run += parts
+            # A shorter datagram can only be the last of a GSO send.
+            ended = length < size
+        if run:
+            self._send(run, to)
+
+    def _send(self, parts, endpoint):
         sock = self._socket
         try:
             if len(parts) == 2:
@@ -299,8 +331,12 @@ class EthernetCarrier:
             except OSError:
                 self.errors += 1
 
-    def send_parts(self, parts, endpoint):
+    def send_parts(self, parts, endpoint, hold=False):
+        # One frame per send whatever: nothing to gain by holding.
         self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
+
+    def flush(self):
+        pass
 
     def broadcast(self, datagrams, endpoints):
         self.send(datagrams, None)

@@ -13,7 +13,8 @@ Outbound (L{DataPlane.frame_from_device}), stage by stage:
     broadcast in one send where the carrier can);
  4. a unicast destination is looked up in the key cache (the seed's MAC-KEY
     list): on a hit the frame is sealed under our sending direction of the
-    pair key and sent to the peer's endpoint;
+    pair key and sent to the peer's endpoint (the small frames of one batch
+    of device reads, TCP ACKs mostly, are held to leave together);
  5. on a miss one key request per MAC is in flight, and the frame waits in a
     bounded queue (C{on_key_miss = "queue"}) or is dropped as the seed does
     (C{"drop"}); the queue is flushed in order when the key arrives.
@@ -265,7 +266,12 @@ class DataPlane:
 
     # Outbound ----------------------------------------------------------------
 
-    def frame_from_device(self, frame, offload=None):
+    def frame_from_device(self, frame, offload=None, hold=False):
+        """
+        Send a frame the host sent.  With C{hold}, the carrier may keep a
+        small frame's datagram back until L{flush}, to send it with others
+        to the same peer (see L{securelan._interfaces.ICarrier.send_parts}).
+        """
         if len(frame) < ETHERNET_HEADER_LEN:
             return self._drop("runt")
         src = frame[6:12]
@@ -278,7 +284,7 @@ class DataPlane:
             return self._send_group(frame, offload)
         peer = self.peers.get(dst)
         if peer is not None:
-            return self._send_pair(peer, frame, offload)
+            return self._send_pair(peer, frame, offload, hold)
         if self.queue_on_miss:
             if not self.pending.add(dst, (frame, offload)):
                 self._drop("queue_full")
@@ -286,7 +292,13 @@ class DataPlane:
             self._drop("no_key")
         self._request_pair_key(dst)
 
-    def _send_pair(self, peer: Peer, frame, offload=None):
+    def flush(self):
+        """
+        Send what L{frame_from_device} held back.
+        """
+        self.carrier.flush()
+
+    def _send_pair(self, peer: Peer, frame, offload=None, hold=False):
         if peer.endpoint is None:
             return self._drop("no_endpoint", peer)
         now = self.clock.seconds()
@@ -301,7 +313,7 @@ class DataPlane:
             return self._drop("counter", peer)
         except ValueError:
             return self._drop("too_big", peer)
-        self.carrier.send_parts(parts, peer.endpoint)
+        self.carrier.send_parts(parts, peer.endpoint, hold)
         if sealer is peer.sealer and not peer.rekey_asked:
             if self.rekey_after_bytes:
                 peer.epoch_bytes += len(frame)

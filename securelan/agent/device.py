@@ -139,10 +139,11 @@ class TapDevice:
         self._reactor = reactor
         self._reader = None
         self._receiver = None
+        self._flush = None
         self.write_errors = 0
         self.offload_frames = 0
 
-    def start(self, receiver):
+    def start(self, receiver, flush=None):
         system = self.system
         try:
             fd = system.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -179,6 +180,7 @@ class TapDevice:
             self.stop()
             raise
         self._receiver = receiver
+        self._flush = flush
         self._reader = _Reader(self, self._reactor)
         self._reader.startReading()
         log.info("{kind} device {name} up: MAC {mac}, MTU {mtu}, addresses {addresses}", kind=self.KIND,
@@ -189,6 +191,13 @@ class TapDevice:
         return ["address", format_mac(self.mac)]
 
     def read_batch(self):
+        try:
+            self._read_batch()
+        finally:
+            if self._flush is not None:
+                self._flush()
+
+    def _read_batch(self):
         read, fd, receiver = self.system.read, self.fd, self._receiver
         for _ in range(self.BATCH):
             try:

@@ -73,6 +73,7 @@ class Layer3Device:
         self._resolve = resolve
         self.on_grant = on_grant or (lambda grant: None)
         self._receiver = None
+        self._flush = None
         self._macs: dict[bytes, bytes] = {}
         self._held: dict[bytes, frozenset] = {}
         self._pending = PendingFrames(per_address, total, timeout, clock)
@@ -96,9 +97,10 @@ class Layer3Device:
     def _drop(self, reason):
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
-    def start(self, receiver):
+    def start(self, receiver, flush=None):
         self._receiver = receiver
-        self.tun.start(self._packet)
+        self._flush = flush
+        self.tun.start(self._packet, flush)
 
     def stop(self):
         self.tun.stop()
@@ -156,6 +158,9 @@ class Layer3Device:
                 return
             for packet, offload in self._pending.take(dst):
                 self._packet(packet, offload)
+            # The released packets are a batch of their own.
+            if self._flush is not None:
+                self._flush()
 
         def refused(failure):
             self._asking.discard(dst)

@@ -136,7 +136,7 @@ class ClientRole:
         else:
             self.device = self._device_factory(config.name, agent.mac, self.device_mtu(agent),
                                                config.addresses, reactor=agent.reactor, gso_max_size=gso_max_size)
-        self.device.start(self._frame)
+        self.device.start(self._frame, self._flush)
 
     def _resolved(self, grant):
         # Layer 3: the key server named the member that holds an address,
@@ -158,7 +158,13 @@ class ClientRole:
         if self.dataplane is None:
             self.not_ready += 1
             return
-        self.dataplane.frame_from_device(frame, offload)
+        # Held until the device's batch ends (_flush): the TCP ACKs one
+        # batch of reads yields leave in one system call.
+        self.dataplane.frame_from_device(frame, offload, hold=True)
+
+    def _flush(self):
+        if self.dataplane is not None:
+            self.dataplane.flush()
 
     def datagrams_received(self, datagrams, source):
         if self.dataplane is None:
