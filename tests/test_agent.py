@@ -519,6 +519,27 @@ class OffloadTests(SynchronousTestCase):
         self.assertLessEqual(max(sizes), 1472)
         self.assertGreater(len(sizes), 40)
 
+    def test_super_frames_as_views(self):
+        """
+        The TAP device hands super-frames over as views of what it read:
+        they cross as bytes do, also when they wait in the queue for a key
+        and when they go to every member.
+        """
+        from securelan.protocol import PeerInfo
+
+        net = Net(self)
+        alice, bob, carol = net["alice"], net["bob"], net["carol"]
+        alice.dataplane.set_members([PeerInfo(m.member_id, m.mac, "client", m.carrier.endpoint)
+                                     for m in (bob, carol)])
+        vnet = bytes([1, 1, 66, 0, 0xA8, 5, 34, 0, 16, 0])
+        frames = [alice.frame(MAC_2, os.urandom(30000)), alice.frame(BROADCAST, os.urandom(20000)),
+                  alice.frame(MAC_2, os.urandom(40000))]
+        alice.device.send_batch([(memoryview(bytes(10) + frame)[10:], vnet) for frame in frames])
+        net.settle()
+        self.assertTrue(bob.device.written == frames, "bob did not get the frames")
+        self.assertTrue(carol.device.written == [frames[1]], "carol did not get the broadcast")
+        self.assertEqual(alice.keys.requests, [MAC_2])
+
 
 class BatchTests(SynchronousTestCase):
     """

@@ -216,7 +216,8 @@ class TapDevice:
                 receiver(data[VNET_HDR_LEN:], None)
             else:
                 self.offload_frames += 1
-                receiver(data[VNET_HDR_LEN:], header)
+                # A view: a super-frame is not copied again to drop a header.
+                receiver(memoryview(data)[VNET_HDR_LEN:], header)
 
     def write(self, frame, offload=False) -> bool:
         """
