@@ -10,6 +10,8 @@ Keys cross the wire as L{SecretKeyArgument}, which decodes straight into a
 L{SecretKey} so no plain key bytes linger in reprs on either side.
 """
 
+import struct
+
 import attrs
 from twisted.protocols import amp
 
@@ -60,6 +62,10 @@ class SecretKeyArgument(amp.Argument):
 
     def toString(self, inObject):
         return inObject.material
+
+
+_U16 = struct.Struct("!H")
+_ANSWER_PREFIX = _U16.pack(len(amp.ANSWER)) + amp.ANSWER
 
 
 def _plain(arg) -> bool:
@@ -149,6 +155,34 @@ class _QuickBoxes(amp.Command):
         if not layout:
             return super().parseResponse(box, protocol)
         return _from_box(layout, box, protocol)
+
+    @classmethod
+    def serialize_answer(cls, objects, ask: bytes, proto) -> bytes:
+        """
+        The answer box to the request tagged C{ask}, serialised, as AMP
+        would send C{makeResponse(objects)}: the same keys and values, each
+        key's length prefix made once per command.
+        """
+        prefixes = cls.__dict__.get("_response_prefixes")
+        if prefixes is None:
+            layout = cls.layout("response")
+            if not layout:
+                raise TypeError(f"{cls.__name__}'s answers take AMP's own path")
+            prefixes = cls._response_prefixes = tuple(
+                (_U16.pack(len(name)) + name, identifier, arg) for name, identifier, arg in layout)
+        parts = []
+        for prefix, identifier, arg in prefixes:
+            value = objects.get(identifier)
+            if value is None:
+                if arg.optional:
+                    continue
+                value = objects[identifier]
+            string = arg.toStringProto(value, proto)
+            if len(string) > amp.MAX_VALUE_LENGTH:
+                raise amp.TooLong(False, True, string, prefix[2:])
+            parts += (prefix, _U16.pack(len(string)), string)
+        parts += (_ANSWER_PREFIX, _U16.pack(len(ask)), ask, b"\0\0")
+        return b"".join(parts)
 
 
 class Register(amp.Command):

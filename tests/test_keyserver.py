@@ -64,6 +64,17 @@ class SubnetTestCase(SynchronousTestCase):
         return self.successResultOf(conn.run(request_pair_key(conn.client, mac, **kw)))
 
 
+def grant_fields(**changes):
+    """
+    A pair-key grant's fields, as a key server answers them.
+    """
+    fields = dict(peer_id="bob", peer_mac=MAC_2, peer_role="client", peer_endpoint="192.0.2.2:4789",
+                  peer_incarnation=3, key=SecretKey(bytes(range(32))), epoch=2, lifetime=60, age=5,
+                  peer_addresses=("10.9.0.2",))
+    fields.update(changes)
+    return fields
+
+
 class QuickResponseTests(SynchronousTestCase):
     """
     The pair-key answers and pushes are serialised and parsed without
@@ -71,11 +82,7 @@ class QuickResponseTests(SynchronousTestCase):
     """
 
     def grant(self, **changes):
-        fields = dict(peer_id="bob", peer_mac=MAC_2, peer_role="client", peer_endpoint="192.0.2.2:4789",
-                      peer_incarnation=3, key=SecretKey(bytes(range(32))), epoch=2, lifetime=60, age=5,
-                      peer_addresses=("10.9.0.2",))
-        fields.update(changes)
-        return fields
+        return grant_fields(**changes)
 
     def test_same_box(self):
         """
@@ -146,6 +153,139 @@ class QuickResponseTests(SynchronousTestCase):
         grant = self.grant()
         del grant["epoch"]
         self.assertRaises(KeyError, RequestPairKey.makeResponse, grant, None)
+
+
+class QuickAnswerSerializationTests(SynchronousTestCase):
+    """
+    A pair-key answer serialised at once is the box AMP would send.
+    """
+
+    def test_same_box_on_the_wire(self):
+        """
+        Parsed back, the bytes are AMP's answer box: the response's fields
+        (an absent optional one left out) and the question's tag.
+        """
+        from securelan.protocol import RequestPairKey
+
+        for grant in (grant_fields(), grant_fields(peer_addresses=None)):
+            data = RequestPairKey.serialize_answer(dict(grant), b"2a", None)
+            [box] = amp.parseString(data)
+            expected = RequestPairKey.makeResponse(dict(grant), None)
+            expected[b"_answer"] = b"2a"
+            self.assertEqual(box, expected)
+
+    def test_missing_and_too_long(self):
+        """
+        A missing field fails as in AMP (KeyError); so does a value too long
+        for a box (TooLong).
+        """
+        from securelan.protocol import RequestPairKey
+
+        grant = grant_fields()
+        del grant["epoch"]
+        self.assertRaises(KeyError, RequestPairKey.serialize_answer, grant, b"1", None)
+        grant = grant_fields(peer_endpoint="x" * 70000)
+        self.assertRaises(amp.TooLong, RequestPairKey.serialize_answer, grant, b"1", None)
+
+    def test_only_quick_commands(self):
+        """
+        A command whose fields take AMP's own path has no quick answer.
+        """
+        from securelan.protocol import RequestPairKey, _QuickBoxes
+
+        class Boxed(amp.Argument):
+            def toBox(self, name, strings, objects, proto):
+                strings[name] = b"made by hand"
+
+        class Other(_QuickBoxes):
+            response = [(b"items", Boxed())]
+
+        self.assertRaises(TypeError, Other.serialize_answer, {"items": []}, b"1", None)
+        self.assertTrue(RequestPairKey.layout("response"))
+
+
+class AnsweredAtOnceTests(SubnetTestCase):
+    """
+    A request for a pair key already issued is answered without AMP's
+    dispatch, with the same checks and the same answer.
+    """
+
+    def dispatched(self, session):
+        calls = []
+        original = session.dispatchCommand
+
+        def dispatch(box):
+            calls.append(box[b"_command"])
+            return original(box)
+
+        session.dispatchCommand = dispatch
+        return calls
+
+    def test_issued_key_answered_at_once(self):
+        """
+        The first request (the key is issued) takes AMP's dispatch; the next
+        ones do not, and get the same grant; all are counted.
+        """
+        net, (alice, bob, carol) = self.three()
+        calls = self.dispatched(alice.session)
+        first = self.pair_key(alice, MAC_2)
+        self.assertEqual(calls, [b"RequestPairKey"])
+        again = [self.pair_key(alice, MAC_2) for _ in range(3)]
+        self.assertEqual(calls, [b"RequestPairKey"])
+        self.assertEqual(again, [first] * 3)
+        self.assertEqual(net.server.counters[("requests", "pair key")], 4)
+
+    def test_peer_told_on_the_quick_path(self):
+        """
+        A requester naming the current epoch (its peer is behind) gets the
+        key pushed to the peer again, as on the general path.
+        """
+        net = self.subnet()
+        heard = RecordingListener()
+        alice, _ = net.join("alice", MAC_1)
+        bob, _ = net.join("bob", MAC_2, listener=heard)
+        grant = self.pair_key(alice, MAC_2)
+        net.flush()
+        pushes = len(heard.events)
+        self.assertEqual(self.pair_key(alice, MAC_2), grant)
+        net.flush()
+        self.assertEqual(len(heard.events), pushes)
+        self.assertEqual(self.pair_key(alice, MAC_2, epoch=grant.epoch), grant)
+        net.flush()
+        self.assertEqual(len(heard.events), pushes + 1)
+        kind, pushed = heard.events[-1]
+        self.assertEqual((kind, pushed.peer_id, pushed.key), ("pair_key", "alice", grant.key))
+
+    def test_refusals_take_the_general_path(self):
+        """
+        What must be refused is refused as before: a group MAC, a MAC no
+        one holds, our own MAC.
+        """
+        net, (alice, bob, carol) = self.three()
+        self.pair_key(alice, MAC_2)
+        for mac, error in ((b"\xff" * 6, BadRequest), (b"\x02\0\0\0\0\x99", UnknownPeer),
+                           (MAC_1, NotPermitted)):
+            failure = self.failureResultOf(alice.run(request_pair_key(alice.client, mac)))
+            self.assertTrue(failure.check(error), (mac, failure))
+
+    def test_failure_while_answering(self):
+        """
+        A failure while answering at once (a bug) is logged, and the
+        request goes the general path rather than unanswered.
+        """
+        from securelan.protocol import RequestPairKey
+
+        net, (alice, bob, carol) = self.three()
+        grant = self.pair_key(alice, MAC_2)
+
+        def serialize_answer(*args):
+            raise RuntimeError("a bug")
+
+        self.patch(RequestPairKey, "serialize_answer", serialize_answer)
+        with LogCapture() as logs:
+            self.assertEqual(self.pair_key(alice, MAC_2), grant)
+        self.assertTrue(any("answering a pair-key request from alice" in line for line in logs.lines()))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class TLSTests(SubnetTestCase):

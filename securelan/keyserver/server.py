@@ -324,20 +324,41 @@ class KeyServer:
             return defer.fail(BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key"))
         # The usual request, for a key already issued to two members the
         # store holds in memory, is answered at once.
+        issued = self.issued_pair_key(member, peer_mac)
+        if issued is not None:
+            try:
+                grant = self.answer_issued(issued, epoch)
+            except Exception:
+                # As the general path would: a failed Deferred.
+                return defer.fail()
+            return defer.succeed(grant)
+        return self._pair_key_for(member, peer_mac, epoch)
+
+    def issued_pair_key(self, member: Member, peer_mac: bytes):
+        """
+        C{(pair key, member, peer)} when a pair key is already issued to
+        C{member} and the member that holds C{peer_mac}, and the store holds
+        all three in memory; else None (L{pair_key_for} finds out).  Changes
+        nothing.
+        """
         store = self.store
         peer = store.peek_member_by_mac(peer_mac)
-        if peer is not None and peer.member_id != member.member_id:
-            pair_key = store.peek_pair_key(member.member_id, peer.member_id)
-            me = store.peek_member(member.member_id)
-            if pair_key is not None and me is not None:
-                try:
-                    self._tell_peer(pair_key, me, peer, epoch)
-                    grant = self._grant(pair_key, peer)
-                except Exception:
-                    # As the general path would: a failed Deferred.
-                    return defer.fail()
-                return defer.succeed(grant)
-        return self._pair_key_for(member, peer_mac, epoch)
+        if peer is None or peer.member_id == member.member_id:
+            return None
+        pair_key = store.peek_pair_key(member.member_id, peer.member_id)
+        me = store.peek_member(member.member_id)
+        if pair_key is None or me is None:
+            return None
+        return pair_key, me, peer
+
+    def answer_issued(self, issued, epoch) -> PairKeyGrant:
+        """
+        The grant for what L{issued_pair_key} found, as its member should
+        hold it; the peer is told first (L{_tell_peer}).
+        """
+        pair_key, me, peer = issued
+        self._tell_peer(pair_key, me, peer, epoch)
+        return self._grant(pair_key, peer)
 
     @defer.inlineCallbacks
     def _pair_key_for(self, member: Member, peer_mac: bytes, epoch):
@@ -948,6 +969,8 @@ class MemberSession(QuietAMP):
             self._rejected = True
             self.transport.abortConnection()
             return
+        if box.get(b"_command") == b"RequestPairKey" and self._answered_at_once(box):
+            return
         try:
             super().ampBoxReceived(box)
         except Exception as e:
@@ -958,6 +981,40 @@ class MemberSession(QuietAMP):
                      peer=self._peer, member_id=self.member_id, error=e.__class__.__name__)
             self._rejected = True
             self.transport.abortConnection()
+
+    def _answered_at_once(self, box) -> bool:
+        """
+        The usual request, for a pair key already issued, answered without
+        AMP's dispatch and its Deferreds: the same checks, counts and answer
+        box.  False, having changed nothing, for what the general path must
+        take: a refusal, a key still to issue, a malformed request.
+        """
+        ask = box.get(b"_ask")
+        member = self.member
+        if ask is None or member is None:
+            return False
+        try:
+            arguments = RequestPairKey.parseArguments(box, self)
+        except Exception:
+            return False
+        server = self.server
+        issued = server.issued_pair_key(member, arguments["peer_mac"])
+        if issued is None:
+            return False
+        try:
+            server.admit_request(member.member_id)
+        except RateLimited:
+            # Refused on the general path, which finds the bucket as empty.
+            return False
+        server.counters[("requests", "pair key")] += 1
+        try:
+            grant = server.answer_issued(issued, arguments["epoch"])
+            answer = RequestPairKey.serialize_answer(attrs.asdict(grant, recurse=False), ask, self)
+        except Exception:
+            log.failure("answering a pair-key request from {member_id}", member_id=self.member_id)
+            return False
+        self.transport.write(answer)
+        return True
 
     def _refusals(self, d, what):
         counters = self.server.counters
