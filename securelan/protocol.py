@@ -51,6 +51,58 @@ class QuietAMP(amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
+    #: The most bytes one received box may take, prefixes included (None:
+    #: AMP's own limits only); see L{box_too_big}.
+    max_box_bytes = None
+
+    def box_too_big(self):
+        """
+        A box grew past L{max_box_bytes}: close the connection.
+        """
+        self.transport.loseConnection()
+
+    def dataReceived(self, data):
+        """
+        AMP's boxes, parsed a whole box at a time rather than one string at
+        a time through AMP's state machine (a pair-key answer is 23
+        strings): the same boxes, limits and pauses.
+        """
+        if self.innerProtocol is not None:
+            return super().dataReceived(data)
+        buffer = self._unprocessed + data if self._unprocessed else data
+        end, offset, limit = len(buffer), 0, self.max_box_bytes
+        unpack, receiver = _U16.unpack_from, self.boxReceiver
+        while not self.paused and self.transport is not None:
+            box, at, whole = amp.AmpBox(), offset, False
+            while at + 2 <= end:
+                (length,) = unpack(buffer, at)
+                if not length:
+                    at += 2
+                    whole = True
+                    break
+                if length > self._MAX_KEY_LENGTH:
+                    self._unprocessed = b""
+                    self.lengthLimitExceeded(length)
+                    return
+                key_end = at + 2 + length
+                if key_end + 2 > end:
+                    break
+                (length,) = unpack(buffer, key_end)
+                value_end = key_end + 2 + length
+                if value_end > end:
+                    break
+                box[buffer[at + 2:key_end]] = buffer[key_end + 2:value_end]
+                at = value_end
+            if limit is not None and at - offset > limit:
+                self._unprocessed = b""
+                self.box_too_big()
+                return
+            if not whole:
+                break
+            offset = at
+            receiver.ampBoxReceived(box)
+        self._unprocessed = buffer[offset:] if offset else buffer
+
 
 class SecretKeyArgument(amp.Argument):
     """

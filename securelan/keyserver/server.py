@@ -808,7 +808,6 @@ class MemberSession(QuietAMP):
         super().__init__()
         self.server = server
         self.callLater = server.clock.callLater
-        self._box_bytes = 0
         self._rejected = False
         self._closed = False
         self._paused = False
@@ -935,21 +934,24 @@ class MemberSession(QuietAMP):
     #: its requests.  An agent has at most a few in flight.
     BOXES_PER_TURN = 4
 
-    def stringReceived(self, string):
-        if self._rejected:
-            return
-        self._box_bytes += len(string) + 2
-        if self._box_bytes > self.server.limits.max_request_bytes:
-            self._rejected = True
-            log.warn("closed connection from {peer} ({member_id}): request over {limit} bytes",
-                     peer=self._peer, member_id=self.member_id,
-                     limit=self.server.limits.max_request_bytes)
-            self.transport.abortConnection()
-            return
-        super().stringReceived(string)
+    @property
+    def max_box_bytes(self):
+        return self.server.limits.max_request_bytes
+
+    def box_too_big(self):
+        self._rejected = True
+        log.warn("closed connection from {peer} ({member_id}): request over {limit} bytes",
+                 peer=self._peer, member_id=self.member_id, limit=self.server.limits.max_request_bytes)
+        self.transport.abortConnection()
+
+    def dataReceived(self, data):
+        if not self._rejected:
+            super().dataReceived(data)
 
     def ampBoxReceived(self, box):
-        self._box_bytes = 0
+        if self._rejected:
+            # The rest of a read after a refusal.
+            return
         self.resetTimeout()
         turn = self.server.current_turn()
         if turn != self._turn:
