@@ -51,6 +51,13 @@ class QuietAMP(amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
+    @amp.StartTLS.responder
+    def _refuse_start_tls(self, tls_localCertificate=None, tls_verifyAuthorities=None):
+        # AMP answers StartTLS by default (a TLS layer with no certificate
+        # inside ours): securelan's connections are mutual TLS from the
+        # first byte, so the request is refused and the connection closed.
+        raise amp.RemoteAmpError(b"NOT_PERMITTED", "StartTLS: this connection is TLS already", fatal=True)
+
     #: The most bytes one received box may take, prefixes included (None:
     #: AMP's own limits only); see L{box_too_big}.
     max_box_bytes = None
@@ -61,19 +68,27 @@ class QuietAMP(amp.AMP):
         """
         self.transport.loseConnection()
 
+    #: The box being received, as far as it came: (box, bytes so far).
+    _box_so_far = None
+
     def dataReceived(self, data):
         """
-        AMP's boxes, parsed a whole box at a time rather than one string at
-        a time through AMP's state machine (a pair-key answer is 23
-        strings): the same boxes, limits and pauses.
+        AMP's boxes, parsed a field at a time with the box's fields kept
+        between reads, rather than one string at a time through AMP's state
+        machine (a pair-key answer is 23 strings): the same boxes, limits,
+        pauses and protocol switch.
         """
         if self.innerProtocol is not None:
             return super().dataReceived(data)
+        if self._keyLengthLimitExceeded:
+            return
         buffer = self._unprocessed + data if self._unprocessed else data
         end, offset, limit = len(buffer), 0, self.max_box_bytes
         unpack, receiver = _U16.unpack_from, self.boxReceiver
+        box, size = self._box_so_far or (amp.AmpBox(), 0)
+        self._box_so_far = None
         while not self.paused and self.transport is not None:
-            box, at, whole = amp.AmpBox(), offset, False
+            at, whole = offset, False
             while at + 2 <= end:
                 (length,) = unpack(buffer, at)
                 if not length:
@@ -93,15 +108,27 @@ class QuietAMP(amp.AMP):
                     break
                 box[buffer[at + 2:key_end]] = buffer[key_end + 2:value_end]
                 at = value_end
-            if limit is not None and at - offset > limit:
+            size += at - offset
+            offset = at
+            # A box still arriving counts what is buffered of it too.
+            if limit is not None and (size if whole else size + end - offset) > limit:
                 self._unprocessed = b""
                 self.box_too_big()
                 return
             if not whole:
                 break
-            offset = at
+            # What follows the box, where a protocol switch looks for it.
+            self._unprocessed, self._compatibilityOffset = buffer, offset
             receiver.ampBoxReceived(box)
+            if self.innerProtocol is not None:
+                # Switched (the new protocol was given the rest).
+                self._unprocessed, self._compatibilityOffset = b"", 0
+                return
+            box, size = amp.AmpBox(), 0
         self._unprocessed = buffer[offset:] if offset else buffer
+        self._compatibilityOffset = 0
+        if size:
+            self._box_so_far = (box, size)
 
 
 class SecretKeyArgument(amp.Argument):

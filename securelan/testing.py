@@ -410,6 +410,7 @@ class MemoryCarrier:
         return parse_udp_endpoint(text)
 
     def send(self, datagrams, endpoint):
+        self.flush()
         for datagram in datagrams:
             self.lan.transmit(datagram, self.address, endpoint)
 
@@ -418,7 +419,6 @@ class MemoryCarrier:
         if hold and len(datagrams) == 1:
             self.held.append((datagrams[0], endpoint))
             return
-        self.flush()
         self.send(datagrams, endpoint)
 
     def flush(self):
@@ -427,7 +427,6 @@ class MemoryCarrier:
             self.lan.transmit(datagram, self.address, endpoint)
 
     def broadcast(self, datagrams, endpoints):
-        self.flush()
         for endpoint in endpoints:
             self.send(datagrams, endpoint)
 

@@ -4,6 +4,7 @@ sockets (UDP GSO out, UDP GRO in).
 """
 
 import socket
+import sys
 
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
@@ -28,7 +29,7 @@ class _CountingSocket:
 
     def sendmsg(self, buffers, ancillary=(), flags=0, address=None):
         total = sum(map(len, buffers))
-        segment = next((int.from_bytes(value, "little") for level, kind, value in ancillary
+        segment = next((int.from_bytes(value, sys.byteorder) for level, kind, value in ancillary
                         if (level, kind) == (socket.IPPROTO_UDP, 103)), total)
         self.sends.append([min(segment, total - start) for start in range(0, total, segment)])
         return self._sock.sendmsg(buffers, ancillary, flags, address)

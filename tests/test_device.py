@@ -157,3 +157,21 @@ class TapDeviceTests(SynchronousTestCase):
         self.assertRaises(RuntimeError, device.read_batch)
         self.assertEqual(flushes, [1])
 
+
+    def test_super_frames_are_views(self):
+        """
+        A frame read with a virtio-net header is handed on as a view of the
+        read (not a copy), with the same bytes; a plain frame as bytes.
+        """
+        system = FakeDeviceSystem()
+        device = TapDevice("slan0", MAC, 1422, reactor=MemoryReactor(), system=system)
+        received = []
+        device.start(lambda frame, offload: received.append((frame, offload)))
+        self.addCleanup(device.stop)
+        vnet = bytes([1, 4, 66, 0, 0xA8, 5, 34, 0, 16, 0])
+        system.to_read = [vnet + b"super frame", bytes(10) + b"plain frame"]
+        device.read_batch()
+        (big, big_offload), (small, small_offload) = received
+        self.assertIsInstance(big, memoryview)
+        self.assertEqual((bytes(big), big_offload), (b"super frame", vnet))
+        self.assertEqual((small, small_offload), (b"plain frame", None))

@@ -270,22 +270,105 @@ class AnsweredAtOnceTests(SubnetTestCase):
 
     def test_failure_while_answering(self):
         """
-        A failure while answering at once (a bug) is logged, and the
-        request goes the general path rather than unanswered.
+        A failure while answering at once (a bug) is logged and answered as
+        AMP answers a responder's unexpected failure: an unknown error, and
+        the connection closes.  The request is counted once.
         """
         from securelan.protocol import RequestPairKey
 
         net, (alice, bob, carol) = self.three()
-        grant = self.pair_key(alice, MAC_2)
+        self.pair_key(alice, MAC_2)
 
         def serialize_answer(*args):
             raise RuntimeError("a bug")
 
         self.patch(RequestPairKey, "serialize_answer", serialize_answer)
         with LogCapture() as logs:
-            self.assertEqual(self.pair_key(alice, MAC_2), grant)
+            failure = self.failureResultOf(alice.run(request_pair_key(alice.client, MAC_2)))
+        self.assertTrue(failure.check(amp.UnknownRemoteError), failure)
         self.assertTrue(any("answering a pair-key request from alice" in line for line in logs.lines()))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(net.server.counters[("requests", "pair key")], 2)
+        self.assertFalse(alice.connected)
+
+    def test_rate_limited_on_the_quick_path(self):
+        """
+        A request for an issued key past the member's rate is refused as
+        on the general path (RateLimited, reading paused), counted once.
+        """
+        net, (alice, bob, carol) = self.three(limits=Limits(requests_per_second=1, request_burst=3))
+        self.pair_key(alice, MAC_2)
+        outcomes = []
+        for _ in range(3):
+            request_pair_key(alice.client, MAC_2).addBoth(outcomes.append)
+        alice.pump.flush()
+        # Register and the first request took two of the three tokens.
+        self.assertEqual([type(o).__name__ for o in outcomes], ["PairKeyGrant", "Failure"])
+        self.assertTrue(outcomes[1].check(RateLimited))
+        self.assertTrue(alice.session.paused)
+        self.assertEqual(net.server.counters[("requests", "pair key")], 3)
+        self.assertEqual(net.server.counters[("errors", "RateLimited")], 1)
+        net.clock.advance(alice.session.RATE_LIMIT_PAUSE)
+        alice.pump.flush()
+        self.assertEqual([type(o).__name__ for o in outcomes], ["PairKeyGrant", "Failure", "PairKeyGrant"])
+        self.assertEqual(net.server.counters[("requests", "pair key")], 4)
+
+    def test_answer_boxes_are_not_requests(self):
+        """
+        A box that carries an answer tag is an answer, whatever command it
+        names: the quick path does not take it (AMP's path closes the
+        connection over an unknown answer).
+        """
+        from securelan.protocol import RequestPairKey
+
+        net, (alice, bob, carol) = self.three()
+        self.pair_key(alice, MAC_2)
+        box = RequestPairKey.makeArguments({"peer_mac": MAC_2}, None)
+        box.update({b"_command": b"RequestPairKey", b"_ask": b"77", b"_answer": b"77"})
+        with LogCapture():
+            alice.client_tls.write(box.serialize())
+            alice.pump.flush()
+        self.assertFalse(alice.connected)
+        self.assertEqual(net.server.counters[("requests", "pair key")], 1)
+
+
+class _StartTLSRequest(amp.Command):
+    """
+    AMP's StartTLS as a peer would send it, without the local side's TLS
+    preparations.
+    """
+
+    commandName = b"StartTLS"
+
+
+class StartTLSTests(SubnetTestCase):
+    """
+    AMP's StartTLS (a TLS layer without certificates inside ours) is
+    refused on every securelan connection.
+    """
+
+    def test_member_cannot_start_tls(self):
+        """
+        A member that asks for StartTLS is refused and disconnected; the
+        key server starts no TLS layer and logs no traceback.
+        """
+        net = self.subnet()
+        alice, _ = net.join("alice", MAC_1)
+        failure = self.failureResultOf(alice.run(alice.client.callRemote(_StartTLSRequest)))
+        self.assertTrue(failure.check(amp.UnknownRemoteError), failure)
+        self.assertIn("this connection is TLS already", failure.getErrorMessage())
+        self.assertFalse(alice.connected)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_agent_refuses_start_tls(self):
+        """
+        Nor does an agent take StartTLS from its key server.
+        """
+        net = self.subnet()
+        alice, _ = net.join("alice", MAC_1)
+        failure = self.failureResultOf(alice.run(alice.session.callRemote(_StartTLSRequest)))
+        self.assertTrue(failure.check(amp.UnknownRemoteError), failure)
+        self.assertFalse(alice.connected)
 
 
 class TLSTests(SubnetTestCase):

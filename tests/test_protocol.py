@@ -5,8 +5,11 @@ parser.
 """
 
 from hypothesis import given, settings, strategies as st
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from securelan.protocol import QuietAMP
@@ -147,3 +150,77 @@ class BoxParserTests(SynchronousTestCase):
         self.patch(amp.BinaryBoxProtocol, "connectionLost", lambda self, reason: None)
         protocol.dataReceived(wire([{b"n": b"1"}, {b"n": b"2"}]))
         self.assertEqual(protocol.boxes, [{b"n": b"1"}])
+
+    def test_cost_linear_in_fields(self):
+        """
+        A box that arrives a field at a time is not parsed again from its
+        start on every read: the work is linear in its fields.
+        """
+        from securelan import protocol
+
+        class Counting:
+            def __init__(self, real):
+                self.real, self.calls = real, 0
+
+            def unpack_from(self, buffer, offset=0):
+                self.calls += 1
+                return self.real.unpack_from(buffer, offset)
+
+        counting = Counting(protocol._U16)
+        self.patch(protocol, "_U16", counting)
+        fields = [b"\x00\x03k%02d\x00\x01v" % (i % 100) for i in range(2000)]
+        proto, _ = connected()
+        for field in fields:
+            proto.dataReceived(field)
+        proto.dataReceived(b"\x00\x00")
+        self.assertEqual(len(proto.boxes), 1)
+        self.assertEqual(len(proto.boxes[0]), 100)
+        self.assertLess(counting.calls, 3 * len(fields) + 10)
+
+    def test_key_length_split_across_reads(self):
+        """
+        A key-length prefix cut between two reads is read whole; one over
+        the limit still closes the connection, and nothing after it is
+        parsed.
+        """
+        data = wire([{b"ab": b"cd"}])
+        proto, _ = connected()
+        proto.dataReceived(data[:1])
+        proto.dataReceived(data[1:])
+        self.assertEqual(proto.boxes, [{b"ab": b"cd"}])
+        proto, transport = connected()
+        proto.dataReceived(b"\x01")
+        proto.dataReceived(b"\x00" + b"k" * 256)
+        self.assertTrue(proto._keyLengthLimitExceeded)
+        proto.dataReceived(wire([{b"x": b"y"}]))
+        self.assertEqual(proto.boxes, [])
+
+    def test_lost_in_the_middle_of_a_box(self):
+        """
+        A box cut short by the connection's end is never delivered.
+        """
+        proto, _ = connected()
+        proto.dataReceived(wire([{b"a": b"1", b"b": b"2"}])[:-3])
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(proto.boxes, [])
+
+    def test_protocol_switch(self):
+        """
+        A box that switches the connection to another protocol leaves what
+        follows it to that protocol, as AMP does.
+        """
+        proto, transport = connected()
+        other = Protocol()
+        other.received = []
+        other.dataReceived = other.received.append
+
+        def switch(box):
+            proto.boxes.append(box)
+            proto._switchTo(other)
+
+        proto.ampBoxReceived = switch
+        proto.boxReceiver = proto
+        proto.dataReceived(wire([{b"switch": b"now"}]) + b"raw bytes")
+        proto.dataReceived(b" and more")
+        self.assertEqual(proto.boxes, [{b"switch": b"now"}])
+        self.assertEqual(b"".join(other.received), b"raw bytes and more")

@@ -156,11 +156,13 @@ class Layer3Device:
                 # The key server named a member that does not hold it.
                 self._pending.discard(dst, self.drops, "no_peer")
                 return
-            for packet, offload in self._pending.take(dst):
-                self._packet(packet, offload)
-            # The released packets are a batch of their own.
-            if self._flush is not None:
-                self._flush()
+            try:
+                for packet, offload in self._pending.take(dst):
+                    self._packet(packet, offload)
+            finally:
+                # The released packets are a batch of their own.
+                if self._flush is not None:
+                    self._flush()
 
         def refused(failure):
             self._asking.discard(dst)

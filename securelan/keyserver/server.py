@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
+from twisted.protocols import amp
 from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
@@ -941,7 +942,7 @@ class MemberSession(QuietAMP):
     def box_too_big(self):
         self._rejected = True
         log.warn("closed connection from {peer} ({member_id}): request over {limit} bytes",
-                 peer=self._peer, member_id=self.member_id, limit=self.server.limits.max_request_bytes)
+                 peer=self._peer, member_id=self.member_id, limit=self.max_box_bytes)
         self.transport.abortConnection()
 
     def dataReceived(self, data):
@@ -971,7 +972,8 @@ class MemberSession(QuietAMP):
             self._rejected = True
             self.transport.abortConnection()
             return
-        if box.get(b"_command") == b"RequestPairKey" and self._answered_at_once(box):
+        if (box.get(b"_command") == b"RequestPairKey" and b"_answer" not in box and b"_error" not in box
+                and self._answered_at_once(box)):
             return
         try:
             super().ampBoxReceived(box)
@@ -989,7 +991,8 @@ class MemberSession(QuietAMP):
         The usual request, for a pair key already issued, answered without
         AMP's dispatch and its Deferreds: the same checks, counts and answer
         box.  False, having changed nothing, for what the general path must
-        take: a refusal, a key still to issue, a malformed request.
+        take: a refusal (the rate limit included: its bucket took nothing),
+        a key still to issue, a malformed request.
         """
         ask = box.get(b"_ask")
         member = self.member
@@ -1013,8 +1016,12 @@ class MemberSession(QuietAMP):
             grant = server.answer_issued(issued, arguments["epoch"])
             answer = RequestPairKey.serialize_answer(attrs.asdict(grant, recurse=False), ask, self)
         except Exception:
+            # A bug: answered as AMP answers a responder's unexpected
+            # failure (an unknown error, and the connection closes).
             log.failure("answering a pair-key request from {member_id}", member_id=self.member_id)
-            return False
+            self._safeEmit(amp.QuitBox({amp.ERROR: ask, amp.ERROR_CODE: amp.UNKNOWN_ERROR_CODE,
+                                        amp.ERROR_DESCRIPTION: b"Unknown Error"}))
+            return True
         self.transport.write(answer)
         return True
 
