@@ -94,6 +94,12 @@ class IStore(Interface):
         Fires with the list of current L{PairKey}s that C{member_id} holds.
         """
 
+    def pair_keys():
+        """
+        Fires with the list of every current L{PairKey}, once each, in no
+        particular order.
+        """
+
     def issue_pair_key(candidate, max_pair_keys):
         """
         Store C{candidate} (a L{PairKey}) unless the pair already has a key;

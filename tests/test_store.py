@@ -267,6 +267,21 @@ class PairKeyTests(StoreTestMixin, SynchronousTestCase):
         self.assertEqual(store.peek_pair_key("bob", "alice"), candidate)
         self.assertIsNone(store.peek_pair_key("alice", "carol"))
 
+    def test_pairKeys(self):
+        """
+        Every current pair key, once each; a revoked member's are gone.
+        """
+        store = self.memory_store()
+        self.assertEqual(self.successResultOf(store.pair_keys()), [])
+        self.successResultOf(store.register(a_member("alice", MAC_1), 10))
+        issued = [self.successResultOf(store.issue_pair_key(a_pair_key(a, b), 10))
+                  for a, b in (("alice", "bob"), ("carol", "bob"), ("bob", "dave"))]
+        self.successResultOf(store.issue_pair_key(a_pair_key("bob", "alice"), 10))
+        key = lambda p: (p.id_a, p.id_b)  # noqa: E731
+        self.assertEqual(sorted(self.successResultOf(store.pair_keys()), key=key), sorted(issued, key=key))
+        self.successResultOf(store.revoke("alice", "lost", 500.0))
+        self.assertEqual(sorted(self.successResultOf(store.pair_keys()), key=key), sorted(issued[1:], key=key))
+
     def test_secondCandidateGetsExisting(self):
         """
         A second candidate for a pair, in either order, gets the key the

@@ -531,6 +531,7 @@ class PairKeyTests(PostgresTestMixin, TestCase):
         self.assertIsNone((yield store.member_by_mac(MAC_1)))
         self.assertEqual((yield store.pairs_of("alice")), [])
         self.assertEqual((yield store.pairs_of("bob")), [bc])
+        self.assertEqual((yield store.pair_keys()), [bc])
         yield store.revoke("gw", "", 501.0)
         self.assertIsNone((yield store.foreign_mac(HOST_MAC, 1000.0)))
         raw = self.raw()

@@ -112,6 +112,9 @@ class SharedStore:
     def pairs_of(self, member_id):
         return defer.succeed([self._pair_keys[pair] for pair in self._pairs_of.get(member_id, ())])
 
+    def pair_keys(self):
+        return defer.succeed(list(self._pair_keys.values()))
+
     def group_key(self):
         return defer.succeed(self._group_key)
 
