@@ -135,7 +135,8 @@ class UDPCarrierTests(TestCase):
     @defer.inlineCallbacks
     def test_held_runs(self):
         """
-        A run ends where the endpoint changes, where a datagram is longer
+        Each endpoint's datagrams leave together however they were
+        interleaved with others'; a run ends where a datagram is longer
         than the run's first, and after a shorter one; each endpoint still
         gets its datagrams in the order they were sent.
         """
@@ -149,7 +150,7 @@ class UDPCarrierTests(TestCase):
         for datagram, to in sends:
             sender.send_parts([datagram, b""], to, hold=True)
         sender.flush()
-        self.assertEqual(counting.sends, [[60, 60], [80, 40], [40], [40], [40]])
+        self.assertEqual(counting.sends, [[60, 60], [80, 40], [40, 40], [40]])
         yield self.received(got_one, 6)
         yield self.received(got_two, 1)
         self.assertEqual([d for d, _ in got_one], [d for d, to in sends if to == to_one])

@@ -202,24 +202,28 @@ class UDPCarrier:
 
     def flush(self):
         """
-        Send the datagrams held back: a run of them to one endpoint, equal
-        in size but the last, leaves in one GSO send (the TCP ACKs a batch
-        of TAP reads yields, for one, are all alike).
+        Send the datagrams held back, endpoint by endpoint in the order sent
+        to each: a run of them to one endpoint, equal in size but the last,
+        leaves in one GSO send (the TCP ACKs a batch of TAP reads yields,
+        for one, are all alike).
         """
         held, self._held = self._held, []
-        run, to, size, ended = [], None, 0, False
+        by_endpoint = {}
         for endpoint, parts in held:
-            length = len(parts[0]) + len(parts[1])
-            if run and (endpoint != to or length > size or ended):
-                self._send(run, to)
-                run = []
-            if not run:
-                to, size = endpoint, length
-            run += parts
-            # A shorter datagram can only be the last of a GSO send.
-            ended = length < size
-        if run:
-            self._send(run, to)
+            by_endpoint.setdefault(endpoint, []).append(parts)
+        for endpoint, datagrams in by_endpoint.items():
+            run, size, ended = [], 0, False
+            for parts in datagrams:
+                length = len(parts[0]) + len(parts[1])
+                if run and (length > size or ended):
+                    self._send(run, endpoint)
+                    run = []
+                if not run:
+                    size = length
+                run += parts
+                # A shorter datagram can only be the last of a GSO send.
+                ended = length < size
+            self._send(run, endpoint)
 
     def _send(self, parts, endpoint):
         sock = self._socket
