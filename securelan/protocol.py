@@ -70,6 +70,9 @@ class QuietAMP(amp.AMP):
 
     #: The box being received, as far as it came: (box, bytes so far).
     _box_so_far = None
+    #: Set when a key or a box over its limit closes the connection: what
+    #: else arrives before it is closed is not read.
+    _stopped_reading = False
 
     def dataReceived(self, data):
         """
@@ -80,7 +83,7 @@ class QuietAMP(amp.AMP):
         """
         if self.innerProtocol is not None:
             return super().dataReceived(data)
-        if self._keyLengthLimitExceeded:
+        if self._stopped_reading:
             return
         buffer = self._unprocessed + data if self._unprocessed else data
         end, offset, limit = len(buffer), 0, self.max_box_bytes
@@ -96,7 +99,7 @@ class QuietAMP(amp.AMP):
                     whole = True
                     break
                 if length > self._MAX_KEY_LENGTH:
-                    self._unprocessed = b""
+                    self._unprocessed, self._stopped_reading = b"", True
                     self.lengthLimitExceeded(length)
                     return
                 key_end = at + 2 + length
@@ -112,7 +115,7 @@ class QuietAMP(amp.AMP):
             offset = at
             # A box still arriving counts what is buffered of it too.
             if limit is not None and (size if whole else size + end - offset) > limit:
-                self._unprocessed = b""
+                self._unprocessed, self._stopped_reading = b"", True
                 self.box_too_big()
                 return
             if not whole:

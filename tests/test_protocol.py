@@ -105,6 +105,9 @@ class BoxParserTests(SynchronousTestCase):
         self.assertEqual(protocol.boxes, [small])
         self.assertEqual(protocol.too_big, 1)
         self.assertTrue(transport.disconnecting)
+        # What arrives before the connection is closed is not read.
+        protocol.dataReceived(wire([small]))
+        self.assertEqual((protocol.boxes, protocol.too_big), ([small], 1))
         # Never finished: many small fields past the limit.
         protocol, transport = connected(limit=100)
         protocol.dataReceived(b"".join(b"\x00\x01k\x00\x05value" for _ in range(20)))
