@@ -11,7 +11,9 @@ Part 1 builds two members and a key server in network namespaces
 through the overlay at 0.2 s (peerbench's interval), 10 ms and 2 ms, and
 once over the underlay for scale.  Part 2 needs no root: in this process it
 times C{Sealer.seal} and C{Opener.open} of a 104-byte frame (and a
-C{struct.pack} for scale) right after sleeping 0, 1 ms, 10 ms and 0.2 s.
+C{struct.pack} for scale) right after sleeping 0, 1 ms, 10 ms and 0.2 s,
+and, after the same sleeps, a plain Python loop of 50 additions (no
+library, no system call: the machine's own slow start).
 
 Prints one JSON document.  Traffic: only between the namespaces it makes,
 which it deletes at the end.
@@ -59,6 +61,13 @@ def rtt_by_interval(count):
     return result
 
 
+def _busy():
+    total = 0
+    for i in range(50):
+        total += i
+    return total
+
+
 def cold_costs(rounds=9):
     key = SecretKey(bytes(32))
     sealer, opener = Sealer(key, TYPE_PAIR, 1, 1), Opener(key, TYPE_PAIR, 1, 1)
@@ -68,7 +77,7 @@ def cold_costs(rounds=9):
         opener.open(sealer.seal(frame, 1472)[0])
     result = {}
     for pause in SLEEPS:
-        seal, open_, pack = [], [], []
+        seal, open_, pack, loop = [], [], [], []
         for _ in range(rounds):
             time.sleep(pause)
             t0 = time.perf_counter()
@@ -81,9 +90,17 @@ def cold_costs(rounds=9):
             seal.append(t1 - t0)
             open_.append(t2 - t1)
             pack.append(t3 - t2)
+            # The same sleep, then plain Python first (the crypto second):
+            # how much of a cold start is the code's, and how much the CPU's.
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            _busy()
+            t1 = time.perf_counter()
+            loop.append(t1 - t0)
         median = lambda values: round(sorted(values)[len(values) // 2] * 1e6, 1)  # noqa: E731
         result[f"after sleeping {pause} s"] = {"seal_us": median(seal), "open_us": median(open_),
-                                               "struct_pack_us": median(pack)}
+                                               "struct_pack_us": median(pack),
+                                               "python_loop_50_us": median(loop)}
     return result
 
 
