@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# bench/ab_dataplane.sh - securelan's udp carrier alone, code snapshots
+# bench/ab_dataplane.sh - securelan alone (udp carrier, or $AB_CARRIER), code snapshots
 # interleaved, to tell a change from the machine's noise (single peerbench
 # runs on this shared 2-core VM spread by +-20 %).
 #
 # Usage (root; after bench/dataplane.sh made its venv and scratch PKI):
-#   bench/ab_dataplane.sh ROUNDS SECONDS SNAPSHOT_DIR...
+#   [AB_CARRIER=ethernet] bench/ab_dataplane.sh ROUNDS SECONDS SNAPSHOT_DIR...
 #   e.g. for c in 9fd7bf3 f9435c1; do mkdir /tmp/sl-$c; git archive $c | tar -x -C /tmp/sl-$c; done
 #        bench/ab_dataplane.sh 5 6 /tmp/sl-9fd7bf3 /tmp/sl-f9435c1
 # Prints one line per run: the snapshot, TCP x1 and x4, the ping RTT and the
@@ -24,7 +24,7 @@ trap '"$PEERBENCH" cleanup >/dev/null 2>&1; rm -rf "$OUT"' EXIT
 export PB_WORK=$SCRATCH/pb PB_PYTHON=$PY PB_DURATION=$T PB_RESULTS=$OUT
 for r in $(seq 1 "$ROUNDS"); do
   for snap in "$@"; do
-    cmd="exec $PY $REPO/bench/sl_peer.py run --pki $SCRATCH/pki --carrier udp --name ab"
+    cmd="exec $PY $REPO/bench/sl_peer.py run --pki $SCRATCH/pki --carrier ${AB_CARRIER:-udp} --name ab"
     SECURELAN_CODE_ROOT=$snap PB_CUSTOM_NAME=ab PB_CUSTOM_A="$cmd" PB_CUSTOM_B="$cmd" \
       "$PEERBENCH" -r 1 -t "$T" -o "$OUT/ab.csv" custom 2>"$OUT/log" >/dev/null
     echo "round $r $snap $(grep -o 'P1=[0-9.]* Gbit/s  P4=[0-9.]* Gbit/s  rtt avg=[0-9.]* ms  daemonCPU=[0-9.]*%' "$OUT/log" | tail -1)" | tee -a "$OUT/lines"

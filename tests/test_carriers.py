@@ -9,7 +9,7 @@ import sys
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-from securelan.agent.carriers import UDPCarrier
+from securelan.agent.carriers import EthernetCarrier, UDPCarrier
 from securelan.keys import SecretKey
 from securelan.wire import TYPE_PAIR, Sealer
 
@@ -191,3 +191,67 @@ class UDPCarrierTests(TestCase):
         self.assertEqual([len(send) for send in counting.sends], [64, 64, 22])
         yield self.received(received, len(datagrams))
         self.assertEqual([d for d, _ in received], datagrams)
+
+
+class _RecordingPacketSocket:
+    """
+    A packet socket that keeps what is sent, joined as the kernel would;
+    the sends numbered in C{failing} (from 1) raise.
+    """
+
+    def __init__(self, failing=()):
+        self.frames = []
+        self.failing = set(failing)
+        self.attempts = 0
+
+    def _sent(self, frame):
+        self.attempts += 1
+        if self.attempts in self.failing:
+            raise OSError(105, "No buffer space available")
+        self.frames.append(frame)
+
+    def send(self, data):
+        self._sent(bytes(data))
+
+    def sendmsg(self, buffers):
+        self._sent(b"".join(bytes(b) for b in buffers))
+
+
+class EthernetCarrierTests(TestCase):
+    """
+    The ethernet carrier's frames: the carried frame's MACs outside,
+    securelan's EtherType, the datagram.
+    """
+
+    def carrier(self, failing=()):
+        carrier = EthernetCarrier("lan0", 1500, reactor)
+        carrier._socket = _RecordingPacketSocket(failing)
+        return carrier
+
+    def test_sealed_parts(self):
+        """
+        A super-frame's pieces, sent as parts, leave as the frames that its
+        datagrams make, each with the outer header.
+        """
+        from securelan.agent.carriers import _ETHERTYPE_BYTES
+
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        twin = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(range(256)) * 30
+        for payload in (frame, frame[:100]):
+            carrier = self.carrier()
+            carrier.send_parts(sealer.seal_parts(payload, 1500), "lan")
+            expected = [payload[:12] + _ETHERTYPE_BYTES + d for d in twin.seal(payload, 1500)]
+            self.assertEqual(carrier._socket.frames, expected)
+            self.assertEqual(carrier.errors, 0)
+
+    def test_failed_send_counted(self):
+        """
+        A piece the socket refuses is counted; the others still leave.
+        """
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(5000)
+        carrier = self.carrier(failing={2})
+        parts = sealer.seal_parts(frame, 1500)
+        carrier.send_parts(parts, "lan")
+        self.assertEqual((carrier.errors, len(carrier._socket.frames)), (1, len(parts) // 2 - 1))
