@@ -336,16 +336,9 @@ class EthernetCarrier:
                 self.errors += 1
 
     def send_parts(self, parts, endpoint, hold=False):
-        # One frame per send whatever: nothing to gain by holding.  The
-        # pieces of one frame carry the same MACs, so the same outer header:
-        # each piece leaves as three buffers, joined by the kernel.
-        outer = b"".join((parts[0][20:32], _ETHERTYPE_BYTES))
-        sendmsg = self._socket.sendmsg
-        for start in range(0, len(parts), 2):
-            try:
-                sendmsg((outer, parts[start], parts[start + 1]))
-            except OSError:
-                self.errors += 1
+        # One frame per send whatever: nothing to gain by holding.  (Three
+        # buffers per sendmsg instead of joins measured no faster.)
+        self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
 
     def flush(self):
         pass
