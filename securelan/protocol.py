@@ -570,7 +570,8 @@ class PairKeyGrant:
     #: long after it began switches to it at once (its peer has had time).
     age: int = 0
     #: The peer's overlay IP addresses (layer 3): what it may send from.
-    peer_addresses: tuple = attrs.field(default=(), converter=tuple)
+    #: Optional on the wire: an answer without them means none.
+    peer_addresses: tuple = attrs.field(default=(), converter=lambda a: () if a is None else tuple(a))
 
 
 @attrs.frozen

@@ -144,6 +144,17 @@ class QuickResponseTests(SynchronousTestCase):
             self.assertEqual(RequestPairKey.parseArguments(box, None),
                              amp._stringsToObjects(box, RequestPairKey.arguments, None))
 
+    def test_answer_without_addresses(self):
+        """
+        An answer without the optional addresses (a key server that sends
+        none) makes a grant with none, not a failure.
+        """
+        from securelan.protocol import PairKeyGrant, RequestPairKey
+
+        box = RequestPairKey.makeResponse(self.grant(peer_addresses=None), None)
+        self.assertNotIn(b"peer_addresses", box)
+        self.assertEqual(PairKeyGrant(**RequestPairKey.parseResponse(box, None)).peer_addresses, ())
+
     def test_missing_field(self):
         """
         A missing field fails as it does in AMP.
