@@ -243,28 +243,52 @@ class _QuickBoxes(amp.Command):
         """
         The answer box to the request tagged C{ask}, serialised, as AMP
         would send C{makeResponse(objects)}: the same keys and values, each
-        key's length prefix made once per command.
+        key's length prefix made once per command.  C{objects} is a mapping,
+        or an object with the response's fields as attributes (an attrs
+        record, without converting it to a dict first).
         """
-        prefixes = cls.__dict__.get("_response_prefixes")
-        if prefixes is None:
+        fields = cls.__dict__.get("_response_fields")
+        if fields is None:
             layout = cls.layout("response")
             if not layout:
                 raise TypeError(f"{cls.__name__}'s answers take AMP's own path")
-            prefixes = cls._response_prefixes = tuple(
-                (_U16.pack(len(name)) + name, identifier, arg) for name, identifier, arg in layout)
+            fields = cls._response_fields = tuple(
+                (_U16.pack(len(name)) + name, identifier, arg, _direct_encoder(arg))
+                for name, identifier, arg in layout)
+        if isinstance(objects, dict):
+            get = objects.get
+        else:
+            def get(identifier):
+                return getattr(objects, identifier, None)
         parts = []
-        for prefix, identifier, arg in prefixes:
-            value = objects.get(identifier)
+        for prefix, identifier, arg, encode in fields:
+            value = get(identifier)
             if value is None:
                 if arg.optional:
                     continue
-                value = objects[identifier]
-            string = arg.toStringProto(value, proto)
+                # What AMP does with a missing field: KeyError.
+                raise KeyError(identifier)
+            string = arg.toStringProto(value, proto) if encode is None else encode(value)
             if len(string) > amp.MAX_VALUE_LENGTH:
                 raise amp.TooLong(False, True, string, prefix[2:])
             parts += (prefix, _U16.pack(len(string)), string)
         parts += (_ANSWER_PREFIX, _U16.pack(len(ask)), ask, b"\0\0")
         return b"".join(parts)
+
+
+def _direct_encoder(arg):
+    """
+    What AMP's C{arg.toStringProto(value, proto)} comes to for the plain
+    argument types, as one call (None: call C{toStringProto}).
+    """
+    kind = type(arg)
+    if kind is amp.String:
+        return bytes
+    if kind is amp.Integer:
+        return b"%d".__mod__
+    if kind is amp.Unicode:
+        return str.encode
+    return None
 
 
 class Register(amp.Command):

@@ -5,6 +5,7 @@ in memory (L{securelan.testing.MemorySubnet}).
 
 import base64
 
+import attrs
 from twisted.internet import defer, ssl
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
@@ -184,6 +185,17 @@ class QuickAnswerSerializationTests(SynchronousTestCase):
             expected = RequestPairKey.makeResponse(dict(grant), None)
             expected[b"_answer"] = b"2a"
             self.assertEqual(box, expected)
+
+    def test_record_or_mapping(self):
+        """
+        A grant record serialises as its fields given as a mapping do.
+        """
+        from securelan.protocol import PairKeyGrant, RequestPairKey
+
+        for fields in (grant_fields(), grant_fields(peer_addresses=())):
+            record = PairKeyGrant(**fields)
+            self.assertEqual(RequestPairKey.serialize_answer(record, b"7", None),
+                             RequestPairKey.serialize_answer(attrs.asdict(record, recurse=False), b"7", None))
 
     def test_missing_and_too_long(self):
         """

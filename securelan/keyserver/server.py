@@ -1012,7 +1012,7 @@ class MemberSession(QuietAMP):
         server.counters[("requests", "pair key")] += 1
         try:
             grant = server.answer_issued(issued, arguments["epoch"])
-            answer = RequestPairKey.serialize_answer(attrs.asdict(grant, recurse=False), ask, self)
+            answer = RequestPairKey.serialize_answer(grant, ask, self)
         except Exception:
             # A bug: answered as AMP answers a responder's unexpected
             # failure (an unknown error, and the connection closes).
