@@ -155,28 +155,44 @@ def _plain(arg) -> bool:
             and type(arg).retrieve is amp.Argument.retrieve)
 
 
+def _direct(arg):
+    """
+    What AMP's C{arg.toStringProto(value, proto)} and
+    C{arg.fromStringProto(string, proto)} come to for the plain argument
+    types, as one call each (None: AMP's own calls).
+    """
+    kind = type(arg)
+    if kind is amp.String:
+        return bytes, bytes
+    if kind is amp.Integer:
+        return b"%d".__mod__, int
+    if kind is amp.Unicode:
+        return str.encode, bytes.decode
+    return None, None
+
+
 def _to_box(layout, objects, box, proto):
-    for name, identifier, arg in layout:
+    for name, identifier, arg, encode, _ in layout:
         value = objects.get(identifier)
         if value is None:
             if arg.optional:
                 continue
             # What AMP does with a missing field: KeyError.
             value = objects[identifier]
-        box[name] = arg.toStringProto(value, proto)
+        box[name] = arg.toStringProto(value, proto) if encode is None else encode(value)
     return box
 
 
 def _from_box(layout, box, proto):
     objects = {}
-    for name, identifier, arg in layout:
+    for name, identifier, arg, _, decode in layout:
         value = box.get(name)
         if value is None:
             if arg.optional:
                 objects[identifier] = None
                 continue
             value = box[name]
-        objects[identifier] = arg.fromStringProto(value, proto)
+        objects[identifier] = arg.fromStringProto(value, proto) if decode is None else decode(value)
     return objects
 
 
@@ -191,15 +207,16 @@ class _QuickBoxes(amp.Command):
     @classmethod
     def layout(cls, which: str) -> tuple:
         """
-        (wire name, Python name, argument) of each field of C{which}
-        (C{"arguments"} or C{"response"}); empty when a field's argument
-        has its own box handling (AMP's own path is taken then).
+        (wire name, Python name, argument, direct encoder, direct decoder)
+        of each field of C{which} (C{"arguments"} or C{"response"}); empty
+        when a field's argument has its own box handling (AMP's own path is
+        taken then).
         """
         key = "_layout_" + which
         layout = cls.__dict__.get(key)
         if layout is None:
             fields = getattr(cls, which)
-            layout = tuple((name, amp._wireNameToPythonIdentifier(name), arg) for name, arg in fields
+            layout = tuple((name, amp._wireNameToPythonIdentifier(name), arg, *_direct(arg)) for name, arg in fields
                            ) if all(_plain(arg) for _, arg in fields) else ()
             setattr(cls, key, layout)
         return layout
@@ -211,7 +228,7 @@ class _QuickBoxes(amp.Command):
             return super().makeArguments(objects, proto)
         names = cls.__dict__.get("_argument_names")
         if names is None:
-            names = cls._argument_names = frozenset(identifier for _, identifier, _ in layout)
+            names = cls._argument_names = frozenset(field[1] for field in layout)
         for identifier in objects:
             if identifier not in names:
                 raise amp.InvalidSignature(f"{identifier} is not a valid argument")
@@ -253,8 +270,8 @@ class _QuickBoxes(amp.Command):
             if not layout:
                 raise TypeError(f"{cls.__name__}'s answers take AMP's own path")
             fields = cls._response_fields = tuple(
-                (_U16.pack(len(name)) + name, identifier, arg, _direct_encoder(arg))
-                for name, identifier, arg in layout)
+                (_U16.pack(len(name)) + name, identifier, arg, encode)
+                for name, identifier, arg, encode, _ in layout)
         if isinstance(objects, dict):
             get = objects.get
         else:
@@ -274,21 +291,6 @@ class _QuickBoxes(amp.Command):
             parts += (prefix, _U16.pack(len(string)), string)
         parts += (_ANSWER_PREFIX, _U16.pack(len(ask)), ask, b"\0\0")
         return b"".join(parts)
-
-
-def _direct_encoder(arg):
-    """
-    What AMP's C{arg.toStringProto(value, proto)} comes to for the plain
-    argument types, as one call (None: call C{toStringProto}).
-    """
-    kind = type(arg)
-    if kind is amp.String:
-        return bytes
-    if kind is amp.Integer:
-        return b"%d".__mod__
-    if kind is amp.Unicode:
-        return str.encode
-    return None
 
 
 class Register(amp.Command):
