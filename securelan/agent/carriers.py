@@ -207,6 +207,9 @@ class UDPCarrier:
         leaves in one GSO send (the TCP ACKs a batch of TAP reads yields,
         for one, are all alike).
         """
+        if not self._held:
+            # After most batches of reads (super-frames are never held).
+            return
         held, self._held = self._held, []
         by_endpoint = {}
         for endpoint, parts in held:
