@@ -180,6 +180,13 @@ class IMemberConnection(Interface):
         the member acknowledges.
         """
 
+    def tell_pair_key(grant):
+        """
+        Push a L{securelan.protocol.PairKeyGrant} to this member without
+        asking for an acknowledgement (nothing to wait for); a closed
+        session is told nothing.
+        """
+
     def push_group_key(group):
         """
         Push the L{securelan.records.GroupKey} to this member.

@@ -13,10 +13,13 @@ L{SecretKey} so no plain key bytes linger in reprs on either side.
 import struct
 
 import attrs
+from twisted.logger import Logger
 from twisted.protocols import amp
 
 from . import errors
 from .keys import SecretKey
+
+_log = Logger()
 
 #: Every declared error and its wire code.
 ERRORS = {
@@ -148,6 +151,7 @@ class SecretKeyArgument(amp.Argument):
 
 _U16 = struct.Struct("!H")
 _ANSWER_PREFIX = _U16.pack(len(amp.ANSWER)) + amp.ANSWER
+_COMMAND_PREFIX = _U16.pack(len(amp.COMMAND)) + amp.COMMAND
 
 
 def _plain(arg) -> bool:
@@ -256,22 +260,21 @@ class _QuickBoxes(amp.Command):
         return _from_box(layout, box, protocol)
 
     @classmethod
-    def serialize_answer(cls, objects, ask: bytes, proto) -> bytes:
+    def _serialize(cls, which: str, objects, tail: tuple, proto) -> bytes:
         """
-        The answer box to the request tagged C{ask}, serialised, as AMP
-        would send C{makeResponse(objects)}: the same keys and values, each
-        key's length prefix made once per command.  C{objects} is a mapping,
-        or an object with the response's fields as attributes (an attrs
-        record, without converting it to a dict first).
+        The box of C{which} (C{"arguments"} or C{"response"}) for
+        C{objects}, serialised, with the already encoded C{tail} (the
+        AMP fields that make it a command or an answer) at its end.
         """
-        fields = cls.__dict__.get("_response_fields")
+        key = "_fields_" + which
+        fields = cls.__dict__.get(key)
         if fields is None:
-            layout = cls.layout("response")
+            layout = cls.layout(which)
             if not layout:
-                raise TypeError(f"{cls.__name__}'s answers take AMP's own path")
-            fields = cls._response_fields = tuple(
-                (_U16.pack(len(name)) + name, identifier, arg, encode)
-                for name, identifier, arg, encode, _ in layout)
+                raise TypeError(f"{cls.__name__}'s {which} take AMP's own path")
+            fields = tuple((_U16.pack(len(name)) + name, identifier, arg, encode)
+                           for name, identifier, arg, encode, _ in layout)
+            setattr(cls, key, fields)
         if isinstance(objects, dict):
             get = objects.get
         else:
@@ -289,8 +292,55 @@ class _QuickBoxes(amp.Command):
             if len(string) > amp.MAX_VALUE_LENGTH:
                 raise amp.TooLong(False, True, string, prefix[2:])
             parts += (prefix, _U16.pack(len(string)), string)
-        parts += (_ANSWER_PREFIX, _U16.pack(len(ask)), ask, b"\0\0")
+        parts += tail
         return b"".join(parts)
+
+    @classmethod
+    def serialize_answer(cls, objects, ask: bytes, proto) -> bytes:
+        """
+        The answer box to the request tagged C{ask}, serialised, as AMP
+        would send C{makeResponse(objects)}: the same keys and values, each
+        key's length prefix made once per command.  C{objects} is a mapping,
+        or an object with the response's fields as attributes (an attrs
+        record, without converting it to a dict first).
+        """
+        return cls._serialize("response", objects, (_ANSWER_PREFIX, _U16.pack(len(ask)), ask, b"\0\0"), proto)
+
+    @classmethod
+    def serialize_command(cls, objects, proto) -> bytes:
+        """
+        This command with C{objects} for its arguments (as for
+        L{serialize_answer}), serialised as a box that asks for no answer:
+        what C{callRemote} sends for a command whose C{requiresAnswer} is
+        false, without its per-call name conversion and Deferred.
+        """
+        tail = cls.__dict__.get("_command_tail")
+        if tail is None:
+            name = cls.commandName
+            tail = cls._command_tail = (_COMMAND_PREFIX + _U16.pack(len(name)) + name + b"\0\0",)
+        return cls._serialize("arguments", objects, tail, proto)
+
+    @classmethod
+    def error_box(cls, failure, ask: bytes) -> amp.AmpBox:
+        """
+        The box AMP answers the request tagged C{ask} with when its
+        responder fails with C{failure}: a declared error's code and
+        description (in an C{amp.QuitBox}, which closes the connection once
+        sent, when the error is fatal); anything else is logged and
+        answered as an unknown error, in a QuitBox.
+        """
+        error = failure.check(*cls.allErrors)
+        if error is not None:
+            code, description = cls.allErrors[error], str(failure.value).encode("utf-8", "replace")
+            box = amp.QuitBox() if error in cls.fatalErrors else amp.AmpBox()
+        else:
+            _log.failure("while answering {command}", failure, command=cls.__name__)
+            code, description = amp.UNKNOWN_ERROR_CODE, b"Unknown Error"
+            box = amp.QuitBox()
+        box[amp.ERROR] = ask
+        box[amp.ERROR_DESCRIPTION] = description
+        box[amp.ERROR_CODE] = code
+        return box
 
 
 class Register(amp.Command):

@@ -7,6 +7,8 @@ import base64
 
 import attrs
 from twisted.internet import defer, ssl
+from twisted.internet.error import ConnectionClosed
+from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -226,6 +228,73 @@ class QuickAnswerSerializationTests(SynchronousTestCase):
         self.assertRaises(TypeError, Other.serialize_answer, {"items": []}, b"1", None)
         self.assertTrue(RequestPairKey.layout("response"))
 
+    def test_push_as_callRemote_sends_it(self):
+        """
+        A push serialised at once is the box C{callRemote} sends for a
+        command that asks for no answer: the arguments and the command's
+        name, no question tag.
+        """
+        from securelan.protocol import PushPairKey
+
+        class Told(PushPairKey):
+            commandName = b"PushPairKey"
+            requiresAnswer = False
+
+        for grant in (grant_fields(), grant_fields(peer_addresses=None)):
+            sent = StringTransport()
+            protocol = amp.AMP()
+            protocol.makeConnection(sent)
+            self.assertIsNone(protocol.callRemote(Told, **grant))
+            self.assertEqual(amp.parseString(PushPairKey.serialize_command(dict(grant), None)),
+                             amp.parseString(sent.value()))
+            self.assertNotIn(b"_ask", amp.parseString(sent.value())[0])
+
+    def answered_by_amp(self, error):
+        """
+        What AMP itself answers a pair-key request tagged C{b"5"} with when
+        the responder fails with C{error}, and whether it closed the
+        connection.
+        """
+        from securelan.protocol import RequestPairKey
+
+        class Failing(amp.AMP):
+            @RequestPairKey.responder
+            def answer(self, peer_mac, epoch=None):
+                raise error
+
+        sent = StringTransport()
+        protocol = Failing()
+        protocol.makeConnection(sent)
+        box = RequestPairKey.makeArguments({"peer_mac": MAC_2}, None)
+        box.update({b"_command": b"RequestPairKey", b"_ask": b"5"})
+        protocol.dataReceived(box.serialize())
+        [answer] = amp.parseString(sent.value())
+        return answer, sent.disconnecting
+
+    def test_error_box_as_amp_answers(self):
+        """
+        The error box for a failure is AMP's own: a declared error's code
+        and description (the connection stays), a fatal one's (it closes),
+        and an unknown error for anything else (it closes; logged).
+        """
+        from twisted.python.failure import Failure
+
+        from securelan.protocol import RequestPairKey
+
+        class Fatal(Exception):
+            pass
+
+        self.patch(RequestPairKey, "fatalErrors", {Fatal: b"FATAL"})
+        self.patch(RequestPairKey, "allErrors", {**RequestPairKey.allErrors, Fatal: b"FATAL"})
+        for error, closes in ((TableFull("the pair-key table is full (3 keys)"), False),
+                              (Fatal("gone"), True), (RuntimeError("a bug"), True)):
+            expected, closed = self.answered_by_amp(error)
+            box = RequestPairKey.error_box(Failure(error), b"5")
+            self.assertEqual(amp.parseString(box.serialize()), [expected], error)
+            self.assertEqual(isinstance(box, amp.QuitBox), closed, error)
+            self.assertEqual(closed, closes, error)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
 
 class AnsweredAtOnceTests(SubnetTestCase):
     """
@@ -244,19 +313,72 @@ class AnsweredAtOnceTests(SubnetTestCase):
         session.dispatchCommand = dispatch
         return calls
 
-    def test_issued_key_answered_at_once(self):
+    def test_pair_keys_answered_without_dispatch(self):
         """
-        The first request (the key is issued) takes AMP's dispatch; the next
-        ones do not, and get the same grant; all are counted.
+        Neither the first request (the key is issued) nor the next ones
+        take AMP's dispatch; all get the same grant and are counted.
         """
         net, (alice, bob, carol) = self.three()
         calls = self.dispatched(alice.session)
         first = self.pair_key(alice, MAC_2)
-        self.assertEqual(calls, [b"RequestPairKey"])
         again = [self.pair_key(alice, MAC_2) for _ in range(3)]
-        self.assertEqual(calls, [b"RequestPairKey"])
+        self.assertEqual(calls, [])
         self.assertEqual(again, [first] * 3)
         self.assertEqual(net.server.counters[("requests", "pair key")], 4)
+        self.assertEqual(net.server.counters[("keys_issued", "pair")], 1)
+
+    def test_new_key_answered_when_written(self):
+        """
+        A key to issue is answered once the store has written it, not
+        before; a session that closed meanwhile is sent nothing, and
+        nothing fails.
+        """
+        net, (alice, bob, carol) = self.three()
+        writes = []
+        issue = net.store.issue_pair_key
+
+        def held_back(candidate, max_pair_keys):
+            d = defer.Deferred()
+            writes.append(lambda: issue(candidate, max_pair_keys).chainDeferred(d))
+            return d
+
+        self.patch(net.store, "issue_pair_key", held_back)
+        outcomes = []
+        request_pair_key(alice.client, MAC_2).addBoth(outcomes.append)
+        alice.pump.flush()
+        self.assertEqual((len(writes), outcomes), (1, []))
+        writes.pop()()
+        alice.pump.flush()
+        self.assertEqual(outcomes[0].peer_id, "bob")
+        request_pair_key(alice.client, MAC_3).addBoth(outcomes.append)
+        alice.pump.flush()
+        with LogCapture() as logs:
+            alice.client_tls.transport.loseConnection()
+            alice.pump.flush()
+            self.assertFalse(alice.connected)
+            writes.pop()()
+            alice.pump.flush()
+        self.assertEqual(len(outcomes), 2)
+        self.assertTrue(outcomes[1].check(ConnectionClosed), outcomes[1])
+        self.assertNotIn(" error", " ".join(logs.lines()).lower())
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(net.server.counters[("keys_issued", "pair")], 2)
+
+    def test_store_refusal_answered_as_amp_would(self):
+        """
+        A key the store refuses to issue (the table is full) is refused as
+        on AMP's path: the declared error, counted, the session kept.
+        """
+        net, (alice, bob, carol) = self.three(limits=Limits(max_pair_keys=1))
+        calls = self.dispatched(alice.session)
+        self.pair_key(alice, MAC_2)
+        failure = self.failureResultOf(alice.run(request_pair_key(alice.client, MAC_3)))
+        self.assertTrue(failure.check(TableFull), failure)
+        self.assertIn("table is full", failure.getErrorMessage())
+        self.assertEqual(calls, [])
+        self.assertTrue(alice.connected)
+        self.assertEqual(net.server.counters[("errors", "TableFull")], 1)
+        self.assertEqual(net.server.counters[("requests", "pair key")], 2)
 
     def test_refusals_take_the_general_path(self):
         """
@@ -288,7 +410,7 @@ class AnsweredAtOnceTests(SubnetTestCase):
         with LogCapture() as logs:
             failure = self.failureResultOf(alice.run(request_pair_key(alice.client, MAC_2)))
         self.assertTrue(failure.check(amp.UnknownRemoteError), failure)
-        self.assertTrue(any("answering a pair-key request from alice" in line for line in logs.lines()))
+        self.assertTrue(any("while answering RequestPairKey" in line for line in logs.lines()))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(net.server.counters[("requests", "pair key")], 2)
         self.assertFalse(alice.connected)
@@ -1054,6 +1176,38 @@ class PushOnIssueTests(SubnetTestCase):
         net.flush()
         self.assertEqual([g.key for _, g in heard.events], [grant.key, grant.key])
         self.assertEqual([(kind, g.peer_id) for kind, g in heard.events], [("pair_key", "alice")] * 2)
+
+    def test_peer_told_without_question(self):
+        """
+        The push on issue asks no answer: bob is sent a box without a
+        question tag and sends nothing back; the key server waits for
+        nothing.  A rekey's push still asks (acknowledgements are kept).
+        """
+        net = self.subnet()
+        alice, _ = net.join("alice", MAC_1)
+        bob, _ = net.join("bob", MAC_2, listener=RecordingListener())
+        received = []
+        original = bob.client.ampBoxReceived
+
+        def seen(box):
+            received.append(dict(box))
+            return original(box)
+
+        bob.client.ampBoxReceived = seen
+        sent_back = []
+        bob.session.dataReceived = sent_back.append
+        self.pair_key(alice, MAC_2)
+        net.flush()
+        [push] = received
+        self.assertEqual(push[b"_command"], b"PushPairKey")
+        self.assertNotIn(b"_ask", push)
+        self.assertEqual(sent_back, [])
+        self.assertEqual(bob.session._outstandingRequests, {})
+        del bob.session.dataReceived
+        net.server.rekey_pair("alice", "bob")
+        net.flush()
+        self.assertIn(b"_ask", received[-1])
+        self.assertEqual(net.server.acknowledged[("alice", "bob")], {"alice": 2, "bob": 2})
 
 
 class SessionLifeTests(SubnetTestCase):

@@ -23,8 +23,8 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
-from twisted.protocols import amp
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..logs import logger
@@ -325,41 +325,31 @@ class KeyServer:
             return defer.fail(BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key"))
         # The usual request, for a key already issued to two members the
         # store holds in memory, is answered at once.
-        issued = self.issued_pair_key(member, peer_mac)
-        if issued is not None:
+        known = self.known_pair(member, peer_mac)
+        if known is not None and known[0] is not None:
             try:
-                grant = self.answer_issued(issued, epoch)
+                grant = self.granted(known[0], member.member_id, known[2], epoch)
             except Exception:
                 # As the general path would: a failed Deferred.
                 return defer.fail()
             return defer.succeed(grant)
         return self._pair_key_for(member, peer_mac, epoch)
 
-    def issued_pair_key(self, member: Member, peer_mac: bytes):
+    def known_pair(self, member: Member, peer_mac: bytes):
         """
-        C{(pair key, member, peer)} when a pair key is already issued to
-        C{member} and the member that holds C{peer_mac}, and the store holds
-        all three in memory; else None (L{pair_key_for} finds out).  Changes
-        nothing.
+        C{(pair key or None, member, peer)} when C{member} and the member
+        that holds C{peer_mac} are two members the store holds in memory,
+        with their pair key if one is issued; else None (L{pair_key_for}
+        finds out).  Changes nothing.
         """
         store = self.store
         peer = store.peek_member_by_mac(peer_mac)
         if peer is None or peer.member_id == member.member_id:
             return None
-        pair_key = store.peek_pair_key(member.member_id, peer.member_id)
         me = store.peek_member(member.member_id)
-        if pair_key is None or me is None:
+        if me is None:
             return None
-        return pair_key, me, peer
-
-    def answer_issued(self, issued, epoch) -> PairKeyGrant:
-        """
-        The grant for what L{issued_pair_key} found, as its member should
-        hold it; the peer is told first (L{_tell_peer}).
-        """
-        pair_key, me, peer = issued
-        self._tell_peer(pair_key, me, peer, epoch)
-        return self._grant(pair_key, peer)
+        return store.peek_pair_key(member.member_id, peer.member_id), me, peer
 
     @defer.inlineCallbacks
     def _pair_key_for(self, member: Member, peer_mac: bytes, epoch):
@@ -367,7 +357,7 @@ class KeyServer:
         foreign = peer is None
         if foreign:
             peer = yield self._gateway_for(member, peer_mac)
-        grant = yield self._pair_key_with(member, peer, epoch)
+        grant = yield self.pair_key_with(member, peer, epoch)
         if foreign:
             # The seed's K(ID_1, ID_X86), held against the plaintext host's
             # MAC: the member reaches that MAC through the gateway.
@@ -384,18 +374,31 @@ class KeyServer:
         peer = yield self.store.member_by_address(text)
         if peer is None:
             raise UnknownPeer(f"no member of subnet {self.subnet} holds {text}")
-        return (yield self._pair_key_with(member, peer, epoch))
+        return (yield self.pair_key_with(member, peer, epoch))
 
-    @defer.inlineCallbacks
-    def _pair_key_with(self, member: Member, peer: Member, epoch):
+    def pair_key_with(self, member: Member, peer: Member, epoch):
+        """
+        The pair key of C{member} and C{peer}, issued now if it is not yet
+        (a store write): fires with the L{PairKeyGrant} C{member} should
+        hold, once the peer was told (L{_tell_peer}).
+        """
         if peer.member_id == member.member_id:
-            raise NotPermitted("a member needs no key with itself")
-        pair_key = yield self.store.pair_key(member.member_id, peer.member_id)
-        if pair_key is None:
-            pair_key = yield self._issue(member.member_id, peer.member_id)
-        # The requester's current facts, from the store, not the session's
-        # older copy.
-        me = yield self.store.member(member.member_id)
+            return defer.fail(NotPermitted("a member needs no key with itself"))
+        d = self.store.pair_key(member.member_id, peer.member_id)
+
+        def held(pair_key):
+            return pair_key if pair_key is not None else self._issue(member.member_id, peer.member_id)
+
+        return d.addCallback(held).addCallback(self.granted, member.member_id, peer, epoch)
+
+    def granted(self, pair_key: PairKey, member_id: str, peer: Member, epoch) -> PairKeyGrant:
+        """
+        The grant of C{pair_key} as C{member_id} should hold it, its peer
+        being C{peer}; the peer is told first (L{_tell_peer}) with the
+        requester's current facts, from the store (not a session's older
+        copy: a write may have come between).
+        """
+        me = self.store.peek_member(member_id)
         if me is not None:
             self._tell_peer(pair_key, me, peer, epoch)
         return self._grant(pair_key, peer)
@@ -777,10 +780,10 @@ class KeyServer:
         return len(due)
 
     def _push_to(self, holder_id: str, grant: PairKeyGrant):
+        # Told, not asked: nothing here waits for an acknowledgement, and
+        # one box less each way is a quarter of a new key's boxes.
         for session in list(self.sessions.get(holder_id, ())):
-            session.push_pair_key(grant).addErrback(
-                lambda f, s=session: log.debug("push to {session} failed: {reason}",
-                                               session=s, reason=f.getErrorMessage()))
+            session.tell_pair_key(grant)
 
     def purge(self, holder_id: str, peer_id: str, reason: str):
         """
@@ -986,11 +989,13 @@ class MemberSession(QuietAMP):
 
     def _answered_at_once(self, box) -> bool:
         """
-        The usual request, for a pair key already issued, answered without
-        AMP's dispatch and its Deferreds: the same checks, counts and answer
-        box.  False, having changed nothing, for what the general path must
-        take: a refusal (the rate limit included: its bucket took nothing),
-        a key still to issue, a malformed request.
+        The usual request, for the pair key of two members the store holds
+        in memory, taken without AMP's dispatch: the same checks, counts
+        and answer box.  A key already issued is answered at once; one to
+        issue is answered when the store has written it.  False, having
+        changed nothing, for what the general path must take: a refusal
+        (the rate limit included: its bucket took nothing), a peer that is
+        not a member (a gateway's MAC), a malformed request.
         """
         ask = box.get(b"_ask")
         member = self.member
@@ -1001,27 +1006,43 @@ class MemberSession(QuietAMP):
         except Exception:
             return False
         server = self.server
-        issued = server.issued_pair_key(member, arguments["peer_mac"])
-        if issued is None:
+        known = server.known_pair(member, arguments["peer_mac"])
+        if known is None:
             return False
         try:
             server.admit_request(member.member_id)
         except RateLimited:
             # Refused on the general path, which finds the bucket as empty.
             return False
+        pair_key, _, peer = known
+        if pair_key is None:
+            d = self._refusals(server.pair_key_with(member, peer, arguments["epoch"]), "pair key")
+            d.addCallback(RequestPairKey.serialize_answer, ask, self)
+            d.addErrback(RequestPairKey.error_box, ask)
+            d.addCallback(self._send_answer)
+            d.addErrback(self.unhandledError)
+            return True
         server.counters[("requests", "pair key")] += 1
         try:
-            grant = server.answer_issued(issued, arguments["epoch"])
+            grant = server.granted(pair_key, member.member_id, peer, arguments["epoch"])
             answer = RequestPairKey.serialize_answer(grant, ask, self)
         except Exception:
-            # A bug: answered as AMP answers a responder's unexpected
-            # failure (an unknown error, and the connection closes).
-            log.failure("answering a pair-key request from {member_id}", member_id=self.member_id)
-            self._safeEmit(amp.QuitBox({amp.ERROR: ask, amp.ERROR_CODE: amp.UNKNOWN_ERROR_CODE,
-                                        amp.ERROR_DESCRIPTION: b"Unknown Error"}))
-            return True
-        self.transport.write(answer)
+            # A bug: answered as AMP answers a responder's failure.
+            answer = RequestPairKey.error_box(Failure(), ask)
+        self._send_answer(answer)
         return True
+
+    def _send_answer(self, answer):
+        """
+        Send a serialised answer, or an error box as AMP would (a QuitBox
+        closes the connection), unless the connection is gone meanwhile.
+        """
+        if self._closed:
+            return
+        if isinstance(answer, bytes):
+            self.transport.write(answer)
+        else:
+            self._safeEmit(answer)
 
     def _refusals(self, d, what):
         counters = self.server.counters
@@ -1171,6 +1192,10 @@ class MemberSession(QuietAMP):
 
     def push_pair_key(self, grant: PairKeyGrant):
         return self.callRemote(PushPairKey, **attrs.asdict(grant, recurse=False))
+
+    def tell_pair_key(self, grant: PairKeyGrant):
+        if not self._closed:
+            self.transport.write(PushPairKey.serialize_command(grant, self))
 
     def push_group_key(self, group: GroupKey):
         return self.callRemote(PushGroupKey, group_id=GROUP_ID, key=group.key,
