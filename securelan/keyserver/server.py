@@ -384,12 +384,13 @@ class KeyServer:
         """
         if peer.member_id == member.member_id:
             return defer.fail(NotPermitted("a member needs no key with itself"))
-        d = self.store.pair_key(member.member_id, peer.member_id)
-
-        def held(pair_key):
-            return pair_key if pair_key is not None else self._issue(member.member_id, peer.member_id)
-
-        return d.addCallback(held).addCallback(self.granted, member.member_id, peer, epoch)
+        held = self.store.peek_pair_key(member.member_id, peer.member_id)
+        if held is None:
+            return self._issue(member.member_id, peer, epoch)
+        try:
+            return defer.succeed(self.granted(held, member.member_id, peer, epoch))
+        except Exception:
+            return defer.fail()
 
     def granted(self, pair_key: PairKey, member_id: str, peer: Member, epoch) -> PairKeyGrant:
         """
@@ -450,8 +451,8 @@ class KeyServer:
         log.info("{mac} is behind gateway {gateway}", mac=format_mac(mac), gateway=gateway_id)
         return gateways[0]
 
-    def _issue(self, id_1, id_2):
-        id_a, id_b = pair_of(id_1, id_2)
+    def _issue(self, member_id: str, peer: Member, epoch):
+        id_a, id_b = pair_of(member_id, peer.member_id)
         now = self.clock.seconds()
         lifetime = self.pair_key_lifetime
         candidate = PairKey(
@@ -463,17 +464,14 @@ class KeyServer:
             expires_at=now + lifetime if lifetime else 0.0,
         )
         d = self.store.issue_pair_key(candidate, self.limits.max_pair_keys)
+        return d.addCallback(self._issued, candidate.key, member_id, peer, epoch)
 
-        def issued(pair_key):
-            if pair_key.key == candidate.key:
-                self.counters[("keys_issued", "pair")] += 1
-                # Debug: at thousands of new keys a second the log line costs
-                # more than the key (the metrics count them).
-                log.debug("issued pair key ({id_a}, {id_b}) epoch {epoch}",
-                         id_a=id_a, id_b=id_b, epoch=pair_key.epoch)
-            return pair_key
-
-        return d.addCallback(issued)
+    def _issued(self, pair_key: PairKey, key: SecretKey, member_id: str, peer: Member, epoch) -> PairKeyGrant:
+        if pair_key.key == key:
+            # Counted, not logged: at thousands of new keys a second a log
+            # line (even at debug level, filtered) costs more than the key.
+            self.counters[("keys_issued", "pair")] += 1
+        return self.granted(pair_key, member_id, peer, epoch)
 
     def _grant(self, pair_key: PairKey, peer: Member) -> PairKeyGrant:
         if pair_key.expires_at:
@@ -1014,51 +1012,58 @@ class MemberSession(QuietAMP):
         except RateLimited:
             # Refused on the general path, which finds the bucket as empty.
             return False
+        server.counters[("requests", "pair key")] += 1
         pair_key, _, peer = known
         if pair_key is None:
-            d = self._refusals(server.pair_key_with(member, peer, arguments["epoch"]), "pair key")
-            d.addCallback(RequestPairKey.serialize_answer, ask, self)
-            d.addErrback(RequestPairKey.error_box, ask)
-            d.addCallback(self._send_answer)
+            d = server.pair_key_with(member, peer, arguments["epoch"])
+            d.addCallbacks(self._answer, self._refuse, (ask,), None, (ask,))
             d.addErrback(self.unhandledError)
             return True
-        server.counters[("requests", "pair key")] += 1
         try:
             grant = server.granted(pair_key, member.member_id, peer, arguments["epoch"])
+        except Exception:
+            self._refuse(Failure(), ask)
+        else:
+            self._answer(grant, ask)
+        return True
+
+    def _answer(self, grant, ask):
+        """
+        Answer the pair-key request tagged C{ask} with C{grant}, unless
+        the connection is gone meanwhile.
+        """
+        try:
             answer = RequestPairKey.serialize_answer(grant, ask, self)
         except Exception:
             # A bug: answered as AMP answers a responder's failure.
-            answer = RequestPairKey.error_box(Failure(), ask)
-        self._send_answer(answer)
-        return True
-
-    def _send_answer(self, answer):
-        """
-        Send a serialised answer, or an error box as AMP would (a QuitBox
-        closes the connection), unless the connection is gone meanwhile.
-        """
-        if self._closed:
-            return
-        if isinstance(answer, bytes):
-            self.transport.write(answer)
+            self._refuse(Failure(), ask)
         else:
-            self._safeEmit(answer)
+            if not self._closed:
+                self.transport.write(answer)
+
+    def _refuse(self, failure, ask):
+        """
+        Answer the pair-key request tagged C{ask} as AMP answers its
+        responder's C{failure} (counted and logged as any refusal; a
+        QuitBox closes the connection), unless the connection is gone.
+        """
+        self._refused(failure, "pair key")
+        if not self._closed:
+            self._safeEmit(RequestPairKey.error_box(failure, ask))
 
     def _refusals(self, d, what):
-        counters = self.server.counters
-        counters[("requests", what)] += 1
+        self.server.counters[("requests", what)] += 1
+        return d.addErrback(self._refused, what)
 
-        def refused(failure):
-            failure.trap(SecurelanError)
-            counters[("errors", failure.value.__class__.__name__)] += 1
+    def _refused(self, failure, what):
+        if failure.check(SecurelanError):
+            self.server.counters[("errors", failure.value.__class__.__name__)] += 1
             # A flood of refused requests must not flood the log as well.
             emit = log.debug if failure.check(RateLimited) else log.info
             emit("refused {what} from {member_id} at {peer}: {reason}",
                  what=what, member_id=self.member_id, peer=self._peer,
                  reason=failure.getErrorMessage())
-            return failure
-
-        return d.addErrback(refused)
+        return failure
 
     #: Seconds the key server stops reading from a member that went past its
     #: rate limit: refusing each request of a flood would still cost a

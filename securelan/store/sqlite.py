@@ -420,23 +420,21 @@ def _register_txn(conn, member, max_members):
 
 
 def _issue_pair_txn(conn, path, master, candidate, max_pair_keys):
-    pair = (candidate.id_a, candidate.id_b)
-    row = conn.execute(_SELECT_PAIR, pair).fetchone()
-    if row is None:
-        # The cap is checked against the mirror before the write (one
-        # process owns a SQLite store): no table scan per key here.
-        wrapped = master.wrap(candidate.key, _pair_context(candidate.id_a, candidate.id_b, candidate.epoch))
-        # DO NOTHING, then SELECT: whoever inserted first wins, and every
-        # process returns the winner.
-        inserted = conn.execute(
-            "INSERT INTO pair_keys (id_a, id_b, epoch, wrapped_key, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id_a, id_b) DO NOTHING",
-            (candidate.id_a, candidate.id_b, candidate.epoch, wrapped, candidate.created_at, candidate.expires_at),
-        ).rowcount
-        if inserted == 1:
-            # Ours went in: the row is the candidate (no read-back, no unwrap).
-            return candidate
-        row = conn.execute(_SELECT_PAIR, pair).fetchone()
+    # The cap is checked against the mirror before the write (one process
+    # owns a SQLite store): no table scan per key here.  The mirror also
+    # says the pair has no key yet, so the insert comes first (no SELECT
+    # per key); DO NOTHING, then SELECT: whoever inserted first wins, and
+    # every process returns the winner.
+    wrapped = master.wrap(candidate.key, _pair_context(candidate.id_a, candidate.id_b, candidate.epoch))
+    inserted = conn.execute(
+        "INSERT INTO pair_keys (id_a, id_b, epoch, wrapped_key, created_at, expires_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id_a, id_b) DO NOTHING",
+        (candidate.id_a, candidate.id_b, candidate.epoch, wrapped, candidate.created_at, candidate.expires_at),
+    ).rowcount
+    if inserted == 1:
+        # Ours went in: the row is the candidate (no read-back, no unwrap).
+        return candidate
+    row = conn.execute(_SELECT_PAIR, (candidate.id_a, candidate.id_b)).fetchone()
     return _pair_key_from_row(master, path, *row)
 
 
