@@ -55,7 +55,7 @@ HOST = "127.0.0.1"
 
 # The control-plane benchmark's readers of /proc (same folder).
 from keyserver_load import cpu_seconds, rss_kib  # noqa: E402
-from securelan.labnet import child_env  # noqa: E402
+from securelan.labnet import child_env, twistd_argv  # noqa: E402
 
 
 def log(message):
@@ -130,9 +130,8 @@ admin_socket = "{os.path.join(scratch, 'admin.sock')}"
 """)
     env = child_env()
     ks_log = open(os.path.join(scratch, "keyserver.log"), "wb")
-    ks = subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                           "--pidfile=", "securelan-keyserver", "--config",
-                           os.path.join(scratch, "keyserver.toml")], env=env, stdout=ks_log, stderr=ks_log)
+    ks = subprocess.Popen(twistd_argv("securelan-keyserver", os.path.join(scratch, "keyserver.toml")),
+                          env=env, stdout=ks_log, stderr=ks_log)
     deadline = time.monotonic() + 30
     while b"listening on" not in open(os.path.join(scratch, "keyserver.log"), "rb").read():
         if time.monotonic() > deadline or ks.poll() is not None:

@@ -77,7 +77,7 @@ CODE_ROOT = os.environ.get("SECURELAN_CODE_ROOT") or os.path.dirname(HERE)
 if CODE_ROOT not in sys.path:
     sys.path.insert(0, CODE_ROOT)
 
-from securelan.labnet import child_env  # noqa: E402
+from securelan.labnet import child_env, twistd_argv  # noqa: E402
 
 KS_NAME = "keyserver.ksload"
 HOST = "127.0.0.1"
@@ -203,8 +203,7 @@ def start_keyserver(scratch, port):
     log_path = os.path.join(scratch, "keyserver.log")
     out = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "-n", "--pidfile=", "securelan-keyserver", "--config", config],
+        twistd_argv("securelan-keyserver", config),
         env=child_env(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
     out.close()
     deadline = time.monotonic() + 30

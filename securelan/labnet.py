@@ -83,9 +83,19 @@ def member_mac(index: int) -> bytes:
     return bytes([0x02, 0x5E, 0xC0, 0, 0, index])
 
 
+def python_c(code: str) -> list:
+    """
+    The argv of a child Python that runs C{code}: with C{-P}, so the working
+    directory is not put first on its path and a securelan tree there (a
+    checkout the benchmark was started from) cannot shadow the one
+    L{child_env} names.
+    """
+    return [sys.executable, "-P", "-c", code]
+
+
 #: Runs twistd in a child process (with L{child_env}, the securelan under
 #: test and its plugins).
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+TWISTD = python_c("from twisted.scripts.twistd import run; run()")
 
 
 def twistd_argv(plugin, config):

@@ -38,3 +38,31 @@ class OverlayInClearTests(SynchronousTestCase):
         """
         self.assertEqual(overlay_in_clear([udp_frame(bytes(40) + ADDRESS)]), set())
         self.assertEqual(overlay_in_clear([udp_frame(bytes(20) + ADDRESS + bytes(20))]), {"10.231.100.1"})
+
+
+class ChildCodeTests(SynchronousTestCase):
+    """
+    Children started to run securelan (daemons, benchmark peers) run the
+    tree L{securelan.labnet.child_env} names, wherever they are started.
+    """
+
+    def test_working_directory_does_not_shadow(self):
+        """
+        A C{securelan} package in the working directory (a checkout a
+        benchmark of another snapshot was started from) is not the one a
+        child imports.
+        """
+        import os
+        import subprocess
+
+        import securelan
+        from securelan.labnet import child_env, python_c
+
+        decoy = self.mktemp()
+        os.makedirs(os.path.join(decoy, "securelan"))
+        with open(os.path.join(decoy, "securelan", "__init__.py"), "w") as f:
+            f.write("raise SystemExit('the decoy was imported')\n")
+        result = subprocess.run(python_c("import securelan; print(securelan.__file__)"), env=child_env(),
+                                cwd=decoy, capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(os.path.realpath(result.stdout.strip()), os.path.realpath(securelan.__file__))
