@@ -246,9 +246,9 @@ class HeldSendTests(SynchronousTestCase):
 
     def test_batch_leaves_at_its_end(self):
         """
-        While a batch of frames is read, alice's small frames to bob wait in
-        her carrier; at the batch's end they all leave, and bob gets them in
-        order.
+        While a batch of frames is read, the first of alice's small frames
+        to bob leaves at once and the others wait in her carrier; at the
+        batch's end they all leave, and bob gets them in order.
         """
         net = Net(self)
         alice, bob = net["alice"], net["bob"]
@@ -258,12 +258,29 @@ class HeldSendTests(SynchronousTestCase):
         on_wire = len(net.lan.wire)
         for frame in frames:
             alice.device.receiver(frame, None)
-        self.assertEqual(len(net.lan.wire), on_wire)
-        self.assertEqual(len(alice.carrier.held), 5)
+        self.assertEqual(len(net.lan.wire), on_wire + 1)
+        self.assertEqual(len(alice.carrier.held), 4)
         alice.device.flush()
         self.assertEqual(alice.carrier.held, [])
         net.settle()
         self.assertEqual(bob.device.written, [alice.frame(MAC_2, b"first")] + frames)
+
+    def test_lone_frame_leaves_at_once(self):
+        """
+        A batch of one frame (a ping) does not wait for the batch's end;
+        nor does the first frame of each later batch.
+        """
+        net = Net(self)
+        alice, bob = net["alice"], net["bob"]
+        alice.send(MAC_2, b"first")
+        net.settle()
+        for n in range(3):
+            on_wire = len(net.lan.wire)
+            alice.device.receiver(alice.frame(MAC_2, b"ping %d" % n), None)
+            self.assertEqual((len(net.lan.wire), alice.carrier.held), (on_wire + 1, []))
+            alice.device.flush()
+        net.settle()
+        self.assertEqual(bob.device.written[1:], [alice.frame(MAC_2, b"ping %d" % n) for n in range(3)])
 
     def test_batch_mixed_with_super_frames_and_broadcasts(self):
         """

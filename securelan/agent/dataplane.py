@@ -121,6 +121,8 @@ class DataPlane:
         self.device = device
         self.clock = clock
         self.queue_on_miss = on_key_miss == "queue"
+        #: A frame of the device's current batch of reads was sent already.
+        self._batch_sent = False
         #: The gateway role: frames to and from the hosts of a plaintext
         #: network (foreign MACs), never between members.
         self.gateway = gateway
@@ -269,10 +271,13 @@ class DataPlane:
 
     def frame_from_device(self, frame, offload=None, hold=False):
         """
-        Send a frame the host sent.  With C{hold}, the carrier may keep the
-        datagram of a frame that fits one back until L{flush}, to send it
-        with others to the same peer (see
-        L{securelan._interfaces.ICarrier.send_parts}).
+        Send a frame the host sent.  With C{hold} (the frame is one of a
+        batch of device reads, which ends with L{flush}), the carrier may
+        keep the datagram of a frame that fits one back until L{flush}, to
+        send it with others to the same peer (see
+        L{securelan._interfaces.ICarrier.send_parts}); not the batch's first
+        frame, which leaves at once: a lone frame (a ping, a request) waits
+        for no end of batch.
         """
         if len(frame) < ETHERNET_HEADER_LEN:
             return self._drop("runt")
@@ -296,8 +301,10 @@ class DataPlane:
 
     def flush(self):
         """
-        Send what L{frame_from_device} held back.
+        Send what L{frame_from_device} held back: the batch of device reads
+        ended.
         """
+        self._batch_sent = False
         self.carrier.flush()
 
     def _send_pair(self, peer: Peer, frame, offload=None, hold=False):
@@ -315,6 +322,8 @@ class DataPlane:
             return self._drop("counter", peer)
         except ValueError:
             return self._drop("too_big", peer)
+        if hold:
+            hold, self._batch_sent = self._batch_sent, True
         self.carrier.send_parts(parts, peer.endpoint, hold)
         if sealer is peer.sealer and not peer.rekey_asked:
             if self.rekey_after_bytes:

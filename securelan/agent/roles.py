@@ -158,8 +158,9 @@ class ClientRole:
         if self.dataplane is None:
             self.not_ready += 1
             return
-        # Held until the device's batch ends (_flush): the TCP ACKs one
-        # batch of reads yields leave in one system call.
+        # Held (all but the batch's first) until the device's batch ends
+        # (_flush): the TCP ACKs one batch of reads yields leave in one
+        # system call.
         self.dataplane.frame_from_device(frame, offload, hold=True)
 
     def _flush(self):
