@@ -323,16 +323,11 @@ class KeyServer:
             return defer.fail(BadRequest(str(e)))
         if is_group_mac(peer_mac):
             return defer.fail(BadRequest(f"{format_mac(peer_mac)} is a group address: use the group key"))
-        # The usual request, for a key already issued to two members the
-        # store holds in memory, is answered at once.
+        # The usual request, between two members the store holds in
+        # memory: a key already issued is answered at once.
         known = self.known_pair(member, peer_mac)
-        if known is not None and known[0] is not None:
-            try:
-                grant = self.granted(known[0], member.member_id, known[2], epoch)
-            except Exception:
-                # As the general path would: a failed Deferred.
-                return defer.fail()
-            return defer.succeed(grant)
+        if known is not None:
+            return self.pair_key_with(member, known[2], epoch)
         return self._pair_key_for(member, peer_mac, epoch)
 
     def known_pair(self, member: Member, peer_mac: bytes):
