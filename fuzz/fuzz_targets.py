@@ -52,7 +52,6 @@ with atheris.instrument_imports(include=["securelan"]):
         HEADER_LEN,
         MAX_FRAGMENTS,
         OVERHEAD,
-        TYPE_CONTROL,
         TYPE_GROUP,
         TYPE_PAIR,
         VNET_HDR_LEN,
@@ -69,9 +68,9 @@ with atheris.instrument_imports(include=["securelan"]):
     import securelan.agent.dataplane  # noqa: F401
     import securelan.keyserver.server  # noqa: F401
     import securelan.testing  # noqa: F401
-    from tests.test_fuzz import BROADCAST, MAC_A, MAC_B, PlaneFixture, pack_header, plane_cap_violations
+    from tests.test_fuzz import (BROADCAST, KNOWN_TYPES, MAC_A, MAC_B, PlaneFixture, pack_header,
+                                 plane_cap_violations)
 
-KNOWN_TYPES = (TYPE_PAIR, TYPE_GROUP, TYPE_CONTROL)
 KEEP_GOING = os.environ.get("SECURELAN_FUZZ_KEEP_GOING") == "1"
 FINDINGS = os.environ.get("SECURELAN_FUZZ_FINDINGS", "fuzz-findings")
 _seen = set()

@@ -23,8 +23,10 @@ from securelan.labnet import (
     MARKER,
     BorderedSubnets,
     EncryptedLAN,
+    child_env,
     overlay_in_clear,
     poll,
+    twistd_argv,
 )
 
 PING_PATTERN = MARKER[:16]
@@ -193,7 +195,7 @@ class AttackerTests(E2ETestCase):
             f.write("\n".join(p.hex() for p in between[:200]))
         cert, key = lan.pki_paths("carol")
         result = carol.host.run(
-            ["env", f"PYTHONPATH={CODE_ROOT}", sys.executable, "-m", "securelan._trykeys", lan.ca,
+            ["env", f"PYTHONPATH={CODE_ROOT}", sys.executable, "-P", "-m", "securelan._trykeys", lan.ca,
              cert, key, f"keyserver.test@{KEYSERVER_ADDRESS}:{KEYSERVER_PORT}", format_mac(carol.mac),
              path, format_mac(alice.mac), format_mac(bob.mac)], timeout=60)
         outcome = json.loads(result.stdout.strip().splitlines()[-1])
@@ -453,9 +455,7 @@ address = "{nets.east.mgmt_address}:{nets.PEERING_PORT}"
 """)
         log_path = os.path.join(workdir, "keyserver.log")
         with open(log_path, "ab") as log:
-            host.popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                        "--pidfile=", "securelan-keyserver", "--config", config],
-                       env=dict(os.environ, PYTHONPATH=CODE_ROOT), stdout=log, stderr=log)
+            host.popen(twistd_argv("securelan-keyserver", config), env=child_env(), stdout=log, stderr=log)
         return log_path
 
     def test_two_subnets_through_their_borders(self):

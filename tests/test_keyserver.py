@@ -298,8 +298,9 @@ class QuickAnswerSerializationTests(SynchronousTestCase):
 
 class AnsweredAtOnceTests(SubnetTestCase):
     """
-    A request for a pair key already issued is answered without AMP's
-    dispatch, with the same checks and the same answer.
+    A request for the pair key of two members is taken without AMP's
+    dispatch, with the same checks, answers and errors: at once for a key
+    already issued, once written for a new one.
     """
 
     def dispatched(self, session):
@@ -363,6 +364,54 @@ class AnsweredAtOnceTests(SubnetTestCase):
         self.assertNotIn(" error", " ".join(logs.lines()).lower())
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(net.server.counters[("keys_issued", "pair")], 2)
+
+    def test_both_ends_ask_at_once(self):
+        """
+        alice and bob ask for their new key while its write is under way:
+        one write, one key issued and counted, both answered with it.
+        """
+        net, (alice, bob, carol) = self.three()
+        release = []
+        runner = net.store.runner
+
+        def queued(f, *args):
+            d = defer.Deferred()
+            release.append(lambda: runner(f, *args).chainDeferred(d))
+            return d
+
+        self.patch(net.store, "runner", queued)
+        outcomes = []
+        request_pair_key(alice.client, MAC_2).addBoth(outcomes.append)
+        request_pair_key(bob.client, MAC_1).addBoth(outcomes.append)
+        alice.pump.flush()
+        bob.pump.flush()
+        self.assertEqual((len(release), outcomes), (1, []))
+        release.pop()()
+        net.flush()
+        self.assertEqual([grant.peer_id for grant in outcomes], ["bob", "alice"])
+        self.assertEqual(outcomes[0].key, outcomes[1].key)
+        self.assertEqual(net.server.counters[("keys_issued", "pair")], 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_failure_before_the_write(self):
+        """
+        A failure while issuing, before the store is asked (a bug: here the
+        key generator), is answered as AMP answers it: logged, an unknown
+        error, the connection closed; the rest of the read is not lost to
+        an exception.
+        """
+        net, (alice, bob, carol) = self.three()
+
+        def broken():
+            raise RuntimeError("no randomness")
+
+        self.patch(net.server, "keygen", broken)
+        with LogCapture() as logs:
+            failure = self.failureResultOf(alice.run(request_pair_key(alice.client, MAC_2)))
+        self.assertTrue(failure.check(amp.UnknownRemoteError), failure)
+        self.assertTrue(any("while answering RequestPairKey" in line for line in logs.lines()))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(alice.connected)
 
     def test_store_refusal_answered_as_amp_would(self):
         """

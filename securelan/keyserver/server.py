@@ -380,11 +380,12 @@ class KeyServer:
         if peer.member_id == member.member_id:
             return defer.fail(NotPermitted("a member needs no key with itself"))
         held = self.store.peek_pair_key(member.member_id, peer.member_id)
-        if held is None:
-            return self._issue(member.member_id, peer, epoch)
         try:
+            if held is None:
+                return self._issue(member.member_id, peer, epoch)
             return defer.succeed(self.granted(held, member.member_id, peer, epoch))
         except Exception:
+            # As a responder's failure: the caller answers it (AMP's way).
             return defer.fail()
 
     def granted(self, pair_key: PairKey, member_id: str, peer: Member, epoch) -> PairKeyGrant:
@@ -986,9 +987,11 @@ class MemberSession(QuietAMP):
         in memory, taken without AMP's dispatch: the same checks, counts
         and answer box.  A key already issued is answered at once; one to
         issue is answered when the store has written it.  False, having
-        changed nothing, for what the general path must take: a refusal
-        (the rate limit included: its bucket took nothing), a peer that is
-        not a member (a gateway's MAC), a malformed request.
+        changed nothing, for what the general path must take: a request
+        refused before the key (the rate limit included: its bucket took
+        nothing), a peer that is not a member (a gateway's MAC), a
+        malformed request.  What the store refuses (a full table) is
+        answered here, with AMP's error box.
         """
         ask = box.get(b"_ask")
         member = self.member
@@ -1043,8 +1046,11 @@ class MemberSession(QuietAMP):
         QuitBox closes the connection), unless the connection is gone.
         """
         self._refused(failure, "pair key")
+        # Made (an unexpected failure is logged there) even when no one is
+        # left to send it to.
+        box = RequestPairKey.error_box(failure, ask)
         if not self._closed:
-            self._safeEmit(RequestPairKey.error_box(failure, ask))
+            self._safeEmit(box)
 
     def _refusals(self, d, what):
         self.server.counters[("requests", what)] += 1
