@@ -21,6 +21,9 @@ SCRATCH=${TMPDIR:-/tmp}/securelan-dataplane
 PEERBENCH=$(cd "$REPO/../shared/bench" && pwd)/peerbench.sh
 OUT=$(mktemp -d)
 trap '"$PEERBENCH" cleanup >/dev/null 2>&1; rm -rf "$OUT"' EXIT
+# From a directory with no securelan in it: the daemons of snapshots older
+# than db48e4e import the working directory's securelan first.
+cd "$OUT"
 export PB_WORK=$SCRATCH/pb PB_PYTHON=$PY PB_DURATION=$T PB_RESULTS=$OUT
 for r in $(seq 1 "$ROUNDS"); do
   for snap in "$@"; do
