@@ -13,9 +13,9 @@ Outbound (L{DataPlane.frame_from_device}), stage by stage:
     broadcast in one send where the carrier can);
  4. a unicast destination is looked up in the key cache (the seed's MAC-KEY
     list): on a hit the frame is sealed under our sending direction of the
-    pair key and sent to the peer's endpoint (the frames of one batch of
-    device reads that fit one datagram, TCP ACKs mostly, are held to leave
-    together);
+    pair key and sent to the peer's endpoint (after a batch's first frame,
+    the frames of one batch of device reads that fit one datagram, TCP ACKs
+    mostly, are held to leave together);
  5. on a miss one key request per MAC is in flight, and the frame waits in a
     bounded queue (C{on_key_miss = "queue"}) or is dropped as the seed does
     (C{"drop"}); the queue is flushed in order when the key arrives.

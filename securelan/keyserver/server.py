@@ -17,6 +17,7 @@ purges over the same connection.
 import bisect
 import collections
 import ipaddress
+import operator
 
 import attrs
 from twisted.internet import defer
@@ -78,6 +79,10 @@ log = logger("securelan.keyserver")
 
 #: Overlay addresses one member may register, at most.
 MAX_ADDRESSES = 16
+
+
+#: The order of pair keys by their pair.
+_BY_PAIR = operator.attrgetter("id_a", "id_b")
 
 
 def _check_addresses(addresses) -> tuple:
@@ -327,24 +332,21 @@ class KeyServer:
         # memory: a key already issued is answered at once.
         known = self.known_pair(member, peer_mac)
         if known is not None:
-            return self.pair_key_with(member, known[2], epoch)
+            return self.pair_key_with(member, known[1], epoch)
         return self._pair_key_for(member, peer_mac, epoch)
 
     def known_pair(self, member: Member, peer_mac: bytes):
         """
-        C{(pair key or None, member, peer)} when C{member} and the member
-        that holds C{peer_mac} are two members the store holds in memory,
-        with their pair key if one is issued; else None (L{pair_key_for}
-        finds out).  Changes nothing.
+        C{(pair key or None, peer)} when C{member} and the member that holds
+        C{peer_mac} are two members the store holds in memory, with their
+        pair key if one is issued; else None (L{pair_key_for} finds out).
+        Changes nothing.
         """
         store = self.store
         peer = store.peek_member_by_mac(peer_mac)
-        if peer is None or peer.member_id == member.member_id:
+        if peer is None or peer.member_id == member.member_id or store.peek_member(member.member_id) is None:
             return None
-        me = store.peek_member(member.member_id)
-        if me is None:
-            return None
-        return store.peek_pair_key(member.member_id, peer.member_id), me, peer
+        return store.peek_pair_key(member.member_id, peer.member_id), peer
 
     @defer.inlineCallbacks
     def _pair_key_for(self, member: Member, peer_mac: bytes, epoch):
@@ -750,7 +752,7 @@ class KeyServer:
         """
         Every pair key in the store, once each, in order of the pair.
         """
-        return self.store.pair_keys().addCallback(sorted, key=lambda p: (p.id_a, p.id_b))
+        return self.store.pair_keys().addCallback(sorted, key=_BY_PAIR)
 
     @defer.inlineCallbacks
     def rekey_due(self):
@@ -765,7 +767,7 @@ class KeyServer:
         # One pass over the store's mirror: at 10,000 members and 60,000
         # keys, asking member by member held the reactor for 0.2 s.
         due = sorted((p for p in (yield self.store.pair_keys()) if p.expires_at and p.expires_at <= now),
-                     key=lambda p: (p.id_a, p.id_b))
+                     key=_BY_PAIR)
         for pair_key in due:
             try:
                 yield self.rekey_pair(pair_key.id_a, pair_key.id_b)
@@ -1011,7 +1013,7 @@ class MemberSession(QuietAMP):
             # Refused on the general path, which finds the bucket as empty.
             return False
         server.counters[("requests", "pair key")] += 1
-        pair_key, _, peer = known
+        pair_key, peer = known
         if pair_key is None:
             d = server.pair_key_with(member, peer, arguments["epoch"])
             d.addCallbacks(self._answer, self._refuse, (ask,), None, (ask,))
