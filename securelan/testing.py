@@ -196,7 +196,7 @@ class MemorySubnet:
         self.server.start()
         self.credentials = Credentials.load(self.pki.ca_cert, self.pki.keyserver_cert,
                                             self.pki.keyserver_key)
-        self._server_factory = KeyServerFactory(self.server)
+        self._listen(KeyServerFactory(self.server))
         self._next_port = 40000
         self.connections = []
 
@@ -212,7 +212,15 @@ class MemorySubnet:
         self.server = KeyServer(subnet="test", store=store, clock=self.clock,
                                 limits=self.server.limits, keygen=self.server.keygen)
         self.server.start()
-        self._server_factory = KeyServerFactory(self.server)
+        self._listen(KeyServerFactory(self.server))
+
+    def _listen(self, factory):
+        # The key server's own listener stack, as the twistd plugin builds
+        # it; one for all connections, so their writes share each turn.
+        from .keyserver.connections import MemberTLSFactory, SourceLimits
+
+        self.tls_factory = MemberTLSFactory(self.credentials.server_options(), factory,
+                                            SourceLimits(1_000_000), clock=self.clock)
 
     def member_credentials(self, member_id):
         from .tls import Credentials
@@ -240,8 +248,7 @@ class MemorySubnet:
             client_options, True, Factory.forProtocol(lambda: AgentProtocol(listener)),
             clock=self.clock,
         )
-        server_factory = TLSMemoryBIOFactory(self.credentials.server_options(), False,
-                                             self._server_factory, clock=self.clock)
+        server_factory = self.tls_factory
         self._next_port += 1
         member_address = IPv4Address("TCP", "127.0.0.1", self._next_port)
         server_address = IPv4Address("TCP", "127.0.0.1", 7443)

@@ -27,7 +27,6 @@ from securelan.errors import (
     VersionMismatch,
 )
 from securelan.keys import SecretKey
-from securelan.keyserver.server import ConnectionLimit
 from securelan.protocol import ERRORS, _PAIR_KEY_FIELDS
 from securelan.store import SQLiteStore, run_synchronously
 from securelan.testing import LogCapture, MemorySubnet, RecordingListener, make_pki
@@ -990,73 +989,6 @@ class LimitTests(SubnetTestCase):
         alice.pump.flush()
         self.assertFalse(alice.connected)
         self.assertEqual(self.pair_key(bob, MAC_3).peer_id, "carol")
-
-    def test_connection_cap(self):
-        """
-        Connections past max_connections are refused before TLS.
-        """
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.protocol import Factory, Protocol
-
-        limit = ConnectionLimit(Factory.forProtocol(Protocol), 2)
-        addr = IPv4Address("TCP", "127.0.0.1", 1)
-        first, second = limit.buildProtocol(addr), limit.buildProtocol(addr)
-        from twisted.internet.testing import StringTransport
-
-        first.makeConnection(StringTransport())
-        second.makeConnection(StringTransport())
-        self.assertIsNone(limit.buildProtocol(addr))
-        first.connectionLost(None)
-        self.assertIsNotNone(limit.buildProtocol(addr))
-
-    def test_connection_cap_per_source(self):
-        """
-        One address cannot take more than its share of the slots; others
-        still get theirs, and a closed connection frees its slot.
-        """
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.protocol import Factory, Protocol
-        from twisted.internet.testing import StringTransport
-
-        limit = ConnectionLimit(Factory.forProtocol(Protocol), 10, per_source=2)
-        flooder, other = IPv4Address("TCP", "10.0.0.66", 1), IPv4Address("TCP", "10.0.0.2", 1)
-        held = [limit.buildProtocol(flooder) for _ in range(2)]
-        for protocol in held:
-            protocol.makeConnection(StringTransport())
-        self.assertIsNone(limit.buildProtocol(flooder))
-        self.assertIsNotNone(limit.buildProtocol(other))
-        held[0].connectionLost(None)
-        self.assertIsNotNone(limit.buildProtocol(flooder))
-
-
-    def test_handshake_rate_per_source(self):
-        """
-        One address may not open connections (TLS handshakes) faster than
-        the rate: past the burst it is refused before TLS, others are not,
-        and it gets more as time passes.
-        """
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.protocol import Factory, Protocol
-        from twisted.internet.task import Clock
-        from twisted.internet.testing import StringTransport
-
-        clock = Clock()
-        limit = ConnectionLimit(Factory.forProtocol(Protocol), 1000, rate=2, burst=3, clock=clock)
-        flooder, other = IPv4Address("TCP", "10.0.0.66", 1), IPv4Address("TCP", "10.0.0.2", 1)
-        opened = []
-        for _ in range(10):
-            protocol = limit.buildProtocol(flooder)
-            if protocol is not None:
-                protocol.makeConnection(StringTransport())
-                protocol.connectionLost(None)
-                opened.append(protocol)
-        self.assertEqual(len(opened), 3)
-        self.assertEqual(limit.refused_rate, 7)
-        self.assertIsNotNone(limit.buildProtocol(other))
-        clock.advance(1)
-        self.assertIsNotNone(limit.buildProtocol(flooder))
-        self.assertIsNotNone(limit.buildProtocol(flooder))
-        self.assertIsNone(limit.buildProtocol(flooder))
 
 
 class PushTests(SubnetTestCase):

@@ -51,7 +51,7 @@ from ..config import NetKeyConfig, NetKeyPeer
 from ..errors import BadRequest, NotPermitted, VersionMismatch
 from ..keys import SecretKey
 from ..protocol import NetLink, PeerHello, PeerNetKey, PeerSide, Ping, QuietAMP
-from .server import ConnectionLimit
+from .connections import ConnectionLimit
 from ..tls import EXPECTED_GROUP, TLSConfigError, describe_tls_failure, negotiated_group, peer_certificate
 
 log = logger("securelan.peering")

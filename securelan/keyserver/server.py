@@ -24,7 +24,6 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
-from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -1231,71 +1230,3 @@ class KeyServerFactory(Factory):
         session = MemberSession(self.server)
         session.factory = self
         return session
-
-
-class ConnectionLimit(WrappingFactory):
-    """
-    Refuses connections beyond C{limit} in all and beyond C{per_source}
-    from one address, and new connections from one address faster than
-    C{rate} a second (bursts of C{burst}), before any TLS state is made for
-    them: one host can neither take every slot nor make the key server
-    spend its time on TLS handshakes.
-    """
-
-    #: Addresses whose connection rate is tracked at once, at most.
-    MAX_TRACKED = 65536
-
-    def __init__(self, wrappedFactory, limit: int, per_source: int | None = None, rate: float | None = None,
-                 burst: int | None = None, clock=None):
-        super().__init__(wrappedFactory)
-        self.limit = limit
-        self.per_source = per_source or limit
-        self.rate = rate
-        self.burst = burst or (max(1, int(rate * 2)) if rate else None)
-        if clock is None and rate:
-            from twisted.internet import reactor as clock
-        self._clock = clock
-        self._buckets: collections.OrderedDict = collections.OrderedDict()
-        self._by_source = collections.Counter()
-        self._refused = 0
-        self.refused_rate = 0
-
-    def _too_fast(self, source) -> bool:
-        if not self.rate:
-            return False
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            if len(self._buckets) >= self.MAX_TRACKED:
-                self._buckets.popitem(last=False)
-            bucket = self._buckets[source] = TokenBucket(self.rate, self.burst, self._clock)
-        else:
-            self._buckets.move_to_end(source)
-        return not bucket.take()
-
-    def buildProtocol(self, addr):
-        source = getattr(addr, "host", None)
-        too_fast = self._too_fast(source)
-        if too_fast or len(self.protocols) >= self.limit or self._by_source[source] >= self.per_source:
-            self._refused += 1
-            if too_fast:
-                self.refused_rate += 1
-            # One line now and then: a flood must not flood the log too.
-            if self._refused & (self._refused - 1) == 0:
-                log.warn("refused connection from {addr}: {why} ({refused} refused so far)", addr=addr,
-                         why=(f"more than {self.rate:g} new connections a second from one address" if too_fast
-                              else f"limit of {self.limit} connections ({self.per_source} per address) reached"),
-                         refused=self._refused)
-            return None
-        protocol = super().buildProtocol(addr)
-        if protocol is not None:
-            self._by_source[source] += 1
-            protocol.securelan_source = source
-        return protocol
-
-    def unregisterProtocol(self, p):
-        source = getattr(p, "securelan_source", None)
-        if source in self._by_source:
-            self._by_source[source] -= 1
-            if self._by_source[source] <= 0:
-                del self._by_source[source]
-        super().unregisterProtocol(p)

@@ -15,7 +15,6 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from ..logs import logger
@@ -28,7 +27,8 @@ from ..tls import Credentials, TLSConfigError
 from ..control import listen_control
 from .admin import admin_handlers
 from .peering import NetKeyBroker, PeeringService
-from .server import ConnectionLimit, KeyServer, KeyServerFactory
+from .connections import MemberTLSFactory, SourceLimits
+from .server import KeyServer, KeyServerFactory
 
 log = logger("securelan.keyserver")
 
@@ -63,11 +63,13 @@ class KeyServerService(service.Service):
             self.server.broker = NetKeyBroker(config.subnet, config.netkey, credentials, reactor,
                                               on_change=self.server.links_changed)
             self.peering = PeeringService(self.server.broker, reactor)
-        tls = TLSMemoryBIOFactory(credentials.server_options(), False, KeyServerFactory(self.server))
         limits = config.limits
-        self.factory = ConnectionLimit(tls, limits.max_connections, limits.max_connections_per_source,
-                                       rate=limits.connections_per_second_per_source,
-                                       burst=limits.connection_burst_per_source, clock=reactor)
+        self.factory = MemberTLSFactory(
+            credentials.server_options(), KeyServerFactory(self.server),
+            SourceLimits(limits.max_connections, limits.max_connections_per_source,
+                         rate=limits.connections_per_second_per_source,
+                         burst=limits.connection_burst_per_source, clock=reactor),
+            clock=reactor)
         self.port = None
         self.admin_port = None
         self.metrics_port = None
