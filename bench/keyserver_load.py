@@ -793,13 +793,13 @@ def worker_main(args):
 
     epollreactor.install()
     from twisted.internet import defer, reactor, stdio
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     from twisted.protocols.basic import LineReceiver
     from zope.interface import implementer
 
     from securelan._interfaces import IKeyListener
     from securelan.client import AgentProtocol, register, request_pair_key
-    from securelan.tls import Credentials, negotiated_group
+    from securelan.tls import Credentials, TurnTLSClientEndpoint, negotiated_group
 
     pki_dir = os.path.join(args.scratch, "pki")
     sessions = {}
@@ -861,8 +861,9 @@ def worker_main(args):
     def connect_one(i, result):
         creds = Credentials.load(os.path.join(pki_dir, "ca.pem"), os.path.join(pki_dir, f"{member_id(i)}.pem"),
                                  os.path.join(pki_dir, f"{member_id(i)}.key"))
-        endpoint = wrapClientTLS(creds.client_options(KS_NAME),
-                                 TCP4ClientEndpoint(reactor, HOST, args.port, timeout=60))
+        # TLS as the agent's own connection (securelan.client) makes it.
+        endpoint = TurnTLSClientEndpoint(creds.client_options(KS_NAME),
+                                         TCP4ClientEndpoint(reactor, HOST, args.port, timeout=60), clock=reactor)
         t0 = now()
         try:
             proto = yield connectProtocol(endpoint, AgentProtocol(Listener(i), on_lost))

@@ -13,7 +13,7 @@ L{IKeyListener}.
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -24,7 +24,7 @@ from .logs import logger
 from . import PROTOCOL_VERSION
 from ._interfaces import IKeyListener
 from .addresses import KeyServerAddress
-from .tls import EXPECTED_GROUP, negotiated_group
+from .tls import EXPECTED_GROUP, TurnTLSClientEndpoint, negotiated_group
 from .protocol import (
     Admission,
     ListPeers,
@@ -250,7 +250,8 @@ class KeyServerClient(service.Service):
         self._reactor = reactor
         self._protocol = None
         endpoints = [
-            wrapClientTLS(credentials.client_options(a.name), HostnameEndpoint(reactor, a.host, a.port))
+            TurnTLSClientEndpoint(credentials.client_options(a.name), HostnameEndpoint(reactor, a.host, a.port),
+                                  clock=reactor)
             for a in self.addresses
         ]
         self._failover = FailoverEndpoint(endpoints)

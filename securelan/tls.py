@@ -1,7 +1,21 @@
-# -*- test-case-name: tests.test_keyserver -*-
+# -*- test-case-name: tests.test_keyserver,tests.test_connections -*-
 """
 TLS for every securelan control channel: TLS 1.3 only, mutually
 authenticated against the subnet CA.
+
+Twisted's TLS transport holds each connection's small writes until the next
+reactor turn with a timed call of its own, and its TCP transport sends only
+when the reactor next reports the socket writable: it adds the socket to
+epoll for each write and removes it once the write is done.  With thousands
+of keys a second over thousands of connections (each new key is written to
+two), those per-connection costs were about a fifth of the key server's
+reactor thread (``BENCHMARKS.md``).  L{TurnTLSFactory} (the key server's
+listener, an agent's connection to its key server) keeps the holding, so
+a burst of boxes to one peer is still one TLS record, but flushes every
+connection that wrote with one timed call a turn, and hands the TLS records
+to the socket at once when nothing is queued before them.  What the kernel
+does not take is queued in the TCP transport as before, so the order of
+bytes is kept and a slow reader is still buffered, not blocked on.
 
 OpenSSL's default key-exchange groups are left alone on purpose: with the
 OpenSSL that ships in C{cryptography}, two endpoints negotiate the hybrid
@@ -9,11 +23,20 @@ post-quantum group X25519MLKEM768, so keys handed out today cannot be read
 from a recording later.  L{negotiated_group} reports what was used.
 """
 
+import operator
+
 import attrs
 from OpenSSL import SSL
-from twisted.internet import ssl
+from twisted.internet import ssl, tcp
 from twisted.internet.error import VerifyError
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet._sslverify import TLSVersion
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from .logs import logger
+
+log = logger("securelan.tls")
 
 #: What every securelan TLS channel negotiates; tests assert it.
 EXPECTED_GROUP = "X25519MLKEM768"
@@ -117,3 +140,146 @@ def describe_tls_failure(reason) -> str:
         if parts:
             return "; ".join(parts)
     return str(value) or value.__class__.__name__
+
+
+class TurnWrites:
+    """
+    The connections that wrote during this reactor turn: one timed call
+    flushes them all when the turn ends.
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._waiting = []
+        self._call = None
+
+    def wait(self, connection):
+        """
+        Flush C{connection} (its C{flush()}) when this turn ends.
+        """
+        self._waiting.append(connection)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self):
+        """
+        Flush every connection waiting, now.
+        """
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        waiting, self._waiting = self._waiting, []
+        for connection in waiting:
+            try:
+                connection.flush()
+            except Exception:
+                # One connection's failure must not keep the others' bytes.
+                log.failure("flushing a connection's writes")
+
+
+class TurnTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    A TLS connection whose writes wait for the end of the reactor turn (as
+    Twisted's C{BufferingTLSTransport} holds them) on its factory's
+    L{TurnWrites}, and whose TLS records go to a TCP socket at once when
+    nothing is queued before them.
+    """
+
+    #: Bytes held at most before they are written at once.
+    MAX_HELD = 64_000
+
+    factory: "TurnTLSFactory"
+
+    def __init__(self, factory, wrappedProtocol, _connectWrapped=True):
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
+        self._held = []
+        self._held_bytes = 0
+        self._tcp = None
+
+    def makeConnection(self, transport):
+        # Only Twisted's own TCP transport is written to directly: the
+        # queue it keeps is what must be empty first.
+        if isinstance(transport, tcp.Connection):
+            self._tcp = transport
+        super().makeConnection(transport)
+
+    def write(self, data):
+        if not self._held:
+            self.factory.turn.wait(self)
+        self._held.append(data + b"")
+        self._held_bytes += len(data)
+        if self._held_bytes > self.MAX_HELD:
+            self.flush()
+
+    def writeSequence(self, sequence):
+        self.write(b"".join(sequence))
+
+    def flush(self):
+        """
+        Write what is held through TLS now.
+        """
+        if self._held:
+            data = b"".join(self._held)
+            self._held = []
+            self._held_bytes = 0
+            TLSMemoryBIOProtocol.write(self, data)
+
+    def loseConnection(self):
+        self.flush()
+        super().loseConnection()
+
+    def connectionLost(self, reason):
+        # Nothing can be sent any more.
+        self._held = []
+        self._held_bytes = 0
+        self._tcp = None
+        super().connectionLost(reason)
+
+    def _flushSendBIO(self):
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except SSL.WantReadError:
+            return
+        transport = self._tcp
+        if (transport is not None and transport.connected and not transport.disconnecting
+                and not transport._writeDisconnected and not transport._tempDataLen
+                and transport.offset == len(transport.dataBuffer)):
+            sent = transport.writeSomeData(data)
+            # An error (returned, not raised) is left for the transport's
+            # own write to find and report as the connection's loss.
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self.transport.write(data)
+
+
+class TurnTLSFactory(TLSMemoryBIOFactory):
+    """
+    TLS over L{TurnTLSProtocol}: the writes of all its connections are
+    flushed together when a reactor turn ends.
+    """
+
+    protocol = TurnTLSProtocol
+
+    def __init__(self, contextFactory, isClient: bool, wrappedFactory, clock=None):
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        self.turn = TurnWrites(self._clock)
+
+
+@implementer(IStreamClientEndpoint)
+class TurnTLSClientEndpoint:
+    """
+    Twisted's C{wrapClientTLS(options, endpoint)}, with TLS from
+    L{TurnTLSFactory}: C{connect} gives the application's protocol.
+    """
+
+    def __init__(self, options, endpoint, clock=None):
+        self._options = options
+        self._endpoint = endpoint
+        self._clock = clock
+
+    def connect(self, factory):
+        tls = TurnTLSFactory(self._options, True, factory, self._clock)
+        return self._endpoint.connect(tls).addCallback(operator.attrgetter("wrappedProtocol"))

@@ -1,7 +1,8 @@
 """
-Tests for L{securelan.keyserver.connections}: connections refused before
-TLS, writes held until the end of a reactor turn and flushed together, TLS
-records handed to a TCP socket at once.
+Tests for L{securelan.keyserver.connections} and the TLS connections of
+L{securelan.tls} under it: connections refused before TLS, writes held
+until the end of a reactor turn and flushed together, TLS records handed to
+a TCP socket at once.
 """
 
 import hashlib
@@ -16,9 +17,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from securelan.keyserver.connections import ConnectionLimit, MemberTLSFactory, SourceLimits, TurnWrites
+from securelan.keyserver.connections import ConnectionLimit, MemberTLSFactory, SourceLimits
 from securelan.testing import make_pki
-from securelan.tls import Credentials
+from securelan.tls import Credentials, TurnTLSClientEndpoint, TurnWrites
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7443)
 
@@ -331,6 +332,36 @@ class TCPTurnTLSTests(_TLSFixture, TestCase):
         twisteds = yield self.exchange(TLSMemoryBIOFactory)
         self.assertEqual(ours, 0)
         self.assertGreaterEqual(twisteds, 10)
+
+    @defer.inlineCallbacks
+    def test_client_endpoint(self):
+        """
+        L{TurnTLSClientEndpoint} gives the application's protocol, over a
+        TLS connection whose writes go to the socket at once too.
+        """
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        port = self.listen(MemberTLSFactory)
+        endpoint = TurnTLSClientEndpoint(self.client_credentials.client_options("keyserver.test"),
+                                         TCP4ClientEndpoint(reactor, "127.0.0.1", port), clock=reactor)
+        client = yield connectProtocol(endpoint, _Recorder())
+        self.addCleanup(client.transport.loseConnection)
+        self.assertIsInstance(client, _Recorder)
+        client.transport.write(b"!")
+        while not (self.servers and self.servers[-1].received):
+            yield _turn()
+        tcp, waits = client.transport.transport, []
+        start_writing = tcp.startWriting
+        tcp.startWriting = lambda: (waits.append(True), start_writing())
+        expected = b"!"
+        for n in range(10):
+            message = b"request %d;" % (n,)
+            client.transport.write(message)
+            expected += message
+            yield _turn()
+        while self.servers[-1].data() != expected:
+            yield _turn()
+        self.assertEqual(waits, [])
 
     @defer.inlineCallbacks
     def test_slow_reader_gets_everything_in_order(self):

@@ -1,32 +1,18 @@
 # -*- test-case-name: tests.test_connections -*-
 """
-The key server's connections below AMP: who is let in before any TLS state
-is made (L{SourceLimits}, used by L{ConnectionLimit} and L{MemberTLSFactory}),
-and how what the key server writes leaves (L{MemberTLSFactory}).
-
-Twisted's TLS transport holds each connection's small writes until the next
-reactor turn with a timed call of its own, and its TCP transport sends only
-when the reactor next reports the socket writable: it adds the socket to
-epoll for each write and removes it once the write is done.  With thousands
-of keys a second over thousands of connections (each new key is written to
-two), those per-connection costs were about a fifth of the key server's
-reactor thread (``BENCHMARKS.md``).  L{MemberTLSFactory} keeps the holding,
-so a burst of answers to one member is still one TLS record, but flushes
-every connection that wrote with one timed call a turn, and hands the TLS
-records to the socket at once when nothing is queued before them.  What
-the kernel does not take is queued in the TCP transport as before, so the
-order of bytes is kept and a slow reader is still buffered, not blocked on.
+The key server's member listener below AMP: who is let in before any TLS
+state is made (L{SourceLimits}, used by L{ConnectionLimit} and
+L{MemberTLSFactory}), over TLS connections whose writes leave as
+L{securelan.tls.TurnTLSFactory} sends them.
 """
 
 import collections
 
-from OpenSSL.SSL import WantReadError
-from twisted.internet import tcp
 from twisted.protocols.policies import WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from ..logs import logger
 from ..ratelimit import TokenBucket
+from ..tls import TurnTLSFactory
 
 log = logger("securelan.keyserver")
 
@@ -132,131 +118,15 @@ class ConnectionLimit(_Limited, WrappingFactory):
         self.limits = SourceLimits(limit, per_source, rate, burst, clock)
 
 
-class TurnWrites:
+class MemberTLSFactory(_Limited, TurnTLSFactory):
     """
-    The connections that wrote during this reactor turn: one timed call
-    flushes them all when the turn ends.
-    """
-
-    def __init__(self, clock):
-        self._clock = clock
-        self._waiting = []
-        self._call = None
-
-    def wait(self, connection):
-        """
-        Flush C{connection} (its C{flush()}) when this turn ends.
-        """
-        self._waiting.append(connection)
-        if self._call is None:
-            self._call = self._clock.callLater(0, self.flush)
-
-    def flush(self):
-        """
-        Flush every connection waiting, now.
-        """
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-        waiting, self._waiting = self._waiting, []
-        for connection in waiting:
-            try:
-                connection.flush()
-            except Exception:
-                # One connection's failure must not keep the others' bytes.
-                log.failure("flushing a connection's writes")
-
-
-class TurnTLSProtocol(TLSMemoryBIOProtocol):
-    """
-    A TLS connection whose writes wait for the end of the reactor turn (as
-    Twisted's C{BufferingTLSTransport} holds them) on its factory's
-    L{TurnWrites}, and whose TLS records go to a TCP socket at once when
-    nothing is queued before them.
-    """
-
-    #: Bytes held at most before they are written at once.
-    MAX_HELD = 64_000
-
-    factory: "MemberTLSFactory"
-
-    def __init__(self, factory, wrappedProtocol, _connectWrapped=True):
-        super().__init__(factory, wrappedProtocol, _connectWrapped)
-        self._held = []
-        self._held_bytes = 0
-        self._tcp = None
-
-    def makeConnection(self, transport):
-        # Only Twisted's own TCP transport is written to directly: the
-        # queue it keeps is what must be empty first.
-        if isinstance(transport, tcp.Connection):
-            self._tcp = transport
-        super().makeConnection(transport)
-
-    def write(self, data):
-        if not self._held:
-            self.factory.turn.wait(self)
-        self._held.append(data + b"")
-        self._held_bytes += len(data)
-        if self._held_bytes > self.MAX_HELD:
-            self.flush()
-
-    def writeSequence(self, sequence):
-        self.write(b"".join(sequence))
-
-    def flush(self):
-        """
-        Write what is held through TLS now.
-        """
-        if self._held:
-            data = b"".join(self._held)
-            self._held = []
-            self._held_bytes = 0
-            TLSMemoryBIOProtocol.write(self, data)
-
-    def loseConnection(self):
-        self.flush()
-        super().loseConnection()
-
-    def connectionLost(self, reason):
-        # Nothing can be sent any more.
-        self._held = []
-        self._held_bytes = 0
-        self._tcp = None
-        super().connectionLost(reason)
-
-    def _flushSendBIO(self):
-        try:
-            data = self._tlsConnection.bio_read(2**15)
-        except WantReadError:
-            return
-        transport = self._tcp
-        if (transport is not None and transport.connected and not transport.disconnecting
-                and not transport._writeDisconnected and not transport._tempDataLen
-                and transport.offset == len(transport.dataBuffer)):
-            sent = transport.writeSomeData(data)
-            # An error (returned, not raised) is left for the transport's
-            # own write to find and report as the connection's loss.
-            if isinstance(sent, int) and sent > 0:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        self.transport.write(data)
-
-
-class MemberTLSFactory(_Limited, TLSMemoryBIOFactory):
-    """
-    The key server's member listener: TLS (server side) over
-    L{TurnTLSProtocol}, connections refused by L{SourceLimits} before any
-    TLS state is made.
+    The key server's member listener: TLS (server side) as
+    L{TurnTLSFactory} makes it, connections refused by L{SourceLimits}
+    before any TLS state is made.
 
     @param limits: a L{SourceLimits}.
     """
 
-    protocol = TurnTLSProtocol
-
     def __init__(self, contextFactory, wrappedFactory, limits: SourceLimits, clock=None):
         super().__init__(contextFactory, False, wrappedFactory, clock)
         self.limits = limits
-        self.turn = TurnWrites(self._clock)
