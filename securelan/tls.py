@@ -31,6 +31,7 @@ from twisted.internet import ssl, tcp
 from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet._sslverify import TLSVersion
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -229,12 +230,34 @@ class TurnTLSProtocol(TLSMemoryBIOProtocol):
         self.flush()
         super().loseConnection()
 
+    def unregisterProducer(self):
+        # Twisted shuts TLS down here when the connection is being lost:
+        # what is held must be in TLS before that.
+        self.flush()
+        super().unregisterProducer()
+
+    def abortConnection(self):
+        # Dropped, as an abort drops what the TCP transport holds: not
+        # even the close_notify that Twisted's abort makes goes out.
+        self._held = []
+        self._held_bytes = 0
+        self._tcp = None
+        super().abortConnection()
+
     def connectionLost(self, reason):
         # Nothing can be sent any more.
         self._held = []
         self._held_bytes = 0
         self._tcp = None
-        super().connectionLost(reason)
+        try:
+            super().connectionLost(reason)
+        finally:
+            if self.wrappedProtocol is not None:
+                # Twisted's connectionLost stopped early (the application
+                # raised on the last bytes it read): it still learns of
+                # the loss, and the factory still forgets the connection.
+                self._lostTLSConnection = True
+                ProtocolWrapper.connectionLost(self, reason)
 
     def _flushSendBIO(self):
         try:
@@ -242,9 +265,7 @@ class TurnTLSProtocol(TLSMemoryBIOProtocol):
         except SSL.WantReadError:
             return
         transport = self._tcp
-        if (transport is not None and transport.connected and not transport.disconnecting
-                and not transport._writeDisconnected and not transport._tempDataLen
-                and transport.offset == len(transport.dataBuffer)):
+        if transport is not None and _nothing_queued(transport):
             sent = transport.writeSomeData(data)
             # An error (returned, not raised) is left for the transport's
             # own write to find and report as the connection's loss.
@@ -253,6 +274,21 @@ class TurnTLSProtocol(TLSMemoryBIOProtocol):
                     return
                 data = data[sent:]
         self.transport.write(data)
+
+
+def _nothing_queued(transport) -> bool:
+    """
+    Whether Twisted's TCP transport C{transport} is open for writing and
+    holds nothing to write (the test its C{doWrite} makes), so bytes may go
+    to its socket at once without passing any.
+    """
+    try:
+        return (transport.connected and not transport.disconnecting and not transport._aborting
+                and not transport._writeDisconnected and not transport._tempDataLen
+                and transport.offset == len(transport.dataBuffer))
+    except AttributeError:
+        # A Twisted whose transport keeps its queue otherwise: queue.
+        return False
 
 
 class TurnTLSFactory(TLSMemoryBIOFactory):
@@ -266,6 +302,10 @@ class TurnTLSFactory(TLSMemoryBIOFactory):
     def __init__(self, contextFactory, isClient: bool, wrappedFactory, clock=None):
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
         self.turn = TurnWrites(self._clock)
+
+    def unregisterProtocol(self, p):
+        # Once per connection, however often its connectionLost runs.
+        self.protocols.pop(p, None)
 
 
 @implementer(IStreamClientEndpoint)

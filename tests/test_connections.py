@@ -8,12 +8,16 @@ a TCP socket at once.
 import hashlib
 import socket
 
+from OpenSSL import SSL
+
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -215,17 +219,57 @@ class InMemoryTurnTLSTests(_TLSFixture, SynchronousTestCase):
     def test_lost_before_the_turn_ends(self):
         """
         A connection lost while it holds bytes is skipped when the turn
-        ends: nothing raises and the other connections are flushed.
+        ends: nothing raises, nothing more is written to it, and the other
+        connections are flushed.
         """
-        lost, _, _, _ = self.connect(40001)
+        lost, _, lost_tls, _ = self.connect(40001)
         other, other_client, _, other_pump = self.connect(40002)
         lost.transport.write(b"never sent")
         other.transport.write(b"sent")
         lost.transport.transport.loseConnection()
-        lost.transport.connectionLost(None)
+        lost.transport.connectionLost(Failure(ConnectionLost()))
+        written = list(lost_tls.transport.stream)
         self.clock.advance(0)
+        self.assertEqual(lost_tls.transport.stream, written)
         other_pump.flush()
         self.assertEqual(other_client.data(), b"sent")
+
+    def test_application_raises_on_the_last_bytes(self):
+        """
+        When the application raises on bytes that Twisted's TLS hands it
+        as the connection is lost, it is still told of the loss and the
+        connection's slot is freed: a limit of one connection lets the
+        next one in.
+        """
+        lost = []
+
+        class Raiser(Protocol):
+            def dataReceived(self, data):
+                raise ValueError(data)
+
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        factory = MemberTLSFactory(self.server_credentials.server_options(), Factory.forProtocol(Raiser),
+                                   SourceLimits(1), clock=self.clock)
+        member = IPv4Address("TCP", "127.0.0.1", 1)
+        client_tls, server_tls, pump = iosim.connectedServerAndClient(
+            lambda: factory.buildProtocol(member),
+            lambda: self.client_factory(Protocol(), self.clock).buildProtocol(SERVER_ADDRESS),
+            clientTransportFactory=lambda p: iosim.FakeTransport(p, False, member, SERVER_ADDRESS),
+            serverTransportFactory=lambda p: iosim.FakeTransport(p, True, SERVER_ADDRESS, member),
+            clock=self.clock,
+        )
+        pump.flush()
+        # Two TLS records in one read: the first raises, the second waits
+        # in TLS until the connection is lost.
+        TLSMemoryBIOProtocol.write(client_tls, b"first")
+        TLSMemoryBIOProtocol.write(client_tls, b"second")
+        self.assertRaises(ValueError, pump.flush)
+        self.assertIsNone(factory.buildProtocol(member))
+        self.assertRaises(ValueError, server_tls.connectionLost, Failure(ConnectionLost()))
+        self.assertEqual(len(lost), 1)
+        self.assertIsNotNone(factory.buildProtocol(member))
 
     def test_limits_before_tls(self):
         """
@@ -332,6 +376,30 @@ class TCPTurnTLSTests(_TLSFixture, TestCase):
         twisteds = yield self.exchange(TLSMemoryBIOFactory)
         self.assertEqual(ours, 0)
         self.assertGreaterEqual(twisteds, 10)
+
+    @defer.inlineCallbacks
+    def test_abort_sends_nothing_more(self):
+        """
+        An abort drops what is held and sends nothing more, not even TLS's
+        close_notify: the member sees its connection cut, not ended (the
+        key server aborts refused, revoked and silent members).
+        """
+        port = self.listen(MemberTLSFactory)
+        shutdowns = []
+
+        class Member(_Recorder):
+            def connectionLost(self, reason):
+                shutdowns.append(self.transport.getHandle().get_shutdown())
+                super().connectionLost(reason)
+
+        client = Member()
+        server, tcp, waits = yield self.connect(port, client)
+        server.transport.write(b"never sent")
+        server.transport.abortConnection()
+        while client.lost is None:
+            yield _turn()
+        self.assertEqual(client.data(), b"")
+        self.assertEqual(shutdowns[0] & SSL.RECEIVED_SHUTDOWN, 0)
 
     @defer.inlineCallbacks
     def test_client_endpoint(self):

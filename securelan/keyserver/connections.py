@@ -97,13 +97,18 @@ class _Limited:
     def buildProtocol(self, addr):
         if not self.limits.admit(addr, len(self.protocols)):
             return None
-        protocol = super().buildProtocol(addr)
+        try:
+            protocol = super().buildProtocol(addr)
+        except BaseException:
+            self.limits.release(addr)
+            raise
         protocol.securelan_address = addr
         return protocol
 
     def unregisterProtocol(self, p):
-        self.limits.release(getattr(p, "securelan_address", None))
-        super().unregisterProtocol(p)
+        # Once per connection, however often its connectionLost runs.
+        if self.protocols.pop(p, None) is not None:
+            self.limits.release(getattr(p, "securelan_address", None))
 
 
 class ConnectionLimit(_Limited, WrappingFactory):
