@@ -13,6 +13,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from securelan.keyserver.connections import ConnectionLimit, MemberTLSFactory, SourceLimits
 from securelan.testing import make_pki
@@ -202,6 +204,34 @@ class InMemoryTurnTLSTests(_TLSFixture, SynchronousTestCase):
         server.transport.loseConnection()
         pump.flush()
         self.assertEqual(client.data(), b"last words")
+        self.assertIsNotNone(client.lost)
+
+    def test_last_words_with_a_producer(self):
+        """
+        With a producer registered, bytes written after C{loseConnection}
+        and before C{unregisterProducer} (in one turn) still go out before
+        TLS closes.
+        """
+        server, client, server_tls, pump = self.connect(40001)
+
+        @implementer(IPushProducer)
+        class Producer:
+            def pauseProducing(self):
+                pass
+
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        server.transport.registerProducer(Producer(), True)
+        server.transport.write(b"one ")
+        server.transport.loseConnection()
+        server.transport.write(b"last")
+        server.transport.unregisterProducer()
+        pump.flush()
+        self.assertEqual(client.data(), b"one last")
         self.assertIsNotNone(client.lost)
 
     def test_large_writes_are_not_held(self):
