@@ -159,17 +159,25 @@ class InMemoryTurnTLSTests(_TLSFixture, SynchronousTestCase):
         self.servers.append(protocol)
         return protocol
 
-    def connect(self, port):
-        client = _Recorder()
+    def wire(self, factory, port, client):
+        """
+        Connect C{client} (a protocol, inside TLS) to C{factory} from port
+        C{port}, through the handshake; return both TLS ends and the pump.
+        """
         member = IPv4Address("TCP", "127.0.0.1", port)
         client_tls, server_tls, pump = iosim.connectedServerAndClient(
-            lambda: self.factory.buildProtocol(member),
+            lambda: factory.buildProtocol(member),
             lambda: self.client_factory(client, self.clock).buildProtocol(SERVER_ADDRESS),
             clientTransportFactory=lambda p: iosim.FakeTransport(p, False, member, SERVER_ADDRESS),
             serverTransportFactory=lambda p: iosim.FakeTransport(p, True, SERVER_ADDRESS, member),
             clock=self.clock,
         )
         pump.flush()
+        return client_tls, server_tls, pump
+
+    def connect(self, port):
+        client = _Recorder()
+        _, server_tls, pump = self.wire(self.factory, port, client)
         return self.servers[-1], client, server_tls, pump
 
     def test_writes_of_a_turn_leave_together(self):
@@ -283,14 +291,7 @@ class InMemoryTurnTLSTests(_TLSFixture, SynchronousTestCase):
         factory = MemberTLSFactory(self.server_credentials.server_options(), Factory.forProtocol(Raiser),
                                    SourceLimits(1), clock=self.clock)
         member = IPv4Address("TCP", "127.0.0.1", 1)
-        client_tls, server_tls, pump = iosim.connectedServerAndClient(
-            lambda: factory.buildProtocol(member),
-            lambda: self.client_factory(Protocol(), self.clock).buildProtocol(SERVER_ADDRESS),
-            clientTransportFactory=lambda p: iosim.FakeTransport(p, False, member, SERVER_ADDRESS),
-            serverTransportFactory=lambda p: iosim.FakeTransport(p, True, SERVER_ADDRESS, member),
-            clock=self.clock,
-        )
-        pump.flush()
+        client_tls, server_tls, pump = self.wire(factory, 1, Protocol())
         # Two TLS records in one read: the first raises, the second waits
         # in TLS until the connection is lost.
         TLSMemoryBIOProtocol.write(client_tls, b"first")
