@@ -24,6 +24,7 @@ from a recording later.  L{negotiated_group} reports what was used.
 """
 
 import operator
+import weakref
 
 import attrs
 from OpenSSL import SSL
@@ -146,11 +147,14 @@ def describe_tls_failure(reason) -> str:
 class TurnWrites:
     """
     The connections that wrote during this reactor turn: one timed call
-    flushes them all when the turn ends.
+    flushes them all when the turn ends.  L{turn_writes} gives the one of
+    a reactor.
     """
 
     def __init__(self, clock):
-        self._clock = clock
+        # Not a strong reference: turn_writes keeps one per clock, keyed
+        # weakly by it.
+        self._clock = weakref.ref(clock)
         self._waiting = []
         self._call = None
 
@@ -160,7 +164,7 @@ class TurnWrites:
         """
         self._waiting.append(connection)
         if self._call is None:
-            self._call = self._clock.callLater(0, self.flush)
+            self._call = self._clock().callLater(0, self.flush)
 
     def flush(self):
         """
@@ -177,6 +181,21 @@ class TurnWrites:
             except Exception:
                 # One connection's failure must not keep the others' bytes.
                 log.failure("flushing a connection's writes")
+
+
+_TURNS = weakref.WeakKeyDictionary()
+
+
+def turn_writes(clock) -> TurnWrites:
+    """
+    The L{TurnWrites} of C{clock} (a reactor): every L{TurnTLSFactory} on
+    one reactor, the listener's and each client connection's, flushes its
+    connections in the same timed call.
+    """
+    turn = _TURNS.get(clock)
+    if turn is None:
+        turn = _TURNS[clock] = TurnWrites(clock)
+    return turn
 
 
 class TurnTLSProtocol(TLSMemoryBIOProtocol):
@@ -301,7 +320,7 @@ class TurnTLSFactory(TLSMemoryBIOFactory):
 
     def __init__(self, contextFactory, isClient: bool, wrappedFactory, clock=None):
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
-        self.turn = TurnWrites(self._clock)
+        self.turn = turn_writes(self._clock)
 
     def unregisterProtocol(self, p):
         # Once per connection, however often its connectionLost runs.

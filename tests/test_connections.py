@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from securelan.keyserver.connections import ConnectionLimit, MemberTLSFactory, SourceLimits
 from securelan.testing import make_pki
-from securelan.tls import Credentials, TurnTLSClientEndpoint, TurnWrites
+from securelan.tls import Credentials, TurnTLSClientEndpoint, TurnTLSFactory, TurnWrites
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7443)
 
@@ -201,6 +201,20 @@ class InMemoryTurnTLSTests(_TLSFixture, SynchronousTestCase):
         second_pump.flush()
         self.assertEqual(first_client.data(), b"one two three")
         self.assertEqual(second_client.data(), b"other")
+
+    def test_one_timed_call_per_reactor(self):
+        """
+        Every TLS factory on one reactor (the listener, each client
+        connection's) shares one L{TurnWrites}: their connections' writes
+        of a turn are flushed by one timed call.  Another reactor has its
+        own.
+        """
+        client_side = TurnTLSFactory(self.client_credentials.client_options("keyserver.test"), True,
+                                     ClientFactory.forProtocol(Protocol), self.clock)
+        self.assertIs(client_side.turn, self.factory.turn)
+        other = TurnTLSFactory(self.server_credentials.server_options(), False, Factory.forProtocol(Protocol),
+                               Clock())
+        self.assertIsNot(other.turn, self.factory.turn)
 
     def test_lose_connection_sends_what_is_held(self):
         """
