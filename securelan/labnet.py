@@ -461,6 +461,9 @@ pair_key_lifetime = {self.pair_key_lifetime}
         self.write_keyserver_config(second)
         log_path = self.ks2_log if second else self.ks_log
         host = self.keyserver2 if second else self.keyserver
+        # The log is appended to across restarts: only what this start
+        # writes says that this process listens.
+        start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         with open(log_path, "ab") as log:
             process = host.popen(twistd_argv("securelan-keyserver", self.ks2_config if second else self.ks_config),
                                  env=child_env(), stdout=log, stderr=subprocess_stdout())
@@ -470,6 +473,7 @@ pair_key_lifetime = {self.pair_key_lifetime}
             self.keyserver_process = process
         def listening():
             with open(log_path, "rb") as f:
+                f.seek(start)
                 if b"listening on" in f.read():
                     return "listening"
             # A key server that exited will not listen: stop waiting.
