@@ -163,7 +163,9 @@ class TurnWrites:
         Flush C{connection} (its C{flush()}) when this turn ends.
         """
         self._waiting.append(connection)
-        if self._call is None:
+        # A call cancelled from outside (a test's reactor clean-up) must not
+        # leave the reactor's writes waiting for it for ever.
+        if self._call is None or not self._call.active():
             self._call = self._clock().callLater(0, self.flush)
 
     def flush(self):

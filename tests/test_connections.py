@@ -121,6 +121,25 @@ class TurnWritesTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(flushed, [good, good])
 
+    def test_cancelled_call(self):
+        """
+        If its timed call is cancelled from outside (as trial cancels what
+        a test leaves behind), the next write schedules another: the
+        reactor's writes are not stuck behind it.
+        """
+        clock, flushed = Clock(), []
+        turn = TurnWrites(clock)
+
+        class Connection:
+            def flush(self):
+                flushed.append(self)
+
+        turn.wait(Connection())
+        clock.getDelayedCalls()[0].cancel()
+        turn.wait(Connection())
+        clock.advance(0)
+        self.assertEqual(len(flushed), 2)
+
     def test_flush_now(self):
         """
         C{flush()} called directly flushes at once and cancels the timed
