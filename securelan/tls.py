@@ -260,16 +260,11 @@ class TurnTLSProtocol(TLSMemoryBIOProtocol):
     def abortConnection(self):
         # Dropped, as an abort drops what the TCP transport holds: not
         # even the close_notify that Twisted's abort makes goes out.
-        self._held = []
-        self._held_bytes = 0
-        self._tcp = None
+        self._send_nothing_more()
         super().abortConnection()
 
     def connectionLost(self, reason):
-        # Nothing can be sent any more.
-        self._held = []
-        self._held_bytes = 0
-        self._tcp = None
+        self._send_nothing_more()
         try:
             super().connectionLost(reason)
         finally:
@@ -279,6 +274,11 @@ class TurnTLSProtocol(TLSMemoryBIOProtocol):
                 # the loss, and the factory still forgets the connection.
                 self._lostTLSConnection = True
                 ProtocolWrapper.connectionLost(self, reason)
+
+    def _send_nothing_more(self):
+        self._held = []
+        self._held_bytes = 0
+        self._tcp = None
 
     def _flushSendBIO(self):
         try:

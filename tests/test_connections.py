@@ -65,6 +65,20 @@ class _TLSFixture:
                                    ClientFactory.forProtocol(lambda: protocol), clock=clock)
 
 
+class _Waiting:
+    """
+    What L{TurnWrites} flushes: each flush appends C{name} (or the object
+    itself) to C{flushed}.
+    """
+
+    def __init__(self, flushed, name=None):
+        self.flushed = flushed
+        self.name = name
+
+    def flush(self):
+        self.flushed.append(self if self.name is None else self.name)
+
+
 class TurnWritesTests(SynchronousTestCase):
     """
     L{TurnWrites} flushes every connection that waits with one timed call.
@@ -77,16 +91,8 @@ class TurnWritesTests(SynchronousTestCase):
         """
         clock, flushed = Clock(), []
         turn = TurnWrites(clock)
-
-        class Connection:
-            def __init__(self, name):
-                self.name = name
-
-            def flush(self):
-                flushed.append(self.name)
-
-        turn.wait(Connection("a"))
-        turn.wait(Connection("b"))
+        turn.wait(_Waiting(flushed, "a"))
+        turn.wait(_Waiting(flushed, "b"))
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         self.assertEqual(flushed, [])
         clock.advance(0)
@@ -107,11 +113,7 @@ class TurnWritesTests(SynchronousTestCase):
             def flush(self):
                 raise RuntimeError("broken")
 
-        class Good:
-            def flush(self):
-                flushed.append(self)
-
-        good = Good()
+        good = _Waiting(flushed)
         turn.wait(Broken())
         turn.wait(good)
         clock.advance(0)
@@ -129,14 +131,9 @@ class TurnWritesTests(SynchronousTestCase):
         """
         clock, flushed = Clock(), []
         turn = TurnWrites(clock)
-
-        class Connection:
-            def flush(self):
-                flushed.append(self)
-
-        turn.wait(Connection())
+        turn.wait(_Waiting(flushed))
         clock.getDelayedCalls()[0].cancel()
-        turn.wait(Connection())
+        turn.wait(_Waiting(flushed))
         clock.advance(0)
         self.assertEqual(len(flushed), 2)
 
@@ -147,12 +144,7 @@ class TurnWritesTests(SynchronousTestCase):
         """
         clock, flushed = Clock(), []
         turn = TurnWrites(clock)
-
-        class Connection:
-            def flush(self):
-                flushed.append(self)
-
-        turn.wait(Connection())
+        turn.wait(_Waiting(flushed))
         turn.flush()
         self.assertEqual(len(flushed), 1)
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -289,8 +281,8 @@ class InMemoryTurnTLSTests(_TLSFixture, SynchronousTestCase):
 
     def test_lost_before_the_turn_ends(self):
         """
-        A connection lost while it holds bytes is skipped when the turn
-        ends: nothing raises, nothing more is written to it, and the other
+        A connection lost while it holds bytes is passed over when the
+        turn ends: nothing raises, nothing more is written to it, and the other
         connections are flushed.
         """
         lost, _, lost_tls, _ = self.connect(40001)
