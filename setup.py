@@ -24,8 +24,12 @@ setup(
         "service-identity>=24.1",
         "attrs>=23.1",
         "zope.interface>=6.0",
-        # 45 bundles OpenSSL 3.5: the first with X25519MLKEM768.
-        "cryptography>=45.0",
+        # 45 bundles OpenSSL 3.5, the first with X25519MLKEM768; 47 has
+        # AESGCM.decrypt_into, which the data plane decrypts frames with.
+        "cryptography>=47.0",
+        # The data plane lays a super-frame's datagrams out in one buffer
+        # (and gathers them from one) with strided copies.
+        "numpy>=1.26",
         "prometheus-client>=0.20",
     ],
     extras_require={

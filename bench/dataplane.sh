@@ -83,13 +83,13 @@ if [ "$INSTALL" = 1 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
-  if ! "$VENV/bin/python" -c 'import twisted, OpenSSL, service_identity, attrs, cryptography, matplotlib' \
+  if ! "$VENV/bin/python" -c 'import twisted, OpenSSL, service_identity, attrs, cryptography, numpy, matplotlib' \
        2>/dev/null || [ ! -x "$VENV/bin/py-spy" ]; then
     log "bench venv $VENV (securelan's dependencies, matplotlib, py-spy)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q 'twisted[tls]>=24.7' 'pyopenssl>=24.0' 'service-identity>=24.1' \
-      'attrs>=23.1' 'zope.interface>=6.0' 'cryptography>=42.0' matplotlib py-spy
+      'attrs>=23.1' 'zope.interface>=6.0' 'cryptography>=47.0' 'numpy>=1.26' matplotlib py-spy
   fi
 fi
 PY=$VENV/bin/python

@@ -328,6 +328,15 @@ class ICarrier(Interface):
         endpoint leave together: the caller must call L{flush} soon.
         """
 
+    def send_train(train, endpoint):
+        """
+        Send the datagrams of one split frame laid end to end in one buffer
+        (a L{securelan.wire.Train}, as
+        L{securelan.wire.Sealer.seal_for_carrier} makes it), after what
+        L{send_parts} held back; a carrier with UDP GSO sends the buffer
+        as it is.
+        """
+
     def flush():
         """
         Send every datagram that L{send_parts} held back.

@@ -428,6 +428,9 @@ class MemoryCarrier:
             return
         self.send(datagrams, endpoint)
 
+    def send_train(self, train, endpoint):
+        self.send(list(map(bytes, train)), endpoint)
+
     def flush(self):
         held, self.held = self.held, []
         for datagram, endpoint in held:

@@ -13,7 +13,9 @@ each carry a header: one tag, and one AES-GCM call, per frame.
 
 The sending side, per frame::
 
-    frame --Sealer.seal--> [datagram, ...]        (one, or up to 64 pieces)
+    frame --Sealer.seal--> [datagram, ...]        (one, or up to 64 pieces;
+                                                   seal_for_carrier: the
+                                                   pieces in one buffer)
 
 The receiving side, per datagram::
 
@@ -23,7 +25,8 @@ The receiving side, per datagram::
     whole:   --Opener.open--> plaintext           (tag, then replay window)
     piece:   --Reassembler.add--> pieces or None  (None: more pieces due)
              --Opener.open_pieces--> plaintext    (tag, then replay window)
-             --join_frame--> frame
+             --join_frame--> frame                (or Opener.open_frame:
+                                                   both in one)
 
 L{open_datagram} does all of that for one datagram.
 
@@ -45,12 +48,15 @@ C{derive_group_key(group_key, sender_mac, epoch, incarnation) -> SecretKey}
 
 C{Sealer(key, type, epoch, incarnation)}
     C{.seal(frame, max_datagram) -> list[bytes]}; C{.seal_parts(...)}, the
-    same as header and body parts for a scatter-gather send; C{.counter}.
+    same as header and body parts; C{.seal_for_carrier(...)}, what a
+    carrier sends (a whole frame's two parts, or a split frame's pieces as
+    one L{Train}); C{.counter}.
 
 C{Opener(key, type, epoch, incarnation)}
     C{.open(datagram, header=None) -> bytes} (a whole frame);
     C{.open_pieces(header, pieces) -> bytes} (a split frame);
-    C{.last_counter}.
+    C{.open_frame(header, ciphertext) -> bytearray} (a split frame's
+    ciphertext in one buffer, to the frame itself); C{.last_counter}.
 
 C{parse_header(datagram) -> Header}
     C{Header(version, type, index, count, epoch, incarnation, counter, dst,
@@ -60,9 +66,10 @@ C{Reassembler(clock, timeout=2.0, max_frames_per_sender=8, max_bytes=2 MiB)}
     C{.add(header, piece) -> list | None}; C{.expire() -> int};
     counters C{completed}, C{expired}, C{evicted}, C{dropped}.
 
-C{Train(data, segment)}, C{train_pieces(train, header) -> list | None}
-    Datagrams that arrived as one UDP GRO read, and the pieces of the
-    split frame that begins one, taken at once when all are there in order
+C{Train(data, segment)}, C{train_ciphertext(train, header) -> buffer | None}
+    Datagrams laid end to end in one buffer (a UDP GRO read, or a split
+    frame for one UDP GSO send), and the ciphertext of the split frame that
+    begins one, gathered at once when all its pieces are there in order
     with the headers they must have.
 
 Errors
@@ -101,6 +108,7 @@ import hashlib
 import struct
 from collections import OrderedDict, namedtuple
 
+import numpy
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -141,7 +149,7 @@ __all__ = [
     "piece_header",
     "piece_headers",
     "Train",
-    "train_pieces",
+    "train_ciphertext",
 ]
 
 VERSION = 2
@@ -540,15 +548,32 @@ class Sealer:
         @raise CounterExhausted: if the key may not protect that many more
             messages; nothing is sealed then.
         """
-        parts = self.seal_parts(frame, max_datagram, offload)
-        return list(map(bytes.__add__, parts[0::2], parts[1::2]))
+        sealed = self.seal_for_carrier(frame, max_datagram, offload)
+        if type(sealed) is Train:
+            return list(map(bytes, sealed))
+        return [sealed[0] + sealed[1]]
 
     def seal_parts(self, frame, max_datagram: int, offload=None) -> list:
         """
         L{seal}, with each datagram as its two parts, laid flat: C{[header
         0, rest of datagram 0, header 1, rest of datagram 1, ...]} (the
-        rests are views of one buffer), for a scatter-gather send that
-        joins nothing in Python (L{securelan._interfaces.ICarrier.send_parts}).
+        headers C{bytes}, the rests bytes-like).
+        """
+        sealed = self.seal_for_carrier(frame, max_datagram, offload)
+        if type(sealed) is not Train:
+            return sealed
+        data, segment = sealed.data, sealed.segment
+        return [part for start in range(0, len(data), segment)
+                for part in (bytes(data[start:start + HEADER_LEN]), data[start + HEADER_LEN:start + segment])]
+
+    def seal_for_carrier(self, frame, max_datagram: int, offload=None):
+        """
+        L{seal}, as a carrier sends it without joining anything in Python: a
+        frame that fits one datagram as its two parts, C{[header, rest]}
+        (L{securelan._interfaces.ICarrier.send_parts}); a split frame as a
+        L{Train} of its pieces laid end to end in one buffer
+        (L{securelan._interfaces.ICarrier.send_train}), what one UDP GSO send
+        takes.
         """
         if len(frame) < ETHERNET_HEADER_LEN:
             raise ValueError("an Ethernet frame is at least 14 bytes")
@@ -587,13 +612,19 @@ class Sealer:
         if counter > REJECT_AFTER_MESSAGES - count:
             raise CounterExhausted()
         self._counter = counter + count
-        pack, epoch, incarnation = _HEADER_OUT.pack, self._epoch, self._incarnation
-        parts = [None] * (2 * count)
-        parts[0::2] = headers = [pack(VERSION, type, index, count, epoch, incarnation, counter + index, macs)
-                                 for index in range(count)]
-        sealed = memoryview(self._encrypt(_NONCE.pack(counter), plaintext, headers[0]))
-        parts[1::2] = [sealed[start:start + room] for start in range(0, len(sealed), room)]
-        return parts
+        headers = _headers_of(VERSION, type, count, self._epoch, self._incarnation, macs, counter)
+        sealed = self._encrypt(_NONCE.pack(counter), plaintext, headers[:HEADER_LEN])
+        # One buffer, laid out as the datagrams leave: a header, then a
+        # piece of the ciphertext, each row of the grid.
+        size = count * HEADER_LEN + len(sealed)
+        out = numpy.empty(count * max_datagram, numpy.uint8)
+        grid = out.reshape(count, max_datagram)
+        grid[:, :HEADER_LEN] = numpy.frombuffer(headers, numpy.uint8).reshape(count, HEADER_LEN)
+        ciphertext = numpy.frombuffer(sealed, numpy.uint8)
+        full = (count - 1) * room
+        grid[:count - 1, HEADER_LEN:] = ciphertext[:full].reshape(count - 1, room)
+        grid[count - 1, HEADER_LEN:HEADER_LEN + len(sealed) - full] = ciphertext[full:]
+        return Train(memoryview(out)[:size], max_datagram)
 
 
 class Opener:
@@ -609,11 +640,13 @@ class Opener:
     @param incarnation: the sender's incarnation.
     """
 
-    __slots__ = ("_decrypt", "_type", "_epoch", "_incarnation", "_window")
+    __slots__ = ("_decrypt", "_decrypt_into", "_type", "_epoch", "_incarnation", "_window")
 
     def __init__(self, key: SecretKey, type: int, epoch: int, incarnation: int):
         _check_direction(key, type, epoch, incarnation)
-        self._decrypt = AESGCM(key.material).decrypt
+        aead = AESGCM(key.material)
+        self._decrypt = aead.decrypt
+        self._decrypt_into = aead.decrypt_into
         self._type = type
         self._epoch = epoch
         self._incarnation = incarnation
@@ -684,18 +717,56 @@ class Opener:
         @return: the plaintext, as L{open} returns it.
         @raise WireError: as L{open}.
         """
-        self._check_names(header)
         if len(pieces) != header.count:
+            self._check_names(header)
             raise WireError(DROP_FRAGMENT)
+        ciphertext = b"".join(pieces)
+        plaintext = bytearray(max(len(ciphertext) - TAG_LEN, 0))
+        self._open_split(header, ciphertext, plaintext)
+        return bytes(plaintext)
+
+    def open_frame(self, header: Header, ciphertext) -> bytearray:
+        """
+        L{open_pieces} for the ciphertext of all the pieces in one buffer
+        (as L{train_ciphertext} gathers it, or the pieces joined), giving
+        the frame as L{join_frame} would make it from the plaintext, without
+        the copies: the plaintext is decrypted into the frame's buffer, 12
+        bytes in, and the MACs (and a virtio-net header) put in front.
+
+        @raise WireError: as L{open}, and C{"reassembly"} as L{join_frame}.
+        """
+        size = len(ciphertext) - TAG_LEN
+        frame = bytearray(_MACS_LEN + max(size, 0))
+        view = memoryview(frame)
+        self._open_split(header, ciphertext, view[_MACS_LEN:])
+        macs = header.dst + header.src
+        if header.type & FLAG_OFFLOAD:
+            if size < VNET_HDR_LEN + _MIN_BODY:
+                raise WireError(DROP_REASSEMBLY)
+            view[:VNET_HDR_LEN] = view[_MACS_LEN:_MACS_LEN + VNET_HDR_LEN]
+            view[VNET_HDR_LEN:VNET_HDR_LEN + _MACS_LEN] = macs
+        else:
+            if size < _MIN_BODY:
+                raise WireError(DROP_REASSEMBLY)
+            view[:_MACS_LEN] = macs
+        return frame
+
+    def _open_split(self, header, ciphertext, into):
+        """
+        Authenticate the ciphertext of a split frame and decrypt it into
+        C{into}, then check the replay window: what L{open_pieces} and
+        L{open_frame} share.  After a failure C{into} holds nothing to use.
+        """
+        self._check_names(header)
+        if len(ciphertext) < TAG_LEN:
+            raise WireError(DROP_AUTH)
         counter = header.counter - header.index
-        first = piece_header(header, 0)
         try:
-            plaintext = self._decrypt(_NONCE.pack(counter), b"".join(pieces), first)
+            self._decrypt_into(_NONCE.pack(counter), ciphertext, piece_header(header, 0), into)
         except InvalidTag:
             raise WireError(DROP_AUTH) from None
         if not self._window.check(counter):
             raise WireError(DROP_REPLAY)
-        return plaintext
 
     def _check_names(self, header):
         if header.type & _TYPE_MASK != self._type:
@@ -738,18 +809,52 @@ def piece_headers(header: Header) -> list:
     """
     L{piece_header} of every piece of the frame, in order of index.
     """
-    version, type, _, count, epoch, incarnation, counter, dst, src = header
-    first, pack = counter - header.index, _HEADER.pack
-    return [pack(version, type, index, count, epoch, incarnation, first + index, dst, src)
-            for index in range(count)]
+    version, type, index, count, epoch, incarnation, counter, dst, src = header
+    headers = _headers_of(version, type, count, epoch, incarnation, dst + src, counter - index)
+    return [headers[start:start + HEADER_LEN] for start in range(0, len(headers), HEADER_LEN)]
+
+
+# How many header bytes follow the counter (the MACs).
+_AFTER_COUNTER = HEADER_LEN - 20
+
+
+@functools.lru_cache(maxsize=256)
+def _header_run(version, type, count, epoch, incarnation, macs):
+    """
+    The headers of the C{count} pieces of a split frame laid end to end,
+    read as one big-endian number, are C{base + counter * step}, where
+    C{counter} is piece 0's: the counters are all that differ between the
+    frames of one sender of one size, so a frame's headers cost one
+    multiplication, not C{count} packs (or C{count} comparisons).
+    """
+    base = int.from_bytes(b"".join(
+        _HEADER_OUT.pack(version, type, index, count, epoch, incarnation, index, macs)
+        for index in range(count)))
+    # Piece i's counter ends _AFTER_COUNTER bytes before its header, which
+    # ends HEADER_LEN * (count - 1 - i) bytes before the last one does.
+    step = sum(1 << 8 * (_AFTER_COUNTER + HEADER_LEN * k) for k in range(count))
+    return base, step
+
+
+def _headers_of(version, type, count, epoch, incarnation, macs, counter) -> bytes:
+    """
+    The headers of every piece of a split frame whose piece 0 has
+    C{counter}, laid end to end (C{count} times L{HEADER_LEN} bytes).
+    """
+    if counter > _MAX_U64 - (count - 1):
+        # A carry would run into the next field: no such frame exists.
+        raise ValueError("the counters of that frame do not fit 64 bits")
+    base, step = _header_run(version, type, count, epoch, incarnation, macs)
+    return (base + counter * step).to_bytes(count * HEADER_LEN)
 
 
 class Train:
     """
-    Datagrams that arrived as one buffer, as a UDP GRO read hands them
-    over: each C{segment} bytes long but the last, which may be shorter.
-    Iterating gives each datagram (C{bytes}); a receiver that knows trains
-    takes a split frame's pieces from one with L{train_pieces} without
+    Datagrams laid end to end in one buffer, as a UDP GRO read hands them
+    over and a UDP GSO send takes them: each C{segment} bytes long but the
+    last, which may be shorter.  Iterating gives each datagram (a slice of
+    C{data}: C{bytes} for C{bytes}); a receiver that knows trains takes a
+    split frame's ciphertext from one with L{train_ciphertext} without
     cutting it into datagrams first.
     """
 
@@ -779,46 +884,33 @@ class Train:
         return [data[offset:offset + segment] for offset in range(datagrams * segment, len(data), segment)]
 
 
-@functools.lru_cache(maxsize=128)
-def _train_layout(pieces: int, segment: int):
+def train_ciphertext(train: Train, header: Header):
     """
-    How to read C{pieces} datagrams of C{segment} bytes, laid end to end, in
-    one call: each header as the fields that are the same in every piece of
-    a frame (version and type; count, epoch and incarnation; the MACs),
-    its index, its counter, and then what follows the header.
-    """
-    rest = segment - HEADER_LEN
-    return struct.Struct("!" + f"2sB9sQ12s{rest}s" * pieces), tuple(range(pieces))
-
-
-def train_pieces(train: Train, header: Header):
-    """
-    The pieces of the split frame whose piece 0 begins C{train} (with
-    C{header}), as L{Reassembler.add} would return them, when the train
-    holds all of them, in order, each with the header L{piece_header} says
-    it must have; else C{None} (take the datagrams one by one then).  What
-    the pieces hold is not checked: only L{Opener.open_pieces} tells
-    whether the frame is authentic.
+    The ciphertext of the split frame whose piece 0 begins C{train} (with
+    C{header}), gathered into one buffer (for L{Opener.open_frame}), when
+    the train holds all its pieces, in order, each with the header
+    L{piece_header} says it must have; else C{None} (take the datagrams one
+    by one then).  What the pieces hold is not checked: only
+    L{Opener.open_frame} tells whether the frame is authentic.
     """
     count, segment, data = header.count, train.segment, train.data
     full = count - 1
     last = full * segment
-    if (header.index or count == 1 or segment <= HEADER_LEN or not HEADER_LEN < len(data) - last
+    end = min(len(data), last + segment)
+    if (header.index or count == 1 or segment <= HEADER_LEN or end - last <= HEADER_LEN
             or header.counter > _MAX_U64 - full):
         return None
-    layout, indexes = _train_layout(full, segment)
-    fields = layout.unpack_from(data)
-    first = fields[0:5]
-    # Every header but the index and counter is piece 0's; those count up.
-    counter = header.counter
-    if (fields[0::6] != (first[0],) * full or fields[2::6] != (first[2],) * full
-            or fields[4::6] != (first[4],) * full or fields[1::6] != indexes
-            or fields[3::6] != tuple(range(counter, counter + full))
-            or data[last:last + HEADER_LEN] != piece_header(header, full)):
+    grid = numpy.frombuffer(data, numpy.uint8, last).reshape(full, segment)
+    # Every header at once: one number against the one they must make.
+    base, step = _header_run(header.version, header.type, count, header.epoch, header.incarnation,
+                             header.dst + header.src)
+    if int.from_bytes(grid[:, :HEADER_LEN].tobytes() + data[last:last + HEADER_LEN]) != base + header.counter * step:
         return None
-    pieces = list(fields[5::6])
-    pieces.append(data[last + HEADER_LEN:last + segment])
-    return pieces
+    room = segment - HEADER_LEN
+    ciphertext = numpy.empty(full * room + end - last - HEADER_LEN, numpy.uint8)
+    ciphertext[:full * room].reshape(full, room)[:] = grid[:, HEADER_LEN:]
+    ciphertext[full * room:] = numpy.frombuffer(data, numpy.uint8, end - last - HEADER_LEN, last + HEADER_LEN)
+    return ciphertext
 
 
 def join_frame(header: Header, pieces) -> bytes:

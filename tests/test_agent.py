@@ -679,14 +679,14 @@ class TrainBatchTests(BatchTests):
     def setUp(self):
         super().setUp()
         self.taken = 0
-        real = dataplane.train_pieces
+        real = dataplane.train_ciphertext
 
         def counting(train, header):
-            pieces = real(train, header)
-            self.taken += pieces is not None
-            return pieces
+            ciphertext = real(train, header)
+            self.taken += ciphertext is not None
+            return ciphertext
 
-        self.patch(dataplane, "train_pieces", counting)
+        self.patch(dataplane, "train_ciphertext", counting)
 
     expected_split = {"whole_read": 3, "in_order": 0, "reassembled": 0}
 

@@ -98,6 +98,48 @@ class UDPCarrierTests(TestCase):
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual([d for d, _ in received], expected)
 
+    @defer.inlineCallbacks
+    def test_sealed_train(self):
+        """
+        A super-frame sealed as one train leaves in as few GSO sends as the
+        kernel takes (64 KiB each), after what was held, and arrives as the
+        datagrams L{seal} would have made.
+        """
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        twin = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02" * 6 + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(range(256)) * 250
+        sender, _ = self.carrier()
+        receiver, received = self.carrier()
+        counting = self.counted(sender)
+        to = ("127.0.0.1", receiver.port)
+        sender.send_parts([b"held", b""], to, hold=True)
+        sender.send_train(sealer.seal_for_carrier(frame, sender.max_datagram), to)
+        expected = twin.seal(frame, sender.max_datagram)
+        self.assertEqual(len(expected), 45)
+        self.assertEqual(counting.sends, [[4], [1472] * 44, [len(expected[-1])]])
+        yield self.received(received, len(expected) + 1)
+        self.assertEqual([d for d, _ in received], [b"held"] + expected)
+        self.assertEqual(sender.errors, 0)
+
+    @defer.inlineCallbacks
+    def test_train_without_gso(self):
+        """
+        Where the kernel has no UDP GSO, a train leaves one datagram per
+        send, the same datagrams.
+        """
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02" * 6 + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(range(256)) * 20
+        sender, _ = self.carrier()
+        receiver, received = self.carrier()
+        counting = self.counted(sender)
+        sender.gso = False
+        train = sealer.seal_for_carrier(frame, sender.max_datagram)
+        sender.send_train(train, ("127.0.0.1", receiver.port))
+        expected = [bytes(d) for d in train]
+        self.assertEqual(counting.sends, [[len(d)] for d in expected])
+        yield self.received(received, len(expected))
+        self.assertEqual([d for d, _ in received], expected)
+
     def counted(self, carrier):
         carrier._socket = counting = _CountingSocket(carrier._socket)
         return counting
@@ -244,6 +286,22 @@ class EthernetCarrierTests(TestCase):
             expected = [payload[:12] + _ETHERTYPE_BYTES + d for d in twin.seal(payload, 1500)]
             self.assertEqual(carrier._socket.frames, expected)
             self.assertEqual(carrier.errors, 0)
+
+    def test_sealed_train(self):
+        """
+        A super-frame sealed as one train leaves as the frames its
+        datagrams make, each with the outer header.
+        """
+        from securelan.agent.carriers import _ETHERTYPE_BYTES
+
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        twin = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(range(256)) * 30
+        carrier = self.carrier()
+        carrier.send_train(sealer.seal_for_carrier(frame, 1500), "lan")
+        expected = [frame[:12] + _ETHERTYPE_BYTES + d for d in twin.seal(frame, 1500)]
+        self.assertEqual(len(expected), 6)
+        self.assertEqual(carrier._socket.frames, expected)
 
     def test_failed_send_counted(self):
         """

@@ -40,8 +40,9 @@ from securelan.wire import (
     max_datagram,
     open_datagram,
     parse_header,
+    piece_headers,
     tap_mtu,
-    train_pieces,
+    train_ciphertext,
 )
 
 HYPOTHESIS = settings(deadline=None, derandomize=True)
@@ -971,8 +972,9 @@ class FragmentTests(SynchronousTestCase):
 class TrainTests(SynchronousTestCase):
     """
     A UDP GRO read (L{Train}) that holds a whole split frame gives up its
-    pieces at once (L{train_pieces}), exactly as the reassembler would;
-    anything out of the ordinary gives None, for the one-by-one path.
+    ciphertext at once (L{train_ciphertext}), exactly what the reassembler's
+    pieces make; anything out of the ordinary gives None, for the
+    one-by-one path.
     """
 
     def setUp(self):
@@ -996,17 +998,21 @@ class TrainTests(SynchronousTestCase):
         self.assertIn(f"{len(self.datagrams)} datagrams", repr(train))
         self.assertRaises(ValueError, Train, b"x", 0)
 
+    def gathered(self, train, header):
+        ciphertext = train_ciphertext(train, header)
+        return None if ciphertext is None else bytes(ciphertext)
+
     def test_whole_frame(self):
         """
-        The pieces of a train that is one split frame are the reassembler's,
-        and open to the frame.
+        The ciphertext of a train that is one split frame is the
+        reassembler's pieces joined, and opens to the frame.
         """
         reassembler = Reassembler(Clock())
         for datagram in self.datagrams:
             expected = reassembler.add(parse_header(datagram), datagram[HEADER_LEN:])
-        pieces = train_pieces(self.train(self.datagrams), self.header)
-        self.assertEqual(pieces, expected)
-        self.assertEqual(join_frame(self.header, (self.opener.open_pieces(self.header, pieces),)), self.big)
+        ciphertext = train_ciphertext(self.train(self.datagrams), self.header)
+        self.assertEqual(bytes(ciphertext), b"".join(expected))
+        self.assertEqual(bytes(self.opener.open_frame(self.header, ciphertext)), self.big)
 
     def test_frame_then_more(self):
         """
@@ -1019,7 +1025,7 @@ class TrainTests(SynchronousTestCase):
         more = self.sealer.seal(self.big, MTU_DATAGRAM)
         header = parse_header(datagrams[0])
         train = self.train(datagrams + more)
-        self.assertEqual(train_pieces(train, header), [d[HEADER_LEN:] for d in datagrams])
+        self.assertEqual(self.gathered(train, header), b"".join(d[HEADER_LEN:] for d in datagrams))
         self.assertEqual(train.after(header.count), more)
 
     def test_not_all_there(self):
@@ -1027,20 +1033,20 @@ class TrainTests(SynchronousTestCase):
         A train that lacks the frame's last piece, or begins with another
         piece than piece 0, or a whole frame, gives None.
         """
-        self.assertIsNone(train_pieces(self.train(self.datagrams[:-1]), self.header))
-        self.assertIsNone(train_pieces(self.train(self.datagrams[:3]), self.header))
+        self.assertIsNone(self.gathered(self.train(self.datagrams[:-1]), self.header))
+        self.assertIsNone(self.gathered(self.train(self.datagrams[:3]), self.header))
         second = parse_header(self.datagrams[1])
-        self.assertIsNone(train_pieces(self.train(self.datagrams[1:]), second))
+        self.assertIsNone(self.gathered(self.train(self.datagrams[1:]), second))
         whole = self.sealer.seal(frame(), MTU_DATAGRAM)
-        self.assertIsNone(train_pieces(self.train(whole + self.datagrams), parse_header(whole[0])))
-        self.assertIsNone(train_pieces(Train(b"".join(self.datagrams), HEADER_LEN), self.header))
+        self.assertIsNone(self.gathered(self.train(whole + self.datagrams), parse_header(whole[0])))
+        self.assertIsNone(self.gathered(Train(b"".join(self.datagrams), HEADER_LEN), self.header))
         # Forged pieces whose counters run up to the last one 64 bits hold:
         # the frame's last piece would need one more.
         full = len(self.datagrams) - 1
         base = 2**64 - full
         forged = [d[:12] + (base + index).to_bytes(8, "big") + d[20:] for index, d in enumerate(self.datagrams[:-1])]
         forged.append(self.datagrams[-1])
-        self.assertIsNone(train_pieces(self.train(forged), parse_header(forged[0])))
+        self.assertIsNone(self.gathered(self.train(forged), parse_header(forged[0])))
 
     def test_headers_must_match(self):
         """
@@ -1054,10 +1060,10 @@ class TrainTests(SynchronousTestCase):
                 changed = bytearray(datagrams[index])
                 changed[offset] ^= 0x40
                 datagrams[index] = bytes(changed)
-                self.assertIsNone(train_pieces(self.train(datagrams), self.header), (offset, index))
+                self.assertIsNone(self.gathered(self.train(datagrams), self.header), (offset, index))
         other = self.sealer.seal(self.big, MTU_DATAGRAM)
         mixed = self.datagrams[:5] + other[5:]
-        self.assertIsNone(train_pieces(self.train(mixed), self.header))
+        self.assertIsNone(self.gathered(self.train(mixed), self.header))
 
     def test_contents_not_checked(self):
         """
@@ -1068,11 +1074,128 @@ class TrainTests(SynchronousTestCase):
         changed = bytearray(datagrams[7])
         changed[-1] ^= 1
         datagrams[7] = bytes(changed)
-        pieces = train_pieces(self.train(datagrams), self.header)
-        self.assertEqual(len(pieces), len(datagrams))
+        ciphertext = train_ciphertext(self.train(datagrams), self.header)
+        self.assertEqual(len(ciphertext), sum(len(d) - HEADER_LEN for d in datagrams))
         with self.assertRaises(WireError) as caught:
-            self.opener.open_pieces(self.header, pieces)
+            self.opener.open_frame(self.header, ciphertext)
         self.assertEqual(caught.exception.reason, "auth")
+
+
+class SealForCarrierTests(SynchronousTestCase):
+    """
+    What a carrier sends (L{Sealer.seal_for_carrier}): a split frame's
+    pieces laid out in one buffer exactly as L{Sealer.seal} makes them, and
+    opened from one buffer by L{Opener.open_frame}.
+    """
+
+    def twins(self, counter=0):
+        """
+        Two sealers of one key and counter, and the opener for them.
+        """
+        sealer, opener = pair()
+        twin, _ = pair()
+        sealer._counter = twin._counter = counter
+        return sealer, twin, opener
+
+    def test_split_frame_is_one_train(self):
+        """
+        A super-frame comes as one L{Train} of the datagrams L{Sealer.seal}
+        makes, cut at the datagram size; the counter moves on as far.
+        """
+        sealer, twin, _ = self.twins()
+        big = frame(payload=big_payload(60000))
+        train = sealer.seal_for_carrier(big, MTU_DATAGRAM)
+        self.assertIsInstance(train, Train)
+        self.assertEqual(train.segment, MTU_DATAGRAM)
+        expected = twin.seal(big, MTU_DATAGRAM)
+        self.assertEqual([bytes(d) for d in train], expected)
+        self.assertEqual(sealer.counter, twin.counter)
+        self.assertEqual(sealer.counter, len(expected))
+
+    def test_whole_frame_is_two_parts(self):
+        """
+        A frame that fits one datagram comes as its header and the rest.
+        """
+        sealer, twin, _ = self.twins()
+        parts = sealer.seal_for_carrier(frame(), MTU_DATAGRAM)
+        self.assertEqual(len(parts), 2)
+        self.assertEqual(len(parts[0]), HEADER_LEN)
+        self.assertEqual(parts[0] + parts[1], twin.seal(frame(), MTU_DATAGRAM)[0])
+
+    def test_counters_carry(self):
+        """
+        Every piece's header is the one L{piece_header} gives it, wherever
+        the counters run across a byte (or 32-bit) boundary, up to the last
+        counter a key may use; the frame opens.
+        """
+        big = frame(payload=big_payload(65000))
+        count = len(pair()[0].seal(big, MTU_DATAGRAM))
+        for counter in (0, 250, 2**16 - 7, 2**32 - 3, 2**40 - 1, 2**56 - 20, REJECT_AFTER_MESSAGES - count):
+            sealer, twin, opener = self.twins(counter)
+            train = sealer.seal_for_carrier(big, MTU_DATAGRAM)
+            datagrams = [bytes(d) for d in train]
+            self.assertEqual(len(datagrams), count)
+            first = parse_header(datagrams[0])
+            self.assertEqual(first.counter, counter)
+            for index, datagram in enumerate(datagrams):
+                self.assertEqual(parse_header(datagram), first._replace(index=index, counter=counter + index))
+            self.assertEqual([d[:HEADER_LEN] for d in datagrams], piece_headers(first))
+            self.assertEqual(datagrams, twin.seal(big, MTU_DATAGRAM))
+            self.assertEqual(bytes(opener.open_frame(first, train_ciphertext(Train(b"".join(datagrams), MTU_DATAGRAM),
+                                                                             first))), big)
+
+    def test_counters_past_64_bits(self):
+        """
+        The headers of a frame whose counters would not fit 64 bits are not
+        made up (a forged piece 0 can name one).
+        """
+        sealer, _, _ = self.twins()
+        header = parse_header(sealer.seal(frame(payload=big_payload(3000)), MTU_DATAGRAM)[0])
+        self.assertRaises(ValueError, piece_headers, header._replace(counter=2**64 - 2))
+        self.assertEqual(len(piece_headers(header._replace(counter=2**64 - header.count))), header.count)
+
+    def test_open_frame(self):
+        """
+        L{Opener.open_frame} gives the frame L{join_frame} makes of what
+        L{Opener.open_pieces} gives, with and without a virtio-net header,
+        and from the pieces joined as from a train.
+        """
+        vnet = bytes([1, 3, 66, 0, 0xA8, 5, 34, 0, 16, 0])
+        for offload in (None, vnet):
+            sealer, twin, opener = self.twins()
+            _, _, other = self.twins()
+            big = frame(payload=big_payload(30000))
+            datagrams = sealer.seal(big, MTU_DATAGRAM, offload)
+            header = parse_header(datagrams[0])
+            pieces = [d[HEADER_LEN:] for d in datagrams]
+            opened = opener.open_frame(header, b"".join(pieces))
+            self.assertEqual(bytes(opened), (offload or b"") + big)
+            self.assertEqual(bytes(opened), join_frame(header, (other.open_pieces(header, pieces),)))
+
+    def test_open_frame_refuses(self):
+        """
+        A forged frame is refused before the replay window moves, so the
+        real one still opens, once; a ciphertext shorter than a tag is not
+        authentic; a frame under another key's names is refused.
+        """
+        sealer, _, opener = self.twins()
+        big = frame(payload=big_payload(5000))
+        datagrams = sealer.seal(big, MTU_DATAGRAM)
+        header = parse_header(datagrams[0])
+        ciphertext = b"".join(d[HEADER_LEN:] for d in datagrams)
+        forged = bytearray(ciphertext)
+        forged[100] ^= 1
+        for bad, reason in ((bytes(forged), "auth"), (ciphertext[:TAG_LEN - 1], "auth")):
+            with self.assertRaises(WireError) as caught:
+                opener.open_frame(header, bad)
+            self.assertEqual(caught.exception.reason, reason)
+        with self.assertRaises(WireError) as caught:
+            opener.open_frame(header._replace(epoch=EPOCH + 1), ciphertext)
+        self.assertEqual(caught.exception.reason, "epoch")
+        self.assertEqual(bytes(opener.open_frame(header, ciphertext)), big)
+        with self.assertRaises(WireError) as caught:
+            opener.open_frame(header, ciphertext)
+        self.assertEqual(caught.exception.reason, "replay")
 
 
 class OffloadTests(SynchronousTestCase):

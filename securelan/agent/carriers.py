@@ -189,7 +189,10 @@ class UDPCarrier:
         return parse_udp_endpoint(text, self.family)
 
     def send(self, datagrams, endpoint):
-        self.send_parts([part for datagram in datagrams for part in (datagram, b"")], endpoint)
+        if len(datagrams) == 1:
+            self.send_parts((datagrams[0], b""), endpoint)
+        else:
+            self.send_train(Train(b"".join(datagrams), len(datagrams[0])), endpoint)
 
     def send_parts(self, parts, endpoint, hold=False):
         if hold and len(parts) == 2:
@@ -198,7 +201,12 @@ class UDPCarrier:
         if self._held:
             # What was held goes first: datagrams to one peer keep their order.
             self.flush()
-        self._send(parts, endpoint)
+        self._send_run(parts, len(parts[0]) + len(parts[1]), endpoint)
+
+    def send_train(self, train, endpoint):
+        if self._held:
+            self.flush()
+        self._send_train(train.data, train.segment, endpoint)
 
     def flush(self):
         """
@@ -219,43 +227,57 @@ class UDPCarrier:
             for parts in datagrams:
                 length = len(parts[0]) + len(parts[1])
                 if run and (length > size or ended):
-                    self._send(run, endpoint)
+                    self._send_run(run, size, endpoint)
                     run = []
                 if not run:
                     size = length
                 run += parts
                 # A shorter datagram can only be the last of a GSO send.
                 ended = length < size
-            self._send(run, endpoint)
+            self._send_run(run, size, endpoint)
 
-    def _send(self, parts, endpoint):
+    def _send_run(self, parts, size, endpoint):
+        """
+        Send datagrams given as parts (see L{send_parts}), each C{size}
+        bytes but the last.
+        """
+        if len(parts) > 2:
+            return self._send_train(b"".join(parts), size, endpoint)
+        try:
+            self._socket.sendmsg(parts, (), 0, endpoint)
+        except Exception:
+            # A full socket buffer, an unreachable peer, an address the
+            # socket cannot use: counted, never raised into the frame path.
+            self.errors += 1
+
+    def _send_train(self, data, segment, endpoint):
+        """
+        Send datagrams laid end to end in C{data}, each C{segment} bytes
+        but the last: as few GSO sends as the kernel's limits allow, else
+        one by one.
+        """
         sock = self._socket
         try:
-            if len(parts) == 2:
-                sock.sendmsg(parts, (), 0, endpoint)
-                return
             if self.gso:
-                size = len(parts[0]) + len(parts[1])
                 # One GSO send is one UDP datagram to the kernel: at most
                 # 64 KiB of payload, so a super-frame may take two.
-                step = 2 * min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
-                segment = [(socket.IPPROTO_UDP, UDP_SEGMENT, _U16.pack(size))]
+                step = segment * min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // segment)
+                option = [(socket.IPPROTO_UDP, UDP_SEGMENT, _U16.pack(segment))]
                 try:
-                    for start in range(0, len(parts), step):
-                        chunk = parts[start:start + step]
-                        sock.sendmsg(chunk, segment if len(chunk) > 2 else (), 0, endpoint)
+                    for start in range(0, len(data), step):
+                        chunk = data[start:start + step]
+                        sock.sendmsg((chunk,), option if len(chunk) > segment else (), 0, endpoint)
                     return
                 except OSError as e:
                     if e.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
                         raise
                     # No UDP GSO on this path (or device): one by one.
                     self.gso = False
-                    parts = parts[start:]
-            for start in range(0, len(parts), 2):
-                sock.sendmsg(parts[start:start + 2], (), 0, endpoint)
+                    data = data[start:]
+            for start in range(0, len(data), segment):
+                sock.sendmsg((data[start:start + segment],), (), 0, endpoint)
         except Exception:
-            # A full socket buffer, an unreachable peer, an address the
-            # socket cannot use: counted, never raised into the frame path.
+            # As in _send_run: counted, never raised into the frame path.
             self.errors += 1
 
     def broadcast(self, datagrams, endpoints):
@@ -343,11 +365,27 @@ class EthernetCarrier:
         # buffers per sendmsg instead of joins measured no faster.)
         self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
 
+    def send_train(self, train, endpoint):
+        self.send(train, endpoint)
+
     def flush(self):
         pass
 
     def broadcast(self, datagrams, endpoints):
         self.send(datagrams, None)
+
+
+def send_sealed(carrier, sealed, endpoint, hold=False):
+    """
+    Send what L{securelan.wire.Sealer.seal_for_carrier} made with
+    C{carrier}: a split frame's L{Train} in one
+    L{ICarrier.send_train<securelan._interfaces.ICarrier.send_train>}, a
+    whole frame's parts with C{send_parts} (C{hold} as it takes it).
+    """
+    if type(sealed) is Train:
+        carrier.send_train(sealed, endpoint)
+    else:
+        carrier.send_parts(sealed, endpoint, hold)
 
 
 def make_carrier(config, reactor):

@@ -49,6 +49,7 @@ from ..addresses import format_mac, is_group_mac
 from ..errors import UnknownPeer
 from ..ratelimit import TokenBucket
 from ..wire import (
+    DROP_REASSEMBLY,
     ETHERNET_HEADER_LEN,
     FLAG_OFFLOAD,
     HEADER_LEN,
@@ -63,9 +64,10 @@ from ..wire import (
     open_datagram,
     parse_header,
     piece_headers,
-    train_pieces,
+    train_ciphertext,
 )
 from .pending import PendingFrames
+from .carriers import send_sealed
 from .peers import GroupState, Peer, Retired, Stats
 
 log = logger("securelan.agent")
@@ -317,14 +319,14 @@ class DataPlane:
             # peer shows it has the new key, or for a moment at most.
             sealer = peer.older[-1][0].sealer
         try:
-            parts = sealer.seal_parts(frame, self._max_datagram, offload)
+            sealed = sealer.seal_for_carrier(frame, self._max_datagram, offload)
         except CounterExhausted:
             return self._drop("counter", peer)
         except ValueError:
             return self._drop("too_big", peer)
         if hold:
             hold, self._batch_sent = self._batch_sent, True
-        self.carrier.send_parts(parts, peer.endpoint, hold)
+        send_sealed(self.carrier, sealed, peer.endpoint, hold)
         if sealer is peer.sealer and not peer.rekey_asked:
             if self.rekey_after_bytes:
                 peer.epoch_bytes += len(frame)
@@ -644,10 +646,10 @@ class DataPlane:
         # is the exception, left to the general path.
         opener = peer.adopted(header.incarnation)
         if (opener is None or opener.seen(header.counter) or self.reassembler.holds(header)
-                or (pieces := train_pieces(train, header)) is None):
+                or (ciphertext := train_ciphertext(train, header)) is None):
             return train
         self.split_frames["whole_read"] += 1
-        self._open_pieces(header, pieces, opener, peer, source)
+        self._open_split(header, ciphertext, opener, peer, source)
         return train.after(header.count)
 
     def _receive_batch(self, datagrams, source):
@@ -683,7 +685,7 @@ class DataPlane:
                 self._run = run = []
                 expected = None
                 self.split_frames["in_order"] += 1
-                self._open_pieces(run_header, pieces, self._run_opener, self._run_peer, source)
+                self._open_split(run_header, b"".join(pieces), self._run_opener, self._run_peer, source)
                 # It may have adopted another receiving direction.
                 cached = None
                 continue
@@ -752,7 +754,7 @@ class DataPlane:
                     self._run = run = []
                     expected = None
                     self.split_frames["in_order"] += 1
-                    self._open_pieces(run_header, pieces, opener, peer, source)
+                    self._open_split(run_header, b"".join(pieces), opener, peer, source)
                     cached = None
                 else:
                     expected = headers[len(run)]
@@ -790,23 +792,28 @@ class DataPlane:
             return self._drop(e.reason, peer)
         if pieces is not None:
             self.split_frames["reassembled"] += 1
-            self._open_pieces(header, pieces, opener, peer, source)
+            self._open_split(header, b"".join(pieces), opener, peer, source)
 
-    def _open_pieces(self, header, pieces, opener, peer, source):
+    def _open_split(self, header, ciphertext, opener, peer, source):
         """
-        A split frame with all its pieces: authenticate it, then deliver.
-        A frame that fails counts a drop for each of its datagrams, as
-        everything else here counts datagrams.
+        A split frame with all its pieces (their ciphertext in one buffer):
+        authenticate it, then deliver.  A frame that fails counts a drop
+        for each of its datagrams, as everything else here counts
+        datagrams.
         """
         # Its pieces may have come before another frame of the peer made a
         # candidate direction the adopted one: open it under that one.
         opener = peer.adopted(header.incarnation) or opener
         try:
-            plaintext = opener.open_pieces(header, pieces)
+            frame = opener.open_frame(header, ciphertext)
         except WireError as e:
-            return self._drop(e.reason, peer, n=len(pieces))
+            if e.reason == DROP_REASSEMBLY:
+                # Authentic, but no frame: as a whole frame's would count.
+                self._authentic(peer, opener, header, source)
+                return self._drop(e.reason, peer)
+            return self._drop(e.reason, peer, n=header.count)
         self._authentic(peer, opener, header, source)
-        self._deliver(header, plaintext, peer.stats, peer)
+        self._write(frame, header.type & FLAG_OFFLOAD, peer.stats, peer)
 
     def _authentic(self, peer, opener, header, source):
         """

@@ -45,6 +45,7 @@ from ..wire import (
     parse_header,
     subnet_tag,
 )
+from .carriers import send_sealed
 from .peers import Stats
 
 log = logger("securelan.border")
@@ -382,7 +383,7 @@ class NetPlane:
             self.stats.drop("peer_not_ready")
             return
         try:
-            parts = sealer.seal_parts(frame, self.carrier.max_datagram, offload)
+            sealed = sealer.seal_for_carrier(frame, self.carrier.max_datagram, offload)
         except (ValueError, CounterExhausted) as e:
             state.stats.drop("seal")
             log.info("cannot send to subnet {subnet}: {error}", subnet=state.link.subnet,
@@ -390,7 +391,7 @@ class NetPlane:
             if isinstance(e, CounterExhausted):
                 self.ask()
             return
-        self.carrier.send_parts(parts, state.endpoint)
+        send_sealed(self.carrier, sealed, state.endpoint)
         state.last_sent = self.clock.seconds()
         if count:
             stats = state.stats
