@@ -156,14 +156,17 @@ def register(protocol, mac: bytes, role: str, endpoint: str, incarnation=None, a
     return d.addCallback(lambda response: Admission(**response))
 
 
+def _grant(response) -> PairKeyGrant:
+    return PairKeyGrant(**response)
+
+
 def request_pair_key(protocol, peer_mac: bytes, epoch=None):
     """
     Ask for the pair key with whoever holds C{peer_mac}; fires with a
     L{PairKeyGrant}.
     """
     kw = {} if epoch is None else {"epoch": epoch}
-    d = protocol.callRemote(RequestPairKey, peer_mac=peer_mac, **kw)
-    return d.addCallback(lambda response: PairKeyGrant(**response))
+    return RequestPairKey.call(protocol, peer_mac=peer_mac, **kw).addCallback(_grant)
 
 
 def request_pair_key_by_address(protocol, peer_address: str, epoch=None):
@@ -172,8 +175,7 @@ def request_pair_key_by_address(protocol, peer_address: str, epoch=None):
     C{peer_address}; fires with a L{PairKeyGrant}.
     """
     kw = {} if epoch is None else {"epoch": epoch}
-    d = protocol.callRemote(RequestPairKeyByAddress, peer_address=peer_address, **kw)
-    return d.addCallback(lambda response: PairKeyGrant(**response))
+    return RequestPairKeyByAddress.call(protocol, peer_address=peer_address, **kw).addCallback(_grant)
 
 
 def request_rekey(protocol, peer_id: str, epoch: int):

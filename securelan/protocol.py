@@ -13,8 +13,10 @@ L{SecretKey} so no plain key bytes linger in reprs on either side.
 import struct
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from . import errors
 from .keys import SecretKey
@@ -152,6 +154,7 @@ class SecretKeyArgument(amp.Argument):
 _U16 = struct.Struct("!H")
 _ANSWER_PREFIX = _U16.pack(len(amp.ANSWER)) + amp.ANSWER
 _COMMAND_PREFIX = _U16.pack(len(amp.COMMAND)) + amp.COMMAND
+_ASK_PREFIX = _U16.pack(len(amp.ASK)) + amp.ASK
 
 
 def _plain(arg) -> bool:
@@ -230,13 +233,18 @@ class _QuickBoxes(amp.Command):
         layout = cls.layout("arguments")
         if not layout:
             return super().makeArguments(objects, proto)
+        cls._check_arguments(objects)
+        return _to_box(layout, objects, cls.commandType(), proto)
+
+    @classmethod
+    def _check_arguments(cls, objects):
+        # What AMP's makeArguments checks: no argument it does not know.
         names = cls.__dict__.get("_argument_names")
         if names is None:
-            names = cls._argument_names = frozenset(field[1] for field in layout)
+            names = cls._argument_names = frozenset(field[1] for field in cls.layout("arguments"))
         for identifier in objects:
             if identifier not in names:
                 raise amp.InvalidSignature(f"{identifier} is not a valid argument")
-        return _to_box(layout, objects, cls.commandType(), proto)
 
     @classmethod
     def parseArguments(cls, box, protocol):
@@ -314,11 +322,54 @@ class _QuickBoxes(amp.Command):
         what C{callRemote} sends for a command whose C{requiresAnswer} is
         false, without its per-call name conversion and Deferred.
         """
-        tail = cls.__dict__.get("_command_tail")
-        if tail is None:
+        return cls._serialize("arguments", objects, (cls._command_name(), b"\0\0"), proto)
+
+    @classmethod
+    def call(cls, proto, **objects):
+        """
+        C{proto.callRemote(cls, **objects)}, without AMP's command instance,
+        argument-name conversion and box for every call: the request is
+        serialised with its tag at once (as L{serialize_command}) and
+        written, and one Deferred fires with the parsed response or fails
+        as C{callRemote}'s would (a declared error as its exception,
+        anything else as C{UnknownRemoteError}).  On a connection AMP
+        would not send on now (lost, switched to another protocol, or
+        sending through another box sender) it is C{callRemote} itself.
+        """
+        if (proto._failAllReason is not None or proto.transport is None or proto._locked
+                or proto._startingTLSBuffer is not None or proto.boxSender is not proto):
+            return proto.callRemote(cls, **objects)
+        try:
+            cls._check_arguments(objects)
+            tag = proto._nextTag()
+            try:
+                data = cls._serialize("arguments", objects, (cls._command_name(), _ASK_PREFIX,
+                                                             _U16.pack(len(tag)), tag, b"\0\0"), proto)
+            except KeyError as e:
+                raise amp.InvalidSignature(f"forgot {e.args[0]} for {cls.commandName}") from None
+        except BaseException:
+            return defer.fail()
+        d = proto._outstandingRequests[tag] = defer.Deferred()
+        proto.transport.write(data)
+        return d.addCallbacks(cls.parseResponse, cls._remote_error, callbackArgs=(proto,))
+
+    @classmethod
+    def _command_name(cls) -> bytes:
+        """
+        The C{_command} field of this command's boxes, encoded.
+        """
+        field = cls.__dict__.get("_command_field")
+        if field is None:
             name = cls.commandName
-            tail = cls._command_tail = (_COMMAND_PREFIX + _U16.pack(len(name)) + name + b"\0\0",)
-        return cls._serialize("arguments", objects, tail, proto)
+            field = cls._command_field = _COMMAND_PREFIX + _U16.pack(len(name)) + name
+        return field
+
+    @classmethod
+    def _remote_error(cls, failure):
+        # What callRemote makes of an error answer.
+        failure.trap(amp.RemoteAmpError)
+        error = failure.value
+        return Failure(cls.reverseErrors.get(error.errorCode, amp.UnknownRemoteError)(error.description))
 
     @classmethod
     def error_box(cls, failure, ask: bytes) -> amp.AmpBox:

@@ -168,6 +168,108 @@ class QuickResponseTests(SynchronousTestCase):
         self.assertRaises(KeyError, RequestPairKey.makeResponse, grant, None)
 
 
+class QuickCallTests(SynchronousTestCase):
+    """
+    A pair-key request sent with L{securelan.protocol._QuickBoxes.call} is
+    the box C{callRemote} sends, and its answer or error comes back as
+    C{callRemote}'s would.
+    """
+
+    def connected(self):
+        from securelan.protocol import QuietAMP
+
+        proto, transport = QuietAMP(), StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def sent(self, transport):
+        [box] = amp.parseString(transport.value())
+        transport.clear()
+        return box
+
+    def test_same_box_as_call_remote(self):
+        """
+        With and without the optional field, the request is AMP's own box,
+        tag included; the tags of later requests are fresh.
+        """
+        from securelan.protocol import RequestPairKey, RequestPairKeyByAddress
+
+        for command, arguments in ((RequestPairKey, dict(peer_mac=MAC_2)),
+                                   (RequestPairKey, dict(peer_mac=MAC_2, epoch=4)),
+                                   (RequestPairKeyByAddress, dict(peer_address="10.9.0.2"))):
+            quick, quick_transport = self.connected()
+            generic, generic_transport = self.connected()
+            command.call(quick, **arguments)
+            generic.callRemote(command, **arguments)
+            self.assertEqual(self.sent(quick_transport), self.sent(generic_transport))
+            command.call(quick, **arguments)
+            self.assertEqual(self.sent(quick_transport)[b"_ask"], b"2")
+
+    def test_answer(self):
+        """
+        The answer fires the request's Deferred with the parsed response.
+        """
+        from securelan.protocol import RequestPairKey
+
+        proto, transport = self.connected()
+        answers = []
+        RequestPairKey.call(proto, peer_mac=MAC_2).addCallback(answers.append)
+        ask = self.sent(transport)[b"_ask"]
+        proto.dataReceived(RequestPairKey.serialize_answer(grant_fields(), ask, proto))
+        expected = RequestPairKey.parseResponse(RequestPairKey.makeResponse(grant_fields(), proto), proto)
+        self.assertEqual(answers, [expected])
+        self.assertEqual(answers[0]["key"].material, bytes(range(32)))
+
+    def test_errors(self):
+        """
+        A declared error comes back as its exception, any other code as
+        C{UnknownRemoteError}, as from C{callRemote}.
+        """
+        from securelan.protocol import RequestPairKey
+
+        for code, expected in ((b"UNKNOWN_PEER", UnknownPeer), (b"WHATEVER", amp.UnknownRemoteError)):
+            proto, transport = self.connected()
+            failures = []
+            # As a caller does: its errback is there before the answer (AMP
+            # treats an error no one handled as fatal to the connection).
+            RequestPairKey.call(proto, peer_mac=MAC_2).addErrback(failures.append)
+            ask = self.sent(transport)[b"_ask"]
+            error = amp.AmpBox(_error=ask, _error_code=code, _error_description=b"no such member")
+            proto.dataReceived(error.serialize())
+            [failure] = failures
+            self.assertIsInstance(failure.value, expected)
+            self.assertIn("no such member", str(failure.value))
+            self.assertFalse(transport.disconnecting)
+
+    def test_bad_arguments(self):
+        """
+        An argument the command does not have, or a required one missing,
+        fails as in C{callRemote}, and nothing is sent.
+        """
+        from securelan.protocol import RequestPairKey
+
+        proto, transport = self.connected()
+        self.failureResultOf(RequestPairKey.call(proto, peer_mac=MAC_2, colour="red"), amp.InvalidSignature)
+        self.failureResultOf(RequestPairKey.call(proto, epoch=3), amp.InvalidSignature)
+        self.assertEqual(transport.value(), b"")
+
+    def test_connection_lost(self):
+        """
+        A request outstanding when the connection is lost fails with the
+        reason; one made afterwards fails at once, as from C{callRemote}.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        from securelan.protocol import RequestPairKey
+
+        proto, transport = self.connected()
+        d = RequestPairKey.call(proto, peer_mac=MAC_2)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ConnectionDone)
+        self.failureResultOf(RequestPairKey.call(proto, peer_mac=MAC_2), ConnectionDone)
+
+
 class QuickAnswerSerializationTests(SynchronousTestCase):
     """
     A pair-key answer serialised at once is the box AMP would send.
