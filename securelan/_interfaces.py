@@ -319,9 +319,9 @@ class ICarrier(Interface):
     def send_parts(parts, endpoint, hold=False):
         """
         L{send}, with each datagram given as its two parts, laid flat:
-        C{[header 0, rest 0, header 1, rest 1, ...]}, as
-        L{securelan.wire.Sealer.seal_parts} makes them (so a carrier that
-        can send scattered buffers joins nothing).
+        C{[header 0, rest 0, header 1, rest 1, ...]} (a frame that fits one
+        datagram as L{securelan.wire.Sealer.seal_for_carrier} makes it, so
+        a carrier that can send scattered buffers joins nothing).
 
         With C{hold}, a single datagram may be kept back until L{flush} (or
         the next send without C{hold}), so that the datagrams held for one

@@ -332,12 +332,15 @@ class _QuickBoxes(amp.Command):
         serialised with its tag at once (as L{serialize_command}) and
         written, and one Deferred fires with the parsed response or fails
         as C{callRemote}'s would (a declared error as its exception,
-        anything else as C{UnknownRemoteError}).  On a connection AMP
-        would not send on now (lost, switched to another protocol, or
-        sending through another box sender) it is C{callRemote} itself.
+        anything else as C{UnknownRemoteError}).  For a command that asks
+        for no answer or whose arguments take AMP's own path, and on a
+        connection AMP would not send on now (lost, switched to another
+        protocol, or sending through another box sender), it is
+        C{callRemote} itself.
         """
-        if (proto._failAllReason is not None or proto.transport is None or proto._locked
-                or proto._startingTLSBuffer is not None or proto.boxSender is not proto):
+        if (not cls.requiresAnswer or not cls.layout("arguments") or proto._failAllReason is not None
+                or proto.transport is None or proto._locked or proto._startingTLSBuffer is not None
+                or proto.boxSender is not proto):
             return proto.callRemote(cls, **objects)
         try:
             cls._check_arguments(objects)
@@ -349,8 +352,14 @@ class _QuickBoxes(amp.Command):
                 raise amp.InvalidSignature(f"forgot {e.args[0]} for {cls.commandName}") from None
         except BaseException:
             return defer.fail()
+        # Waiting before it is written: a transport may deliver the answer
+        # at once.
         d = proto._outstandingRequests[tag] = defer.Deferred()
-        proto.transport.write(data)
+        try:
+            proto.transport.write(data)
+        except BaseException:
+            del proto._outstandingRequests[tag]
+            raise
         return d.addCallbacks(cls.parseResponse, cls._remote_error, callbackArgs=(proto,))
 
     @classmethod

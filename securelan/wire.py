@@ -755,7 +755,9 @@ class Opener:
         """
         Authenticate the ciphertext of a split frame and decrypt it into
         C{into}, then check the replay window: what L{open_pieces} and
-        L{open_frame} share.  After a failure C{into} holds nothing to use.
+        L{open_frame} share.  After a failure C{into} may hold
+        unauthenticated plaintext: the callers' buffers are their own and
+        dropped with the exception, never handed on.
         """
         self._check_names(header)
         if len(ciphertext) < TAG_LEN:
@@ -814,26 +816,30 @@ def piece_headers(header: Header) -> list:
     return [headers[start:start + HEADER_LEN] for start in range(0, len(headers), HEADER_LEN)]
 
 
-# How many header bytes follow the counter (the MACs).
-_AFTER_COUNTER = HEADER_LEN - 20
+# Where the index and the counter sit in a header read as one big-endian
+# number: adding one to either adds these.
+_INDEX_UNIT = 1 << 8 * (HEADER_LEN - 1 - struct.calcsize("!BB"))
+_COUNTER_UNIT = 1 << 8 * (HEADER_LEN - struct.calcsize("!BBBBIIQ"))
 
 
-@functools.lru_cache(maxsize=256)
-def _header_run(version, type, count, epoch, incarnation, macs):
+@functools.lru_cache(maxsize=MAX_FRAGMENTS + 1)
+def _header_run(count: int):
     """
-    The headers of the C{count} pieces of a split frame laid end to end,
-    read as one big-endian number, are C{base + counter * step}, where
-    C{counter} is piece 0's: the counters are all that differ between the
-    frames of one sender of one size, so a frame's headers cost one
-    multiplication, not C{count} packs (or C{count} comparisons).
+    For a split frame of C{count} pieces: C{(ones, ramp)} such that the
+    headers of all its pieces, laid end to end and read as one big-endian
+    number, are C{first * ones + ramp}, where C{first} is piece 0's header
+    read as a number.  Piece C{i}'s header is C{first + i * (index unit +
+    counter unit)} (neither field can carry: at most 64 pieces, and a
+    frame's counters fit 64 bits), so a frame's headers cost a
+    multiplication, not C{count} packs or comparisons.  Keyed by the count
+    alone (at most L{MAX_FRAGMENTS} entries), so nothing a datagram says
+    can fill or churn the cache.
     """
-    base = int.from_bytes(b"".join(
-        _HEADER_OUT.pack(version, type, index, count, epoch, incarnation, index, macs)
-        for index in range(count)))
-    # Piece i's counter ends _AFTER_COUNTER bytes before its header, which
-    # ends HEADER_LEN * (count - 1 - i) bytes before the last one does.
-    step = sum(1 << 8 * (_AFTER_COUNTER + HEADER_LEN * k) for k in range(count))
-    return base, step
+    shift = 8 * HEADER_LEN
+    ones = sum(1 << shift * k for k in range(count))
+    # Piece i ends (count - 1 - i) headers before the last one does.
+    ramp = sum((count - 1 - k) << shift * k for k in range(count))
+    return ones, (_INDEX_UNIT + _COUNTER_UNIT) * ramp
 
 
 def _headers_of(version, type, count, epoch, incarnation, macs, counter) -> bytes:
@@ -844,8 +850,9 @@ def _headers_of(version, type, count, epoch, incarnation, macs, counter) -> byte
     if counter > _MAX_U64 - (count - 1):
         # A carry would run into the next field: no such frame exists.
         raise ValueError("the counters of that frame do not fit 64 bits")
-    base, step = _header_run(version, type, count, epoch, incarnation, macs)
-    return (base + counter * step).to_bytes(count * HEADER_LEN)
+    ones, ramp = _header_run(count)
+    first = int.from_bytes(_HEADER_OUT.pack(version, type, 0, count, epoch, incarnation, counter, macs))
+    return (first * ones + ramp).to_bytes(count * HEADER_LEN)
 
 
 class Train:
@@ -891,7 +898,9 @@ def train_ciphertext(train: Train, header: Header):
     the train holds all its pieces, in order, each with the header
     L{piece_header} says it must have; else C{None} (take the datagrams one
     by one then).  What the pieces hold is not checked: only
-    L{Opener.open_frame} tells whether the frame is authentic.
+    L{Opener.open_frame} tells whether the frame is authentic.  A train
+    holds more datagrams after a frame only if the frame's last piece is
+    a whole segment, as in a GRO read (which ends at a shorter datagram).
     """
     count, segment, data = header.count, train.segment, train.data
     full = count - 1
@@ -901,10 +910,11 @@ def train_ciphertext(train: Train, header: Header):
             or header.counter > _MAX_U64 - full):
         return None
     grid = numpy.frombuffer(data, numpy.uint8, last).reshape(full, segment)
-    # Every header at once: one number against the one they must make.
-    base, step = _header_run(header.version, header.type, count, header.epoch, header.incarnation,
-                             header.dst + header.src)
-    if int.from_bytes(grid[:, :HEADER_LEN].tobytes() + data[last:last + HEADER_LEN]) != base + header.counter * step:
+    # Every header at once: one number against the one piece 0's header
+    # makes them (its own index is 0, checked above).
+    ones, ramp = _header_run(count)
+    expected = int.from_bytes(data[:HEADER_LEN]) * ones + ramp
+    if int.from_bytes(grid[:, :HEADER_LEN].tobytes() + data[last:last + HEADER_LEN]) != expected:
         return None
     room = segment - HEADER_LEN
     ciphertext = numpy.empty(full * room + end - last - HEADER_LEN, numpy.uint8)

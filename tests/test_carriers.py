@@ -122,6 +122,26 @@ class UDPCarrierTests(TestCase):
         self.assertEqual(sender.errors, 0)
 
     @defer.inlineCallbacks
+    def test_broadcast_split_frame(self):
+        """
+        A split frame broadcast to several endpoints reaches each as its
+        datagrams, one GSO send each; nothing to send is nothing sent.
+        """
+        sender, _ = self.carrier()
+        one, got_one = self.carrier()
+        two, got_two = self.carrier()
+        counting = self.counted(sender)
+        datagrams = [bytes([i]) * 1472 for i in range(3)] + [b"end"]
+        sender.broadcast(datagrams, [("127.0.0.1", one.port), ("127.0.0.1", two.port)])
+        sender.send([], ("127.0.0.1", one.port))
+        self.assertEqual(counting.sends, [[1472, 1472, 1472, 3]] * 2)
+        yield self.received(got_one, 4)
+        yield self.received(got_two, 4)
+        self.assertEqual([d for d, _ in got_one], datagrams)
+        self.assertEqual([d for d, _ in got_two], datagrams)
+        self.assertEqual(sender.errors, 0)
+
+    @defer.inlineCallbacks
     def test_train_without_gso(self):
         """
         Where the kernel has no UDP GSO, a train leaves one datagram per

@@ -62,10 +62,12 @@ from securelan.wire import (
     Opener,
     Reassembler,
     Sealer,
+    Train,
     WireError,
     derive_pair_key,
     join_frame,
     parse_header,
+    train_ciphertext,
 )
 
 _OVERRIDE = int(os.environ.get("FUZZ_EXAMPLES", "0") or 0)
@@ -288,6 +290,44 @@ class WireFuzzTests(SynchronousTestCase):
             again = lambda: opener.open_pieces(first, [d[HEADER_LEN:] for d in datagrams])
         self.assertEqual(plaintext, (offload or b"") + frame[12:])
         self.assertEqual(self.assertRaises(WireError, again).reason, "replay")
+
+    @fuzz(400)
+    @given(data=st.data(), payload=st.binary(min_size=1, max_size=2000), room=st.integers(40, 400),
+           offload=st.one_of(st.none(), st.binary(min_size=VNET_HDR_LEN, max_size=VNET_HDR_LEN)),
+           after=st.binary(max_size=100), sealed_before=st.integers(0, 3))
+    def test_train_mutated(self, data, payload, room, offload, after, sealed_before):
+        """
+        A split frame's pieces as one GRO read (a L{Train}), modified in any
+        way (headers and all) and followed by anything: L{train_ciphertext}
+        gives None or a buffer, L{Opener.open_frame} of it raises only
+        L{WireError}; the original (followed by more datagrams, as GRO reads
+        them, when its last piece is full-sized) opens, to the frame, once.
+        """
+        sealer, opener = sealer_and_opener()
+        for _ in range(sealed_before):
+            sealer.seal(MAC_B + MAC_A + b"\x08\x00", 1500)
+        frame = MAC_B + MAC_A + b"\x08\x00" + payload
+        datagrams = sealer.seal(frame, HEADER_LEN + room, offload)
+        original = b"".join(datagrams)
+        hot = {start + offset for start in range(0, len(original), HEADER_LEN + room) for offset in range(HEADER_LEN)}
+        modified = mutate(data, original, hot) + after
+        try:
+            header = parse_header(modified)
+        except WireError:
+            header = None
+        if header is not None:
+            ciphertext = train_ciphertext(Train(modified, HEADER_LEN + room), header)
+            if ciphertext is not None:
+                e = self.assertRaises(WireError, opener.open_frame, header, ciphertext)
+                self.assertIn(e.reason, DROP_REASONS)
+        first = parse_header(original)
+        if len(datagrams) > 1:
+            # More datagrams in one GRO read only follow a full-sized one.
+            more = after if len(datagrams[-1]) == HEADER_LEN + room else b""
+            ciphertext = train_ciphertext(Train(original + more, HEADER_LEN + room), first)
+            self.assertEqual(bytes(opener.open_frame(first, ciphertext)), (offload or b"") + frame)
+            again = self.assertRaises(WireError, opener.open_frame, first, ciphertext)
+            self.assertEqual(again.reason, "replay")
 
     @fuzz(1000)
     @given(header=st.builds(

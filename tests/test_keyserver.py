@@ -253,6 +253,50 @@ class QuickCallTests(SynchronousTestCase):
         self.failureResultOf(RequestPairKey.call(proto, epoch=3), amp.InvalidSignature)
         self.assertEqual(transport.value(), b"")
 
+    def test_other_commands_take_call_remote(self):
+        """
+        A command that asks for no answer, or whose arguments AMP handles
+        itself, is sent by C{callRemote}: the same box, the same result.
+        """
+        from twisted.python.compat import nativeString
+
+        from securelan.protocol import _QuickBoxes
+
+        class Tell(_QuickBoxes):
+            commandName = b"Tell"
+            arguments = [(b"what", amp.String())]
+            requiresAnswer = False
+
+        class Boxed(amp.Argument):
+            # An argument that fills the box itself.
+            def toBox(self, name, strings, objects, proto):
+                strings[name] = b"<" + objects.pop(nativeString(name)) + b">"
+
+        class Own(_QuickBoxes):
+            commandName = b"Own"
+            arguments = [(b"what", amp.String()), (b"how", Boxed())]
+
+        proto, transport = self.connected()
+        self.assertIsNone(Tell.call(proto, what=b"x"))
+        self.assertEqual(self.sent(transport), amp.AmpBox(_command=b"Tell", what=b"x"))
+        Own.call(proto, what=b"y", how=b"z")
+        self.assertEqual(self.sent(transport), amp.AmpBox(_command=b"Own", _ask=b"2", what=b"y", how=b"<z>"))
+
+    def test_write_fails(self):
+        """
+        A write that raises leaves no request waiting for an answer.
+        """
+        from securelan.protocol import RequestPairKey
+
+        proto, transport = self.connected()
+
+        def refuse(data):
+            raise OSError("no")
+
+        transport.write = refuse
+        self.assertRaises(OSError, RequestPairKey.call, proto, peer_mac=MAC_2)
+        self.assertEqual(proto._outstandingRequests, {})
+
     def test_connection_lost(self):
         """
         A request outstanding when the connection is lost fails with the

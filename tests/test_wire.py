@@ -1144,6 +1144,25 @@ class SealForCarrierTests(SynchronousTestCase):
             self.assertEqual(bytes(opener.open_frame(first, train_ciphertext(Train(b"".join(datagrams), MTU_DATAGRAM),
                                                                              first))), big)
 
+    def test_header_cache_by_count_only(self):
+        """
+        What is cached to make and check a split frame's headers depends on
+        its piece count alone: trains whose headers name any number of
+        other MACs, epochs and incarnations (forged, say) add nothing.
+        """
+        from securelan.wire import _header_run
+
+        sealer, _, _ = self.twins()
+        datagrams = sealer.seal(frame(payload=big_payload(20000)), MTU_DATAGRAM)
+        header = parse_header(datagrams[0])
+        _header_run.cache_clear()
+        for n in range(300):
+            forged = [d[:4] + n.to_bytes(4, "big") + (n + 1).to_bytes(4, "big") + d[12:20] + n.to_bytes(12, "big")
+                      + d[32:] for d in datagrams]
+            self.assertIsNotNone(train_ciphertext(Train(b"".join(forged), MTU_DATAGRAM), parse_header(forged[0])))
+        self.assertEqual(_header_run.cache_info().currsize, 1)
+        self.assertIsNotNone(train_ciphertext(Train(b"".join(datagrams), MTU_DATAGRAM), header))
+
     def test_counters_past_64_bits(self):
         """
         The headers of a frame whose counters would not fit 64 bits are not

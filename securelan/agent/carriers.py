@@ -180,7 +180,7 @@ class UDPCarrier:
                     segment = int.from_bytes(value[:4], "little")
             if segment and len(data) > segment:
                 # Not cut into datagrams here: the data plane takes a whole
-                # split frame from the buffer in a few calls (train_pieces).
+                # split frame from the buffer at once (train_ciphertext).
                 receiver(Train(data, segment), source[:2])
             else:
                 receiver((data,), source[:2])
@@ -189,10 +189,10 @@ class UDPCarrier:
         return parse_udp_endpoint(text, self.family)
 
     def send(self, datagrams, endpoint):
-        if len(datagrams) == 1:
-            self.send_parts((datagrams[0], b""), endpoint)
-        else:
+        if len(datagrams) > 1:
             self.send_train(Train(b"".join(datagrams), len(datagrams[0])), endpoint)
+        elif datagrams:
+            self.send_parts((datagrams[0], b""), endpoint)
 
     def send_parts(self, parts, endpoint, hold=False):
         if hold and len(parts) == 2:
@@ -281,8 +281,14 @@ class UDPCarrier:
             self.errors += 1
 
     def broadcast(self, datagrams, endpoints):
-        for endpoint in endpoints:
-            self.send(datagrams, endpoint)
+        if len(datagrams) > 1:
+            # Joined once for every endpoint.
+            train = Train(b"".join(datagrams), len(datagrams[0]))
+            for endpoint in endpoints:
+                self.send_train(train, endpoint)
+        else:
+            for endpoint in endpoints:
+                self.send(datagrams, endpoint)
 
 
 @implementer(ICarrier)
