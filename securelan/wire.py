@@ -823,23 +823,20 @@ _COUNTER_UNIT = 1 << 8 * (HEADER_LEN - struct.calcsize("!BBBBIIQ"))
 
 
 @functools.lru_cache(maxsize=MAX_FRAGMENTS + 1)
-def _header_run(count: int):
+def _header_ramp(count: int) -> int:
     """
-    For a split frame of C{count} pieces: C{(ones, ramp)} such that the
-    headers of all its pieces, laid end to end and read as one big-endian
-    number, are C{first * ones + ramp}, where C{first} is piece 0's header
-    read as a number.  Piece C{i}'s header is C{first + i * (index unit +
-    counter unit)} (neither field can carry: at most 64 pieces, and a
-    frame's counters fit 64 bits), so a frame's headers cost a
-    multiplication, not C{count} packs or comparisons.  Keyed by the count
-    alone (at most L{MAX_FRAGMENTS} entries), so nothing a datagram says
-    can fill or churn the cache.
+    For a split frame of C{count} pieces: the number that, added to piece
+    0's header repeated C{count} times and read as one big-endian number,
+    gives the headers of all its pieces laid end to end.  Piece C{i}'s
+    header is piece 0's with C{i} added to the index and to the counter
+    (neither can carry: at most 64 pieces, and a frame's counters fit 64
+    bits), so a frame's headers cost one addition, not C{count} packs or
+    comparisons.  Keyed by the count alone (at most L{MAX_FRAGMENTS}
+    entries), so nothing a datagram says can fill or churn the cache.
     """
-    shift = 8 * HEADER_LEN
-    ones = sum(1 << shift * k for k in range(count))
     # Piece i ends (count - 1 - i) headers before the last one does.
-    ramp = sum((count - 1 - k) << shift * k for k in range(count))
-    return ones, (_INDEX_UNIT + _COUNTER_UNIT) * ramp
+    shift = 8 * HEADER_LEN
+    return (_INDEX_UNIT + _COUNTER_UNIT) * sum((count - 1 - k) << shift * k for k in range(count))
 
 
 def _headers_of(version, type, count, epoch, incarnation, macs, counter) -> bytes:
@@ -850,9 +847,8 @@ def _headers_of(version, type, count, epoch, incarnation, macs, counter) -> byte
     if counter > _MAX_U64 - (count - 1):
         # A carry would run into the next field: no such frame exists.
         raise ValueError("the counters of that frame do not fit 64 bits")
-    ones, ramp = _header_run(count)
-    first = int.from_bytes(_HEADER_OUT.pack(version, type, 0, count, epoch, incarnation, counter, macs))
-    return (first * ones + ramp).to_bytes(count * HEADER_LEN)
+    first = _HEADER_OUT.pack(version, type, 0, count, epoch, incarnation, counter, macs)
+    return (int.from_bytes(first * count) + _header_ramp(count)).to_bytes(count * HEADER_LEN)
 
 
 class Train:
@@ -912,8 +908,7 @@ def train_ciphertext(train: Train, header: Header):
     grid = numpy.frombuffer(data, numpy.uint8, last).reshape(full, segment)
     # Every header at once: one number against the one piece 0's header
     # makes them (its own index is 0, checked above).
-    ones, ramp = _header_run(count)
-    expected = int.from_bytes(data[:HEADER_LEN]) * ones + ramp
+    expected = int.from_bytes(bytes(data[:HEADER_LEN]) * count) + _header_ramp(count)
     if int.from_bytes(grid[:, :HEADER_LEN].tobytes() + data[last:last + HEADER_LEN]) != expected:
         return None
     room = segment - HEADER_LEN

@@ -102,10 +102,14 @@ class LabTestCase(SynchronousTestCase):
             hosts.append(host)
         return lab, switch, hosts
 
-    def assertNoNamespaces(self, prefix):
+    def assertNoNamespaces(self, prefix, wait=0.0):
         """
-        Assert that no namespace name starts with C{prefix}.
+        Assert that no namespace name starts with C{prefix} (within C{wait}
+        seconds: another process may be deleting them).
         """
+        deadline = time.monotonic() + wait
+        while [n for n in namespaces() if n.startswith(prefix)] and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.assertEqual([n for n in namespaces() if n.startswith(prefix)], [])
 
 
@@ -427,11 +431,16 @@ class LifetimeTests(LabTestCase):
         self.assertEqual(len(pids), 1)
 
         self.assertEqual(Lab.cleanup_stale(prefix, older_than=time.time() - 3600), [])
-        # Another test run's Lab() may clean it up first, so <= and not ==.
+        # Another test run's Lab() may clean it up first (or be doing so:
+        # its lock makes this call pass the lab over), so <= and not ==.
         deleted = Lab.cleanup_stale(older_than=time.time() + 1)
         self.assertLessEqual({n for n in deleted if n.startswith(prefix)}, {prefix + "a", prefix + "b"})
-        self.assertNoNamespaces(prefix)
-        self.assertFalse(os.path.exists(os.path.join(netns.LOCK_DIR, prefix + ".lock")))
+        self.assertNoNamespaces(prefix, wait=10)
+        lock = os.path.join(netns.LOCK_DIR, prefix + ".lock")
+        deadline = time.monotonic() + 5
+        while os.path.exists(lock) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertFalse(os.path.exists(lock))
         self.assertTrue(gone(int(pids[0])))
         self.assertIn(live.prefix + "alive", namespaces())
 

@@ -1150,17 +1150,17 @@ class SealForCarrierTests(SynchronousTestCase):
         its piece count alone: trains whose headers name any number of
         other MACs, epochs and incarnations (forged, say) add nothing.
         """
-        from securelan.wire import _header_run
+        from securelan.wire import _header_ramp
 
         sealer, _, _ = self.twins()
         datagrams = sealer.seal(frame(payload=big_payload(20000)), MTU_DATAGRAM)
         header = parse_header(datagrams[0])
-        _header_run.cache_clear()
+        _header_ramp.cache_clear()
         for n in range(300):
             forged = [d[:4] + n.to_bytes(4, "big") + (n + 1).to_bytes(4, "big") + d[12:20] + n.to_bytes(12, "big")
                       + d[32:] for d in datagrams]
             self.assertIsNotNone(train_ciphertext(Train(b"".join(forged), MTU_DATAGRAM), parse_header(forged[0])))
-        self.assertEqual(_header_run.cache_info().currsize, 1)
+        self.assertEqual(_header_ramp.cache_info().currsize, 1)
         self.assertIsNotNone(train_ciphertext(Train(b"".join(datagrams), MTU_DATAGRAM), header))
 
     def test_counters_past_64_bits(self):
