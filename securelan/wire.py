@@ -834,7 +834,8 @@ def _header_ramp(count: int) -> int:
     comparisons.  Keyed by the count alone (at most L{MAX_FRAGMENTS}
     entries), so nothing a datagram says can fill or churn the cache.
     """
-    # Piece i ends (count - 1 - i) headers before the last one does.
+    # The header k places from the end is piece (count - 1 - k)'s: it adds
+    # that many units of each.
     shift = 8 * HEADER_LEN
     return (_INDEX_UNIT + _COUNTER_UNIT) * sum((count - 1 - k) << shift * k for k in range(count))
 
