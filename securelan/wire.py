@@ -984,10 +984,13 @@ def open_datagram(opener: "Opener", reassembler: "Reassembler", datagram, header
     if pieces is None:
         return None
     try:
-        plaintext = opener.open_pieces(header, pieces)
+        return opener.open_frame(header, b"".join(pieces))
     except WireError as e:
+        if e.reason == DROP_REASSEMBLY:
+            # An authentic frame too short to be one: one drop, as
+            # join_frame's of a whole frame.
+            raise
         raise WireError(e.reason, len(pieces)) from None
-    return join_frame(header, (plaintext,))
 
 
 class Reassembler:
