@@ -6,6 +6,8 @@ sockets (UDP GSO out, UDP GRO in).
 import socket
 import sys
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
@@ -323,6 +325,22 @@ class EthernetCarrierTests(TestCase):
         self.assertEqual(len(expected), 6)
         self.assertEqual(carrier._socket.frames, expected)
 
+    def test_failed_train_send_counted(self):
+        """
+        A piece of a train the socket refuses is counted; the others, the
+        last among them, still leave whole.
+        """
+        from securelan.agent.carriers import _ETHERTYPE_BYTES
+
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        twin = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(5000)
+        carrier = self.carrier(failing={2})
+        carrier.send_train(sealer.seal_for_carrier(frame, 1500), "lan")
+        expected = [frame[:12] + _ETHERTYPE_BYTES + d for d in twin.seal(frame, 1500)]
+        del expected[1]
+        self.assertEqual((carrier.errors, carrier._socket.frames), (1, expected))
+
     def test_failed_send_counted(self):
         """
         A piece the socket refuses is counted; the others still leave.
@@ -333,3 +351,146 @@ class EthernetCarrierTests(TestCase):
         parts = sealer.seal_parts(frame, 1500)
         carrier.send_parts(parts, "lan")
         self.assertEqual((carrier.errors, len(carrier._socket.frames)), (1, len(parts) // 2 - 1))
+
+
+class _QueuedPacketSocket:
+    """
+    A packet socket that gives C{frames} to C{recv_into}, one per call, as
+    the kernel does (cut to the room given), then C{BlockingIOError}.
+    """
+
+    def __init__(self, frames):
+        self.frames = list(frames)
+        self.reads = 0
+
+    def recv_into(self, buffer, nbytes=0):
+        if not self.frames:
+            raise BlockingIOError()
+        if nbytes > len(buffer):
+            raise ValueError("buffer too small for requested bytes")
+        self.reads += 1
+        frame = self.frames.pop(0)
+        n = min(len(frame), nbytes or len(buffer))
+        buffer[:n] = frame[:n]
+        return n
+
+
+def _outer(datagram):
+    from securelan.agent.carriers import _ETHERTYPE_BYTES
+
+    return datagram[20:32] + _ETHERTYPE_BYTES + datagram
+
+
+class EthernetReceiveTests(TestCase):
+    """
+    The ethernet carrier hands over runs of same-sized datagrams as one
+    L{Train}, as UDP GRO does, so a split frame is opened at once.
+    """
+
+    def receive(self, frames, mtu=1500):
+        carrier = EthernetCarrier("lan0", mtu, reactor)
+        carrier._socket = _QueuedPacketSocket(frames)
+        batches = []
+        carrier._receiver = lambda datagrams, source: batches.append(
+            (type(datagrams).__name__, [bytes(d) for d in datagrams], getattr(datagrams, "segment", None), source))
+        carrier._read()
+        return carrier, batches
+
+    def test_split_frame_is_one_train(self):
+        """
+        The pieces of a split frame, between two whole frames, come out as
+        one train of exactly its datagrams; the frames around it alone.
+        """
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        frame = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(range(256)) * 30
+        ack = sealer.seal(frame[:100], 1500)
+        pieces = sealer.seal(frame, 1500)
+        after = sealer.seal(frame[:60], 1500)
+        self.assertEqual(len(pieces), 6)
+        _, batches = self.receive([_outer(d) for d in ack + pieces + after])
+        self.assertEqual(batches, [
+            ("tuple", ack, None, "lan"),
+            ("Train", pieces, 1500, "lan"),
+            ("tuple", after, None, "lan"),
+        ])
+
+    def test_train_opens(self):
+        """
+        The train the carrier makes of a super-frame's pieces is what the
+        data plane takes at once: its ciphertext, gathered, opens to the
+        frame.
+        """
+        from securelan.wire import Opener, parse_header, train_ciphertext
+
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        opener = Opener(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        vnet = bytes([1, 3, 0, 0, 0, 0, 0x5A, 0x05, 0, 0])
+        frame = b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x08\x00" + bytes(range(256)) * 250
+        pieces = sealer.seal(frame, 1500, vnet)
+        carrier = EthernetCarrier("lan0", 1500, reactor)
+        carrier._socket = _QueuedPacketSocket(map(_outer, pieces))
+        trains = []
+        carrier._receiver = lambda datagrams, source: trains.append(datagrams)
+        carrier._read()
+        [train] = trains
+        header = parse_header(train.data)
+        self.assertEqual(bytes(opener.open_frame(header, train_ciphertext(train, header))), vnet + frame)
+
+    def test_runs(self):
+        """
+        A run ends at a shorter datagram (which it includes), before a
+        longer one, and after 64 datagrams; frames no longer than an
+        Ethernet header are skipped; a frame of the largest size is read
+        whole.
+        """
+        def d(size, tag):
+            return bytes([tag]) * size
+
+        sizes = [(1400, 1), (1400, 2), (900, 3), (700, 4), (1400, 5), (1400, 6), (10, 0), (1400, 7),
+                 (65535 - 14, 8), (300, 9)] + [(1000, 10 + i) for i in range(70)]
+        datagrams = [d(size, tag) for size, tag in sizes]
+        frames = [bytes(14) if size == 10 else bytes(14) + datagram
+                  for (size, _), datagram in zip(sizes, datagrams)]
+        carrier, batches = self.receive(frames)
+        kept = [datagram for (size, _), datagram in zip(sizes, datagrams) if size != 10]
+        self.assertEqual(
+            [(kind, [len(x) for x in ds], segment) for kind, ds, segment, _ in batches],
+            [("Train", [1400, 1400, 900], 1400), ("tuple", [700], None),
+             ("Train", [1400, 1400, 1400], 1400), ("Train", [65521, 300], 65521),
+             ("Train", [1000] * 64, 1000), ("Train", [1000] * 6, 1000)])
+        self.assertEqual([x for _, ds, _, _ in batches for x in ds], kept)
+        self.assertEqual(carrier._socket.reads, len(frames))
+
+    def test_batch_bounded(self):
+        """
+        One turn of the reactor takes at most BATCH frames; the rest wait
+        for the next.
+        """
+        frames = [bytes(14) + bytes([i % 256]) * 100 for i in range(300)]
+        carrier, batches = self.receive(frames)
+        self.assertEqual(sum(len(ds) for _, ds, _, _ in batches), carrier.BATCH)
+        self.assertEqual(len(carrier._socket.frames), 300 - carrier.BATCH)
+
+    @settings(deadline=None, derandomize=True, database=None, max_examples=300,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(st.integers(0, 30), st.sampled_from([500, 1000, 1486]),
+                              st.integers(1, 1486), st.integers(1487, 65535 - 14)), max_size=300))
+    def test_any_frames(self, sizes):
+        """
+        Whatever the frames' sizes: every datagram comes out once, in order,
+        whole; a train's datagrams are one size but the last, which is no
+        longer; at most 64 to a train, BATCH frames to a turn.
+        """
+        datagrams = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+        frames = [bytes(14) + datagram for datagram in datagrams]
+        carrier, batches = self.receive(frames)
+        taken = len(frames) - len(carrier._socket.frames)
+        self.assertEqual(taken, min(len(frames), carrier.BATCH))
+        self.assertEqual([x for _, ds, _, _ in batches for x in ds], [d for d in datagrams[:taken] if d])
+        for kind, ds, segment, _ in batches:
+            if kind == "Train":
+                self.assertTrue(2 <= len(ds) <= 64)
+                self.assertEqual({len(x) for x in ds[:-1]}, {segment})
+                self.assertLessEqual(len(ds[-1]), segment)
+            else:
+                self.assertEqual(len(ds), 1)

@@ -8,7 +8,9 @@ Carriers: how encrypted datagrams travel between members.
   the list the key server provides.
 - C{ethernet}: each datagram as the payload of one raw Ethernet frame with
   securelan's EtherType on one LAN segment, addressed like the frame it
-  carries (as MACsec does): one broadcast reaches every member.
+  carries (as MACsec does): one broadcast reaches every member.  A packet
+  socket has no GSO or GRO; the carrier hands runs of same-sized datagrams
+  to the data plane as one train, as a GRO read would.
 
 Both keep every datagram within the underlay MTU: nothing relies on IP
 fragmentation.
@@ -19,13 +21,14 @@ import ipaddress
 import socket
 import struct
 
+import numpy
 from twisted.internet import abstract
 from zope.interface import implementer
 
 from ..logs import logger
 from .._interfaces import ICarrier
 from ..addresses import AddressError, parse_host_port
-from ..wire import Train, max_datagram
+from ..wire import MAX_FRAGMENTS, Train, max_datagram
 
 log = logger("securelan.agent")
 
@@ -33,7 +36,11 @@ log = logger("securelan.agent")
 ETHERTYPE = 0x88B5
 
 _ETHERNET_HEADER = 14
+_MACS_LEN = 12
 _ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
+_ETHERTYPE_ROW = numpy.frombuffer(_ETHERTYPE_BYTES, numpy.uint8)
+#: The longest frame read from a packet socket.
+_MAX_FRAME = 65535
 
 
 def parse_udp_endpoint(text: str, family=None):
@@ -305,6 +312,8 @@ class EthernetCarrier:
     endpoint = ""
     #: One send per datagram: no limit to match.
     pieces_per_send = None
+    #: Frames taken from the socket per reactor turn at most.
+    BATCH = 256
 
     def __init__(self, interface: str, underlay_mtu: int, reactor):
         self.interface = interface
@@ -312,7 +321,11 @@ class EthernetCarrier:
         self.max_datagram = underlay_mtu
         self._reader = None
         self._socket = None
+        self._receiver = None
         self.errors = 0
+        # Where frames are read to: room for a run of the pieces of one
+        # split frame and one more frame of any size.
+        self._scratch = numpy.empty(MAX_FRAGMENTS * (_ETHERNET_HEADER + underlay_mtu) + _MAX_FRAME, numpy.uint8)
 
     def start(self, receiver):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
@@ -333,18 +346,68 @@ class EthernetCarrier:
         self._reader.startReading()
 
     def _read(self):
-        recv, receiver = self._socket.recv, self._receiver
-        for _ in range(256):
-            try:
-                frame = recv(65535)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.ENETDOWN):
+        """
+        Take the frames the socket holds (at most L{BATCH}), and hand each
+        run of consecutive datagrams of one size (the last may be shorter)
+        to the receiver as one L{Train}, as UDP GRO hands over the pieces of
+        a super-frame: the data plane then takes a whole split frame at
+        once (L{securelan.wire.train_ciphertext}) instead of piece by piece.
+        Frames are read into one buffer, end to end, so a run's datagrams
+        are gathered by one strided copy.
+        """
+        recv_into, scratch = self._socket.recv_into, self._scratch
+        view = memoryview(scratch)
+        size = len(scratch)
+        # The run in progress: its frames lie end to end from 0 to pos.
+        pos = count = length = 0
+        try:
+            for _ in range(self.BATCH):
+                try:
+                    n = recv_into(view[pos:pos + _MAX_FRAME], _MAX_FRAME)
+                except BlockingIOError:
                     return
-                raise
-            if len(frame) > _ETHERNET_HEADER:
-                receiver((frame[_ETHERNET_HEADER:],), "lan")
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.ENETDOWN):
+                        return
+                    raise
+                if n <= _ETHERNET_HEADER:
+                    continue
+                if count and count < MAX_FRAGMENTS and n <= length:
+                    count += 1
+                    pos += n
+                    if n < length or pos + _MAX_FRAME > size:
+                        # A shorter datagram ends a run, as in a GRO read;
+                        # so does a full buffer.
+                        self._deliver(count, length, pos)
+                        pos = count = 0
+                    continue
+                if count:
+                    # This frame begins the next run: the run so far goes.
+                    self._deliver(count, length, pos)
+                    scratch[:n] = scratch[pos:pos + n]
+                count, length, pos = 1, n, n
+        finally:
+            if count:
+                self._deliver(count, length, pos)
+
+    def _deliver(self, count, length, end):
+        """
+        Hand the receiver the datagrams of C{count} frames read end to end
+        into the buffer, each C{length} bytes long but the last (which ends
+        at C{end}): their Ethernet headers dropped, the datagrams copied
+        out of the buffer (which the next read reuses).
+        """
+        scratch = self._scratch
+        if count == 1:
+            return self._receiver((scratch[_ETHERNET_HEADER:end].tobytes(),), "lan")
+        segment = length - _ETHERNET_HEADER
+        full = (count - 1) * length
+        last = end - full - _ETHERNET_HEADER
+        data = numpy.empty((count - 1) * segment + last, numpy.uint8)
+        data[:(count - 1) * segment].reshape(count - 1, segment)[:] = (
+            scratch[:full].reshape(count - 1, length)[:, _ETHERNET_HEADER:])
+        data[(count - 1) * segment:] = scratch[full + _ETHERNET_HEADER:end]
+        self._receiver(Train(data.tobytes(), segment), "lan")
 
     def stop(self):
         if self._reader is not None:
@@ -372,7 +435,32 @@ class EthernetCarrier:
         self.send(list(map(bytes.__add__, parts[0::2], parts[1::2])), endpoint)
 
     def send_train(self, train, endpoint):
-        self.send(train, endpoint)
+        """
+        The frames of a split frame's datagrams laid out in one buffer (one
+        strided copy, the outer headers put in by column), then one C{send}
+        each: a packet socket has no GSO.
+        """
+        data, segment = train.data, train.segment
+        count = len(train)
+        full = (count - 1) * segment
+        length = _ETHERNET_HEADER + segment
+        frames = numpy.empty(count * length, numpy.uint8)
+        grid = frames.reshape(count, length)
+        datagrams = numpy.frombuffer(data, numpy.uint8)
+        grid[:count - 1, _ETHERNET_HEADER:] = datagrams[:full].reshape(count - 1, segment)
+        end = len(data) - full + _ETHERNET_HEADER
+        grid[count - 1, _ETHERNET_HEADER:end] = datagrams[full:]
+        # Outer addresses are the carried frame's (header bytes 20..32).
+        grid[:, :_MACS_LEN] = grid[:, _ETHERNET_HEADER + 20:_ETHERNET_HEADER + 32]
+        grid[:, _MACS_LEN:_ETHERNET_HEADER] = _ETHERTYPE_ROW
+        view = memoryview(frames)
+        send = self._socket.send
+        last = (count - 1) * length
+        for start in range(0, last + 1, length):
+            try:
+                send(view[start:start + length] if start < last else view[start:start + end])
+            except OSError:
+                self.errors += 1
 
     def flush(self):
         pass
