@@ -29,6 +29,7 @@ from ..logs import logger
 from .._interfaces import ICarrier
 from ..addresses import AddressError, parse_host_port
 from ..wire import MAX_FRAGMENTS, Train, max_datagram
+from . import _mmsg
 
 log = logger("securelan.agent")
 
@@ -39,8 +40,11 @@ _ETHERNET_HEADER = 14
 _MACS_LEN = 12
 _ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
 _ETHERTYPE_ROW = numpy.frombuffer(_ETHERTYPE_BYTES, numpy.uint8)
-#: The longest frame read from a packet socket.
-_MAX_FRAME = 65535
+#: The longest frame read from a packet socket: an MTU of 65,535, the
+#: Ethernet header and a VLAN tag, rounded up.
+_MAX_FRAME = 65536 + 64
+#: Frames per sendmmsg or recvmmsg: the pieces of the largest split frame.
+_MMSG_SLOTS = MAX_FRAGMENTS
 
 
 def parse_udp_endpoint(text: str, family=None):
@@ -310,7 +314,8 @@ class EthernetCarrier:
     name = "ethernet"
     can_broadcast = True
     endpoint = ""
-    #: One send per datagram: no limit to match.
+    #: No GSO, so no super-frame limit to match: every frame a split frame
+    #: may have (64) leaves in one sendmmsg.
     pieces_per_send = None
     #: Frames taken from the socket per reactor turn at most.
     BATCH = 256
@@ -323,11 +328,11 @@ class EthernetCarrier:
         self._socket = None
         self._receiver = None
         self.errors = 0
-        # Where frames are read to: room for a run of the pieces of one
-        # split frame and one more frame of any size.
-        self._scratch = numpy.empty(MAX_FRAGMENTS * (_ETHERNET_HEADER + underlay_mtu) + _MAX_FRAME, numpy.uint8)
+        self._rx = self._tx = None
 
     def start(self, receiver):
+        if not _mmsg.available():
+            raise OSError(errno.ENOSYS, "the ethernet carrier needs sendmmsg and recvmmsg from the C library")
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
         try:
             _big_buffers(sock, UDPCarrier.BUFFER)
@@ -340,73 +345,82 @@ class EthernetCarrier:
         except OSError:
             sock.close()
             raise
-        self._socket = sock
-        self._receiver = receiver
+        self._use(sock, receiver)
         self._reader = _SocketReader(sock, self._read, self.reactor)
         self._reader.startReading()
 
+    def _use(self, sock, receiver):
+        """
+        Send and receive with C{sock} (a bound packet socket, or in tests
+        any datagram socket), handing what arrives to C{receiver}.
+        """
+        self._socket = sock
+        self._receiver = receiver
+        self._rx = _mmsg.Batch(_MMSG_SLOTS, _MAX_FRAME)
+        self._tx = _mmsg.Batch(_MMSG_SLOTS)
+
     def _read(self):
         """
-        Take the frames the socket holds (at most L{BATCH}), and hand each
-        run of consecutive datagrams of one size (the last may be shorter)
-        to the receiver as one L{Train}, as UDP GRO hands over the pieces of
-        a super-frame: the data plane then takes a whole split frame at
-        once (L{securelan.wire.train_ciphertext}) instead of piece by piece.
-        Frames are read into one buffer, end to end, so a run's datagrams
-        are gathered by one strided copy.
+        Take the frames the socket holds, up to 64 per system call and
+        L{BATCH} per turn, and hand each run of consecutive datagrams of one
+        size (the last may be shorter) to the receiver as one L{Train}, as
+        UDP GRO hands over the pieces of a super-frame: the data plane then
+        takes a whole split frame at once
+        (L{securelan.wire.train_ciphertext}) instead of piece by piece.
         """
-        recv_into, scratch = self._socket.recv_into, self._scratch
-        view = memoryview(scratch)
-        size = len(scratch)
-        # The run in progress: its frames lie end to end from 0 to pos.
-        pos = count = length = 0
-        try:
-            for _ in range(self.BATCH):
-                try:
-                    n = recv_into(view[pos:pos + _MAX_FRAME], _MAX_FRAME)
-                except BlockingIOError:
+        fd, batch = self._socket.fileno(), self._rx
+        for _ in range(self.BATCH // batch.slots):
+            try:
+                lengths = batch.receive(fd)
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENETDOWN):
                     return
-                except OSError as e:
-                    if e.errno in (errno.EINTR, errno.ENETDOWN):
-                        return
-                    raise
-                if n <= _ETHERNET_HEADER:
-                    continue
-                if count and count < MAX_FRAGMENTS and n <= length:
-                    count += 1
-                    pos += n
-                    if n < length or pos + _MAX_FRAME > size:
-                        # A shorter datagram ends a run, as in a GRO read;
-                        # so does a full buffer.
-                        self._deliver(count, length, pos)
-                        pos = count = 0
-                    continue
-                if count:
-                    # This frame begins the next run: the run so far goes.
-                    self._deliver(count, length, pos)
-                    scratch[:n] = scratch[pos:pos + n]
-                count, length, pos = 1, n, n
-        finally:
-            if count:
-                self._deliver(count, length, pos)
+                raise
+            self._deliver_runs(lengths)
+            if len(lengths) < batch.slots:
+                # recvmmsg stops short only when nothing more is waiting.
+                return
 
-    def _deliver(self, count, length, end):
+    def _deliver_runs(self, lengths):
         """
-        Hand the receiver the datagrams of C{count} frames read end to end
-        into the buffer, each C{length} bytes long but the last (which ends
-        at C{end}): their Ethernet headers dropped, the datagrams copied
-        out of the buffer (which the next read reuses).
+        Hand on the frames of one receive (C{lengths} long, in the rows of
+        the receiving batch) run by run: a run ends at a shorter frame
+        (which it takes), before a longer one or a runt (no longer than an
+        Ethernet header, skipped), and at the end of the receive.
         """
-        scratch = self._scratch
+        start = count = length = 0
+        for i, n in enumerate(lengths):
+            if count and _ETHERNET_HEADER < n <= length:
+                count += 1
+                if n < length:
+                    # A shorter datagram ends a run, as in a GRO read.
+                    self._deliver(start, count, length, n)
+                    count = 0
+                continue
+            if count:
+                self._deliver(start, count, length, length)
+                count = 0
+            if n > _ETHERNET_HEADER:
+                start, count, length = i, 1, n
+        if count:
+            self._deliver(start, count, length, length)
+
+    def _deliver(self, start, count, length, last):
+        """
+        Hand the receiver the datagrams of the C{count} frames received into
+        rows C{start}, C{start} + 1, ..., each C{length} bytes long but the
+        last (C{last} bytes): their Ethernet headers dropped, the datagrams
+        copied out of the rows (which the next receive reuses).
+        """
+        rows = self._rx.rows
         if count == 1:
-            return self._receiver((scratch[_ETHERNET_HEADER:end].tobytes(),), "lan")
+            return self._receiver((rows[start, _ETHERNET_HEADER:last].tobytes(),), "lan")
         segment = length - _ETHERNET_HEADER
-        full = (count - 1) * length
-        last = end - full - _ETHERNET_HEADER
-        data = numpy.empty((count - 1) * segment + last, numpy.uint8)
-        data[:(count - 1) * segment].reshape(count - 1, segment)[:] = (
-            scratch[:full].reshape(count - 1, length)[:, _ETHERNET_HEADER:])
-        data[(count - 1) * segment:] = scratch[full + _ETHERNET_HEADER:end]
+        full = (count - 1) * segment
+        end = start + count - 1
+        data = numpy.empty(full + last - _ETHERNET_HEADER, numpy.uint8)
+        data[:full].reshape(count - 1, segment)[:] = rows[start:end, _ETHERNET_HEADER:length]
+        data[full:] = rows[end, _ETHERNET_HEADER:last]
         self._receiver(Train(data.tobytes(), segment), "lan")
 
     def stop(self):
@@ -437,8 +451,8 @@ class EthernetCarrier:
     def send_train(self, train, endpoint):
         """
         The frames of a split frame's datagrams laid out in one buffer (one
-        strided copy, the outer headers put in by column), then one C{send}
-        each: a packet socket has no GSO.
+        strided copy, the outer headers put in by column), all sent in one
+        C{sendmmsg}: a packet socket has no GSO.
         """
         data, segment = train.data, train.segment
         count = len(train)
@@ -453,14 +467,7 @@ class EthernetCarrier:
         # Outer addresses are the carried frame's (header bytes 20..32).
         grid[:, :_MACS_LEN] = grid[:, _ETHERNET_HEADER + 20:_ETHERNET_HEADER + 32]
         grid[:, _MACS_LEN:_ETHERNET_HEADER] = _ETHERTYPE_ROW
-        view = memoryview(frames)
-        send = self._socket.send
-        last = (count - 1) * length
-        for start in range(0, last + 1, length):
-            try:
-                send(view[start:start + length] if start < last else view[start:start + end])
-            except OSError:
-                self.errors += 1
+        self.errors += count - self._tx.send(self._socket.fileno(), frames, length, count, end)
 
     def flush(self):
         pass
