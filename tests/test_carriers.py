@@ -430,6 +430,25 @@ class EthernetReceiveTests(TestCase):
         link.feed([_outer(d) for d in ack + pieces + after])
         self.assertEqual(link.batches, [("tuple", ack, None), ("Train", pieces, 1500), ("tuple", after, None)])
 
+    def test_split_frame_across_receives(self):
+        """
+        A split frame whose pieces two receives take (the first also took
+        the frames before it) still comes out as one train; so does one
+        that the turn's last receive ends with.
+        """
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        acks = [sealer.seal(_super_frame(100 + i), 1500)[0] for i in range(40)]
+        pieces = sealer.seal(_super_frame(60000), 1500)
+        self.assertEqual(len(pieces), 41)
+        link = _LinkedCarrier(self)
+        link.feed([_outer(d) for d in acks + pieces])
+        self.assertEqual(link.batches[-1], ("Train", pieces, 1500))
+        self.assertEqual(link.batches[:-1], [("tuple", [ack], None) for ack in acks])
+        link = _LinkedCarrier(self)
+        link.carrier.BATCH = 64
+        link.feed([_outer(d) for d in acks + pieces])
+        self.assertEqual(link.batches[40], ("Train", pieces[:24], 1500))
+
     def test_train_opens(self):
         """
         The train the carrier makes of a super-frame's pieces is what the
@@ -454,8 +473,8 @@ class EthernetReceiveTests(TestCase):
         """
         A run ends at a shorter datagram (which it includes), before a
         longer one or a runt (a frame no longer than an Ethernet header,
-        skipped), and with the 64 frames of one recvmmsg; a frame of the
-        largest size is read whole.
+        skipped), and at 64 frames; it goes on from one recvmmsg to the
+        next; a frame of the largest size is read whole.
         """
         sizes = [(1400, 1), (1400, 2), (900, 3), (700, 4), (1400, 5), (1400, 6), (0, 0), (1400, 7),
                  (65535 - 14, 8), (300, 9)] + [(1000, 10 + i) for i in range(70)]
@@ -465,8 +484,8 @@ class EthernetReceiveTests(TestCase):
         self.assertEqual(
             [(kind, [len(x) for x in ds], segment) for kind, ds, segment in link.batches],
             [("Train", [1400, 1400, 900], 1400), ("tuple", [700], None), ("Train", [1400, 1400], 1400),
-             ("tuple", [1400], None), ("Train", [65521, 300], 65521), ("Train", [1000] * 54, 1000),
-             ("Train", [1000] * 16, 1000)])
+             ("tuple", [1400], None), ("Train", [65521, 300], 65521), ("Train", [1000] * 64, 1000),
+             ("Train", [1000] * 6, 1000)])
         self.assertEqual([x for _, ds, _ in link.batches for x in ds], [d for d in datagrams if d])
 
     def test_batch_bounded(self):

@@ -39,6 +39,7 @@ class _MMsgHdr(ctypes.Structure):
 
 
 _MSG_DONTWAIT = 0x40
+_MMSG_SIZE = ctypes.sizeof(_MMsgHdr)
 
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -92,20 +93,21 @@ class Batch:
             self._iov[:, 0] = self.rows.ctypes.data + numpy.arange(slots, dtype=numpy.uint64) * stride
             self._iov[:, 1] = stride
 
-    def receive(self, fd: int) -> list:
+    def receive(self, fd: int, first: int = 0) -> list:
         """
-        Receive up to C{slots} datagrams without waiting: their lengths (an
-        empty list when none was waiting), each in its row of L{rows}.
+        Receive datagrams without waiting into rows C{first}, C{first} + 1,
+        ... of L{rows} (as many as there are rows left): their lengths (an
+        empty list when none was waiting).
 
         @raise OSError: as C{recvmmsg} fails, but for C{EAGAIN}.
         """
-        n = _recvmmsg(fd, self._address, self.slots, _MSG_DONTWAIT, None)
+        n = _recvmmsg(fd, self._address + first * _MMSG_SIZE, self.slots - first, _MSG_DONTWAIT, None)
         if n < 0:
             code = ctypes.get_errno()
             if code in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return []
             raise OSError(code, os.strerror(code))
-        return self._lengths[:n].tolist()
+        return self._lengths[first:first + n].tolist()
 
     def send(self, fd: int, data: numpy.ndarray, length: int, count: int, last: int) -> int:
         """

@@ -369,24 +369,34 @@ class EthernetCarrier:
         (L{securelan.wire.train_ciphertext}) instead of piece by piece.
         """
         fd, batch = self._socket.fileno(), self._rx
-        for _ in range(self.BATCH // batch.slots):
+        slots = batch.slots
+        # Rows 0 .. len(carried) - 1 hold a run the last receive ended
+        # with, which this one may go on with.
+        carried = []
+        for _ in range(self.BATCH // slots):
             try:
-                lengths = batch.receive(fd)
+                lengths = carried + batch.receive(fd, len(carried))
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ENETDOWN):
-                    return
-                raise
-            self._deliver_runs(lengths)
-            if len(lengths) < batch.slots:
-                # recvmmsg stops short only when nothing more is waiting.
+                    lengths = carried
+                else:
+                    raise
+            # recvmmsg stops short only when nothing more is waiting.
+            more = len(lengths) == slots
+            carried = self._deliver_runs(lengths, more)
+            if not more:
                 return
+        self._deliver_runs(carried, False)
 
-    def _deliver_runs(self, lengths):
+    def _deliver_runs(self, lengths, more):
         """
         Hand on the frames of one receive (C{lengths} long, in the rows of
         the receiving batch) run by run: a run ends at a shorter frame
         (which it takes), before a longer one or a runt (no longer than an
-        Ethernet header, skipped), and at the end of the receive.
+        Ethernet header, skipped), and at the end of the receive.  With
+        C{more} (more frames are waiting), a run the receive ends with that
+        could go on is moved to the first rows instead, and its lengths
+        returned: the next receive goes on with it.
         """
         start = count = length = 0
         for i, n in enumerate(lengths):
@@ -402,8 +412,14 @@ class EthernetCarrier:
                 count = 0
             if n > _ETHERNET_HEADER:
                 start, count, length = i, 1, n
-        if count:
-            self._deliver(start, count, length, length)
+        if not count:
+            return []
+        if more and start:
+            rows = self._rx.rows
+            rows[:count, :length] = rows[start:start + count, :length]
+            return [length] * count
+        self._deliver(start, count, length, length)
+        return []
 
     def _deliver(self, start, count, length, last):
         """
