@@ -434,7 +434,8 @@ class EthernetReceiveTests(TestCase):
         """
         A split frame whose pieces two receives take (the first also took
         the frames before it) still comes out as one train; so does one
-        that the turn's last receive ends with.
+        that the turn's last receive ends with, when more frames wait; when
+        none waits, what it has goes at once.
         """
         sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
         acks = [sealer.seal(_super_frame(100 + i), 1500)[0] for i in range(40)]
@@ -446,8 +447,18 @@ class EthernetReceiveTests(TestCase):
         self.assertEqual(link.batches[:-1], [("tuple", [ack], None) for ack in acks])
         link = _LinkedCarrier(self)
         link.carrier.BATCH = 64
-        link.feed([_outer(d) for d in acks + pieces])
-        self.assertEqual(link.batches[40], ("Train", pieces[:24], 1500))
+        for frame in [_outer(d) for d in acks + pieces]:
+            link.wire.send(frame)
+        link.carrier._read()
+        self.assertEqual(link.batches, [("tuple", [ack], None) for ack in acks])
+        link.carrier._read()
+        self.assertEqual(link.batches[40:], [("Train", pieces, 1500)])
+        link = _LinkedCarrier(self)
+        link.carrier.BATCH = 64
+        for frame in [_outer(d) for d in acks + pieces[:24]]:
+            link.wire.send(frame)
+        link.carrier._read()
+        self.assertEqual(link.batches[40:], [("Train", pieces[:24], 1500)])
 
     def test_train_opens(self):
         """

@@ -17,9 +17,11 @@ fragmentation.
 """
 
 import errno
+import fcntl
 import ipaddress
 import socket
 import struct
+import termios
 
 import numpy
 from twisted.internet import abstract
@@ -45,6 +47,14 @@ _ETHERTYPE_ROW = numpy.frombuffer(_ETHERTYPE_BYTES, numpy.uint8)
 _MAX_FRAME = 65536 + 64
 #: Frames per sendmmsg or recvmmsg: the pieces of the largest split frame.
 _MMSG_SLOTS = MAX_FRAGMENTS
+
+
+def _waiting(fd) -> bool:
+    """
+    Whether a datagram waits on the socket (C{SIOCINQ}: the length of the
+    next one).
+    """
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0
 
 
 def parse_udp_endpoint(text: str, family=None):
@@ -329,6 +339,7 @@ class EthernetCarrier:
         self._receiver = None
         self.errors = 0
         self._rx = self._tx = None
+        self._carried = []
 
     def start(self, receiver):
         if not _mmsg.available():
@@ -358,6 +369,7 @@ class EthernetCarrier:
         self._receiver = receiver
         self._rx = _mmsg.Batch(_MMSG_SLOTS, _MAX_FRAME)
         self._tx = _mmsg.Batch(_MMSG_SLOTS)
+        self._carried = []
 
     def _read(self):
         """
@@ -372,7 +384,7 @@ class EthernetCarrier:
         slots = batch.slots
         # Rows 0 .. len(carried) - 1 hold a run the last receive ended
         # with, which this one may go on with.
-        carried = []
+        carried, self._carried = self._carried, []
         for _ in range(self.BATCH // slots):
             try:
                 lengths = carried + batch.receive(fd, len(carried))
@@ -386,7 +398,11 @@ class EthernetCarrier:
             carried = self._deliver_runs(lengths, more)
             if not more:
                 return
-        self._deliver_runs(carried, False)
+        if carried and _waiting(fd):
+            # The socket stays readable: the next turn goes on with it.
+            self._carried = carried
+        else:
+            self._deliver_runs(carried, False)
 
     def _deliver_runs(self, lengths, more):
         """
