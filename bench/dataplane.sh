@@ -67,6 +67,11 @@ OUT=${OUT:-$BENCH/results/$DATE}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SCRATCH=${TMPDIR:-/tmp}/securelan-dataplane
+# Run from an empty directory: a securelan package in the working directory
+# must not be what the daemons import (see BENCHMARKS.md, "Start them
+# outside the checkout").
+RUNDIR=$(mktemp -d)
+cd "$RUNDIR"
 VENV=${SECURELAN_BENCH_VENV:-${TMPDIR:-/tmp}/securelan-bench-venv}
 log() { echo "[dataplane $(date +%T)] $*" >&2; }
 
@@ -111,6 +116,7 @@ finish() {
   local p
   for p in "${BGPIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   "$PEERBENCH" cleanup >/dev/null 2>&1 || true
+  rm -rf "$RUNDIR"
 }
 trap finish EXIT
 trap 'exit 130' INT TERM
