@@ -288,8 +288,9 @@ class ICarrier(Interface):
     can_broadcast = Attribute(
         "True when one send reaches every member (so no per-member fan-out).")
     pieces_per_send = Attribute(
-        "How many datagrams of one frame leave in one system call at most"
-        " (UDP GSO), or None when each leaves on its own.")
+        "How many datagrams of one frame one UDP GSO send takes at most, which"
+        " bounds the super-frames worth taking from the device; None when the"
+        " carrier has no such bound (no GSO).")
 
     def start(receiver):
         """

@@ -1,6 +1,8 @@
 """
 Tests for L{securelan.agent.carriers}: the udp carrier on real loopback
-sockets (UDP GSO out, UDP GRO in).
+sockets (UDP GSO out, UDP GRO in); the ethernet carrier on a real datagram
+socket pair (sendmmsg and recvmmsg, L{securelan.agent._mmsg}) and, for
+single sends, a recording socket.
 """
 
 import socket
@@ -316,18 +318,27 @@ class _LinkedCarrier:
         self.batches.append((type(datagrams).__name__, [bytes(d) for d in datagrams],
                              getattr(datagrams, "segment", None)))
 
+    def put(self, frame):
+        """
+        Put C{frame} on the wire, letting the carrier read first if the
+        socket is full.
+        """
+        try:
+            self.wire.send(frame)
+        except BlockingIOError:
+            self.carrier._read()
+            self.wire.send(frame)
+
     def feed(self, frames):
         """
-        Put C{frames} on the wire, letting the carrier read whenever the
-        socket is full; then let it read the rest.
+        Put C{frames} on the wire, then let the carrier read until the
+        socket is empty.
         """
+        from securelan.agent.carriers import _waiting
+
         for frame in frames:
-            try:
-                self.wire.send(frame)
-            except BlockingIOError:
-                self.carrier._read()
-                self.wire.send(frame)
-        for _ in range(len(frames) // self.carrier.BATCH + 2):
+            self.put(frame)
+        while _waiting(self.carrier._socket.fileno()) or self.carrier._carried:
             self.carrier._read()
 
     def sent(self):
@@ -378,6 +389,52 @@ class EthernetCarrierTests(TestCase):
             expected = [_outer(d) for d in twin.seal(frame, 1500)]
             self.assertEqual(len(expected), 6 if size == 7680 else 41)
             self.assertEqual((link.sent(), link.carrier.errors), (expected, 0))
+
+    def test_sealed_train_last_piece_full(self):
+        """
+        A split frame whose last piece is as long as the others leaves
+        whole, every frame full-sized.
+        """
+        sealer = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        twin = Sealer(SecretKey(bytes(32)), TYPE_PAIR, 1, 1)
+        # 5 pieces of 1,468 bytes of ciphertext: the frame less its MACs,
+        # and the tag.
+        frame = _super_frame(5 * 1468 - 16 + 12 - 14)
+        link = _LinkedCarrier(self)
+        link.carrier.send_train(sealer.seal_for_carrier(frame, 1500), "lan")
+        expected = [_outer(d) for d in twin.seal(frame, 1500)]
+        self.assertEqual([len(f) for f in expected], [1514] * 5)
+        self.assertEqual((link.sent(), link.carrier.errors), (expected, 0))
+
+    def test_needs_mmsg(self):
+        """
+        Without sendmmsg and recvmmsg in the C library the carrier does not
+        start, and says why.
+        """
+        from securelan.agent import _mmsg
+
+        self.patch(_mmsg, "available", lambda: False)
+        e = self.assertRaises(OSError, EthernetCarrier("lan0", 1500, reactor).start, lambda *a: None)
+        self.assertIn("sendmmsg and recvmmsg", str(e))
+
+    def test_batch_refuses_what_does_not_fit(self):
+        """
+        The message tables are never pointed outside the buffers they are
+        given: a row past the last, or datagrams longer than the buffer.
+        """
+        import numpy
+
+        from securelan.agent._mmsg import Batch
+
+        rows, sender = Batch(4, 100), Batch(4)
+        self.assertRaises(ValueError, rows.receive, -1, 4)
+        data = numpy.zeros(250, numpy.uint8)
+        self.assertRaises(ValueError, sender.send, -1, data, 100, 3, 51)
+        self.assertRaises(ValueError, sender.send, -1, data, 100, 3, 101)
+        self.assertRaises(ValueError, sender.send, -1, data, 100, 5, 10)
+        self.assertRaises(ValueError, sender.send, -1, data[::2], 50, 2, 50)
+        # A socket that is gone: nothing sent, nothing raised.
+        self.assertEqual(sender.send(-1, data, 100, 3, 50), 0)
 
     def test_full_socket_counted(self):
         """
@@ -499,6 +556,58 @@ class EthernetReceiveTests(TestCase):
              ("Train", [1000] * 6, 1000)])
         self.assertEqual([x for _, ds, _ in link.batches for x in ds], [d for d in datagrams if d])
 
+    def test_short_and_long_frames_skipped(self):
+        """
+        A frame no longer than an Ethernet header, and one longer than the
+        longest a packet socket can take, are skipped; the frames around
+        them are not touched.
+        """
+        from securelan.agent.carriers import _MAX_FRAME
+
+        link = _LinkedCarrier(self)
+        good = [bytes([i]) * 700 for i in range(4)]
+        link.feed([bytes(14) + good[0], b"", bytes(5), bytes(14), bytes(14) + good[1],
+                   bytes(_MAX_FRAME + 1), bytes(14) + good[2], bytes(14) + good[3]])
+        self.assertEqual([x for _, ds, _ in link.batches for x in ds], good)
+
+    def test_receiver_stops_carrier(self):
+        """
+        A receiver that stops the carrier gets nothing more, and the carrier
+        reads no more from the socket.
+        """
+        for sizes in ((100, 200, 300, 400), (400, 300, 200, 100)):
+            link = _LinkedCarrier(self)
+            for size in sizes:
+                link.wire.send(bytes(14) + bytes(size))
+            got = []
+
+            def receive(datagrams, source):
+                got.append([len(d) for d in datagrams])
+                link.carrier.stop()
+
+            link.carrier._receiver = receive
+            link.carrier._read()
+            self.assertEqual(got, [list(sizes[:1])] if sizes[0] < sizes[1] else [list(sizes[:2])])
+
+    def test_stop_drops_carried_run(self):
+        """
+        A run carried to the next turn goes with the carrier when it stops:
+        started again on another socket, it hands on only that socket's
+        frames.
+        """
+        link = _LinkedCarrier(self)
+        link.carrier.BATCH = 64
+        for i in range(80):
+            link.wire.send(bytes(14) + bytes([i]) * (700 if i < 40 else 1000))
+        link.carrier._read()
+        self.assertTrue(link.carrier._carried)
+        link.carrier.stop()
+        fresh = _LinkedCarrier(self)
+        link.carrier._use(fresh.carrier._socket, fresh._received)
+        fresh.wire.send(bytes(14) + b"fresh")
+        link.carrier._read()
+        self.assertEqual(fresh.batches, [("tuple", [b"fresh"], None)])
+
     def test_batch_bounded(self):
         """
         One turn of the reactor takes at most BATCH frames; the rest wait
@@ -534,3 +643,27 @@ class EthernetReceiveTests(TestCase):
                 self.assertLessEqual(len(ds[-1]), segment)
             else:
                 self.assertEqual(len(ds), 1)
+
+    @settings(deadline=None, derandomize=True, database=None, max_examples=150,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.one_of(st.sampled_from([500, 1000, 1486]), st.integers(1, 1486)),
+                              st.integers(1, 64), st.integers(0, 1486)), min_size=1, max_size=30),
+           st.sampled_from([64, 128, 256]), st.lists(st.integers(0, 1500), max_size=8))
+    def test_any_turns(self, trains, batch, reads):
+        """
+        Trains of same-sized frames (a shorter or runt one after each), in
+        any number, whenever the reactor reads, with runs carried from one
+        receive, and one turn, to the next: every datagram comes out once,
+        in order, whole, and nothing stays behind once the socket is empty.
+        """
+        sizes = [size for segment, count, last in trains for size in [segment] * count + [last]]
+        datagrams = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+        link = _LinkedCarrier(self)
+        link.carrier.BATCH = batch
+        reads = set(reads)
+        for i, datagram in enumerate(datagrams):
+            link.put(bytes(14) + datagram)
+            if i in reads:
+                link.carrier._read()
+        link.feed([])
+        self.assertEqual([x for _, ds, _ in link.batches for x in ds], [d for d in datagrams if d])

@@ -38,6 +38,7 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
 
 
+_MSG_TRUNC = 0x20
 _MSG_DONTWAIT = 0x40
 _MMSG_SIZE = ctypes.sizeof(_MMsgHdr)
 
@@ -57,9 +58,10 @@ else:
 def available() -> bool:
     """
     Whether the C library has C{sendmmsg} and C{recvmmsg} (glibc since 2.14,
-    musl: yes).
+    musl: yes), on a 64-bit platform (the tables are filled as 64-bit
+    words).
     """
-    return _sendmmsg is not None
+    return _sendmmsg is not None and ctypes.sizeof(ctypes.c_void_p) == 8
 
 
 class Batch:
@@ -97,11 +99,16 @@ class Batch:
         """
         Receive datagrams without waiting into rows C{first}, C{first} + 1,
         ... of L{rows} (as many as there are rows left): their lengths (an
-        empty list when none was waiting).
+        empty list when none was waiting).  A length above the stride is a
+        datagram cut to its row.
 
         @raise OSError: as C{recvmmsg} fails, but for C{EAGAIN}.
         """
-        n = _recvmmsg(fd, self._address + first * _MMSG_SIZE, self.slots - first, _MSG_DONTWAIT, None)
+        if not 0 <= first < self.slots:
+            raise ValueError(f"no row {first} of {self.slots}")
+        # With MSG_TRUNC a datagram longer than its row reports its whole
+        # length, so the caller can tell it was cut.
+        n = _recvmmsg(fd, self._address + first * _MMSG_SIZE, self.slots - first, _MSG_DONTWAIT | _MSG_TRUNC, None)
         if n < 0:
             code = ctypes.get_errno()
             if code in (errno.EAGAIN, errno.EWOULDBLOCK):
@@ -112,12 +119,16 @@ class Batch:
     def send(self, fd: int, data: numpy.ndarray, length: int, count: int, last: int) -> int:
         """
         Send C{count} datagrams laid end to end in C{data} (a contiguous
-        numpy buffer), each C{length} bytes but the last (C{last} bytes),
-        without waiting: how many left (the rest were refused: a full
-        socket buffer, a device that is down).
+        numpy buffer), each C{length} bytes but the last (C{last} bytes, no
+        more than C{length}), without waiting: how many were sent (the rest
+        were refused: a full socket buffer, a device that is down).
         """
         if not 0 < count <= self.slots:
             raise ValueError(f"1 to {self.slots} datagrams in one batch")
+        # The kernel reads what the table says: it must lie in data.
+        if not (data.flags.c_contiguous and 0 < last <= length
+                and data.nbytes >= (count - 1) * length + last):
+            raise ValueError("the datagrams do not fit the buffer")
         iov = self._iov[:count]
         iov[:, 0] = data.ctypes.data + numpy.arange(count, dtype=numpy.uint64) * length
         iov[:, 1] = length

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_agent -*-
+# -*- test-case-name: tests.test_carriers,tests.test_agent -*-
 """
 Carriers: how encrypted datagrams travel between members.
 
@@ -43,7 +43,7 @@ _MACS_LEN = 12
 _ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
 _ETHERTYPE_ROW = numpy.frombuffer(_ETHERTYPE_BYTES, numpy.uint8)
 #: The longest frame read from a packet socket: an MTU of 65,535, the
-#: Ethernet header and a VLAN tag, rounded up.
+#: Ethernet header and a VLAN tag, rounded up (a longer one is skipped).
 _MAX_FRAME = 65536 + 64
 #: Frames per sendmmsg or recvmmsg: the pieces of the largest split frame.
 _MMSG_SLOTS = MAX_FRAGMENTS
@@ -373,19 +373,19 @@ class EthernetCarrier:
 
     def _read(self):
         """
-        Take the frames the socket holds, up to 64 per system call and
+        Take the frames the socket holds, up to 64 per system call and about
         L{BATCH} per turn, and hand each run of consecutive datagrams of one
         size (the last may be shorter) to the receiver as one L{Train}, as
-        UDP GRO hands over the pieces of a super-frame: the data plane then
-        takes a whole split frame at once
+        UDP GRO hands over the pieces of a super-frame (a frame alone, as a
+        1-tuple): the data plane then takes a whole split frame at once
         (L{securelan.wire.train_ciphertext}) instead of piece by piece.
         """
-        fd, batch = self._socket.fileno(), self._rx
-        slots = batch.slots
+        batch = self._rx
+        fd, slots = self._socket.fileno(), batch.slots
         # Rows 0 .. len(carried) - 1 hold a run the last receive ended
         # with, which this one may go on with.
         carried, self._carried = self._carried, []
-        for _ in range(self.BATCH // slots):
+        for _ in range(max(1, self.BATCH // slots)):
             try:
                 lengths = carried + batch.receive(fd, len(carried))
             except OSError as e:
@@ -393,58 +393,65 @@ class EthernetCarrier:
                     lengths = carried
                 else:
                     raise
-            # recvmmsg stops short only when nothing more is waiting.
+            # recvmmsg stops short when nothing more is waiting (or at an
+            # error, which the next call reports).
             more = len(lengths) == slots
-            carried = self._deliver_runs(lengths, more)
-            if not more:
+            carried = self._deliver_runs(batch, lengths, more)
+            if self._rx is not batch or not more:
+                # Done, or the receiver stopped the carrier (or started it
+                # afresh on another socket).
                 return
         if carried and _waiting(fd):
             # The socket stays readable: the next turn goes on with it.
             self._carried = carried
         else:
-            self._deliver_runs(carried, False)
+            self._deliver_runs(batch, carried, False)
 
-    def _deliver_runs(self, lengths, more):
+    def _deliver_runs(self, batch, lengths, more):
         """
         Hand on the frames of one receive (C{lengths} long, in the rows of
-        the receiving batch) run by run: a run ends at a shorter frame
-        (which it takes), before a longer one or a runt (no longer than an
-        Ethernet header, skipped), and at the end of the receive.  With
-        C{more} (more frames are waiting), a run the receive ends with that
-        could go on is moved to the first rows instead, and its lengths
-        returned: the next receive goes on with it.
+        C{batch}) run by run: a run ends at a shorter frame (which it
+        takes), before a longer one or a frame that is skipped (no longer
+        than an Ethernet header, or longer than a row), and at the end of
+        the receive.  With C{more} (more frames are waiting), a run the
+        receive ends with that could go on is moved to the first rows
+        instead, and its lengths returned: the next receive goes on with it.
+        Nothing more is handed on once the receiver has stopped the carrier.
         """
+        rows = batch.rows
         start = count = length = 0
         for i, n in enumerate(lengths):
             if count and _ETHERNET_HEADER < n <= length:
                 count += 1
                 if n < length:
                     # A shorter datagram ends a run, as in a GRO read.
-                    self._deliver(start, count, length, n)
+                    self._deliver(rows, start, count, length, n)
+                    if self._rx is not batch:
+                        return []
                     count = 0
                 continue
             if count:
-                self._deliver(start, count, length, length)
+                self._deliver(rows, start, count, length, length)
+                if self._rx is not batch:
+                    return []
                 count = 0
-            if n > _ETHERNET_HEADER:
+            if _ETHERNET_HEADER < n <= _MAX_FRAME:
                 start, count, length = i, 1, n
         if not count:
             return []
         if more and start:
-            rows = self._rx.rows
             rows[:count, :length] = rows[start:start + count, :length]
             return [length] * count
-        self._deliver(start, count, length, length)
+        self._deliver(rows, start, count, length, length)
         return []
 
-    def _deliver(self, start, count, length, last):
+    def _deliver(self, rows, start, count, length, last):
         """
         Hand the receiver the datagrams of the C{count} frames received into
         rows C{start}, C{start} + 1, ..., each C{length} bytes long but the
         last (C{last} bytes): their Ethernet headers dropped, the datagrams
         copied out of the rows (which the next receive reuses).
         """
-        rows = self._rx.rows
         if count == 1:
             return self._receiver((rows[start, _ETHERNET_HEADER:last].tobytes(),), "lan")
         segment = length - _ETHERNET_HEADER
@@ -456,6 +463,8 @@ class EthernetCarrier:
         self._receiver(Train(data.tobytes(), segment), "lan")
 
     def stop(self):
+        # A run carried to the next turn goes with the socket.
+        self._rx, self._carried = None, []
         if self._reader is not None:
             reader, self._reader = self._reader, None
             reader.stopReading()
@@ -496,7 +505,8 @@ class EthernetCarrier:
         grid[:count - 1, _ETHERNET_HEADER:] = datagrams[:full].reshape(count - 1, segment)
         end = len(data) - full + _ETHERNET_HEADER
         grid[count - 1, _ETHERNET_HEADER:end] = datagrams[full:]
-        # Outer addresses are the carried frame's (header bytes 20..32).
+        # Outer addresses are the carried frame's (header bytes 20..32;
+        # every datagram, the last too, holds a whole header).
         grid[:, :_MACS_LEN] = grid[:, _ETHERNET_HEADER + 20:_ETHERNET_HEADER + 32]
         grid[:, _MACS_LEN:_ETHERNET_HEADER] = _ETHERTYPE_ROW
         self.errors += count - self._tx.send(self._socket.fileno(), frames, length, count, end)

@@ -95,7 +95,8 @@ def super_frame_limit(carrier):
     The largest TSO super-frame the kernel should hand the agent (the
     device's C{gso_max_size}): one whose datagrams all leave in one send of
     C{carrier}, and so arrive in one UDP GRO read.  None when the carrier
-    sends each datagram on its own.
+    has no GSO bound (the ethernet carrier: any split frame's frames leave
+    in one C{sendmmsg}).
     """
     pieces = carrier.pieces_per_send
     return largest_split_frame(carrier.max_datagram, pieces) if pieces else None
