@@ -50,7 +50,17 @@ class StatusFormatTests(SynchronousTestCase):
         self.assertIn("key server: keyserver.test@127.0.0.1:7443  connected", text)
         self.assertIn("group key: epoch 1", text)
         self.assertNotIn("split frames", text)
+        self.assertNotIn("receive failures", text)
         json.dumps(status)
+
+    def test_format_receive_failures(self):
+        """
+        Batches of received datagrams whose handling failed are shown once
+        there are any, with where to look.
+        """
+        status = sample_status(self.mktemp())
+        status["carrier_receive_failures"] = 3
+        self.assertIn("carrier receive failures: 3 (batches dropped: see the log)", format_status(status))
 
     def test_format_split_frames(self):
         """

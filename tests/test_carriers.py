@@ -667,3 +667,47 @@ class EthernetReceiveTests(TestCase):
                 link.carrier._read()
         link.feed([])
         self.assertEqual([x for _, ds, _ in link.batches for x in ds], [d for d in datagrams if d])
+
+
+class ReceiveFailureTests(TestCase):
+    """
+    An exception while handling received datagrams costs that batch, not
+    the carrier: it is counted and logged, and the next datagrams arrive.
+    """
+
+    def failing_once(self):
+        got = []
+
+        def receive(datagrams, source):
+            if not got:
+                got.append(None)
+                raise ZeroDivisionError("a bug in the data plane")
+            got.extend(bytes(d) for d in datagrams)
+
+        return got, receive
+
+    def test_udp(self):
+        got, receive = self.failing_once()
+        carrier = UDPCarrier("127.0.0.1", 0, 1500, "", reactor)
+        carrier.start(receive)
+        self.addCleanup(carrier.stop)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        for count, payload in enumerate((b"first", b"second"), 1):
+            sender.sendto(payload, ("127.0.0.1", carrier.port))
+            # Loopback delivers at once, nearly always: a few reads at most.
+            for _ in range(100):
+                carrier._read()
+                if len(got) == count:
+                    break
+        self.assertEqual((got[1:], carrier.receive_failures), ([b"second"], 1))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_ethernet(self):
+        got, receive = self.failing_once()
+        link = _LinkedCarrier(self)
+        link.carrier._use(link.carrier._socket, receive)
+        link.feed([bytes(14) + b"first"])
+        link.feed([bytes(14) + b"second"])
+        self.assertEqual((got[1:], link.carrier.receive_failures), ([b"second"], 1))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

@@ -28,7 +28,8 @@ class _Agent:
         self.member = member
 
     def status(self):
-        return {"carrier_errors": 0, "role": {"device_write_errors": 0, **self.member.dataplane.status()}}
+        return {"carrier_errors": 0, "carrier_receive_failures": 2,
+                "role": {"device_write_errors": 0, **self.member.dataplane.status()}}
 
 
 class MetricsTests(SynchronousTestCase):
@@ -65,6 +66,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn('securelan_agent_drops_total{reason="short"} 1.0', bob)
         self.assertIn("securelan_agent_peers 1.0", alice)
         self.assertIn('securelan_agent_split_frames_total{how="in_order"} 0.0', bob)
+        self.assertIn('securelan_agent_errors_total{where="carrier_receive"} 2.0', bob)
 
     def test_agent_split_frames(self):
         """

@@ -49,6 +49,26 @@ _MAX_FRAME = 65536 + 64
 _MMSG_SLOTS = MAX_FRAGMENTS
 
 
+def _guarded(carrier, receiver):
+    """
+    C{receiver}, such that an exception it raises while handling what
+    arrived costs that batch (counted in C{carrier.receive_failures}, and
+    logged, the first ten and then every thousandth), not the carrier: an
+    exception out of a read would make Twisted close the socket, and the
+    agent would hear nothing more until restarted.
+    """
+    def receive(datagrams, source):
+        try:
+            receiver(datagrams, source)
+        except Exception:
+            carrier.receive_failures += 1
+            if carrier.receive_failures <= 10 or not carrier.receive_failures % 1000:
+                log.failure("{carrier} carrier: handling received datagrams failed ({count} so far); they are"
+                            " dropped", carrier=carrier.name, count=carrier.receive_failures)
+
+    return receive
+
+
 def _waiting(fd) -> bool:
     """
     Whether a datagram waits on the socket (C{SIOCINQ}: the length of the
@@ -146,6 +166,8 @@ class UDPCarrier:
         self.pieces_per_send = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // self.max_datagram)
         self.endpoint = advertise or f":{port}"
         self.errors = 0
+        #: Batches of received datagrams whose handling raised (dropped).
+        self.receive_failures = 0
         self.gso = self.gro = False
         self._socket = None
         self._reader = None
@@ -173,7 +195,7 @@ class UDPCarrier:
             if self.endpoint == ":0":
                 self.endpoint = f":{self.port}"
         self._socket = sock
-        self._receiver = receiver
+        self._receiver = _guarded(self, receiver)
         self._reader = _SocketReader(sock, self._read, self.reactor)
         self._reader.startReading()
 
@@ -338,6 +360,8 @@ class EthernetCarrier:
         self._socket = None
         self._receiver = None
         self.errors = 0
+        #: Batches of received datagrams whose handling raised (dropped).
+        self.receive_failures = 0
         self._rx = self._tx = None
         self._carried = []
 
@@ -366,7 +390,7 @@ class EthernetCarrier:
         any datagram socket), handing what arrives to C{receiver}.
         """
         self._socket = sock
-        self._receiver = receiver
+        self._receiver = _guarded(self, receiver)
         self._rx = _mmsg.Batch(_MMSG_SLOTS, _MAX_FRAME)
         self._tx = _mmsg.Batch(_MMSG_SLOTS)
         self._carried = []

@@ -102,6 +102,7 @@ class AgentService(service.Service):
             "role_name": self.role.name,
             "carrier": self.carrier.name,
             "carrier_errors": self.carrier.errors,
+            "carrier_receive_failures": getattr(self.carrier, "receive_failures", 0),
             "key_servers": [{"address": str(a), "connected": a == current}
                             for a in self.config.key_servers],
             "role": self.role.status(),
