@@ -54,6 +54,28 @@ def logger(namespace=None) -> Logger:
     return Logger(namespace=namespace, observer=_filtered)
 
 
+def contain(call, owner, counter: str, log: Logger, message: str, **fields):
+    """
+    C{call}, such that an exception it raises is counted in C{owner}'s
+    attribute C{counter} and logged with its traceback (the first ten, then
+    every thousandth; C{message} may use C{{count}} and C{fields}) instead
+    of raised.  For what a reader hands its input to: an exception out of a
+    reader's C{doRead} makes Twisted close what it reads, and the agent
+    would take in nothing more until restarted.
+    """
+
+    def contained(*args):
+        try:
+            return call(*args)
+        except Exception:
+            count = getattr(owner, counter) + 1
+            setattr(owner, counter, count)
+            if count <= 10 or not count % 1000:
+                log.failure(message, count=count, **fields)
+
+    return contained
+
+
 def set_level(name: str):
     """
     Let securelan's events of level C{name} (one of L{LEVELS}) and above

@@ -123,11 +123,13 @@ class AgentCollector:
         epoch = GaugeMetricFamily("securelan_agent_group_epoch", "The group key's epoch held.")
         epoch.add_metric([], group.get("epoch", 0))
         yield epoch
-        errors = CounterMetricFamily("securelan_agent_errors", "Send errors, and batches of received datagrams"
-                                     " whose handling failed (carrier_receive).", labels=["where"])
+        errors = CounterMetricFamily("securelan_agent_errors", "Send errors, and input whose handling failed"
+                                     " (carrier_receive: batches of datagrams, device_read: frames from the host).",
+                                     labels=["where"])
         errors.add_metric(["carrier"], status.get("carrier_errors", 0))
         errors.add_metric(["device"], role.get("device_write_errors", 0))
         errors.add_metric(["carrier_receive"], status.get("carrier_receive_failures", 0))
+        errors.add_metric(["device_read"], role.get("device_read_failures", 0))
         yield errors
         keys = CounterMetricFamily("securelan_agent_key_events", "Rekeys asked for, keepalives sent, "
                                    "keys found past their lifetime.", labels=["event"])

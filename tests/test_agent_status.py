@@ -55,12 +55,14 @@ class StatusFormatTests(SynchronousTestCase):
 
     def test_format_receive_failures(self):
         """
-        Batches of received datagrams whose handling failed are shown once
-        there are any, with where to look.
+        Received datagrams, and frames from the host, whose handling failed
+        are shown once there are any, with where to look.
         """
         status = sample_status(self.mktemp())
         status["carrier_receive_failures"] = 3
-        self.assertIn("carrier receive failures: 3 (batches dropped: see the log)", format_status(status))
+        status["role"]["device_read_failures"] = 1
+        self.assertIn("carrier receive failures: 3  device read failures: 1  (dropped: see the log)",
+                      format_status(status))
 
     def test_format_split_frames(self):
         """

@@ -8,7 +8,7 @@ import json
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from securelan.logs import json_observer
+from securelan.logs import contain, json_observer
 
 
 class JSONLogTests(SynchronousTestCase):
@@ -79,3 +79,27 @@ class QuietAMPTests(SynchronousTestCase):
             protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual([e for e in logs.events if "connection" in e.get("log_format", "")], [])
         self.assertIsNone(protocol.transport)
+
+
+class ContainTests(SynchronousTestCase):
+    def test_counted_and_logged_sparingly(self):
+        """
+        What the call returns passes through; each exception is counted and
+        not raised, and logged the first ten times, then every thousandth.
+        """
+        class Owner:
+            failures = 0
+
+        owner = Owner()
+
+        def call(x):
+            if x < 0:
+                raise ValueError("a bug")
+            return x * 2
+
+        contained = contain(call, owner, "failures", Logger(), "failed ({count} so far) on {what}", what="test")
+        self.assertEqual(contained(21), 42)
+        for _ in range(2000):
+            self.assertIsNone(contained(-1))
+        self.assertEqual(owner.failures, 2000)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 12)

@@ -29,7 +29,7 @@ class _Agent:
 
     def status(self):
         return {"carrier_errors": 0, "carrier_receive_failures": 2,
-                "role": {"device_write_errors": 0, **self.member.dataplane.status()}}
+                "role": {"device_write_errors": 0, "device_read_failures": 3, **self.member.dataplane.status()}}
 
 
 class MetricsTests(SynchronousTestCase):
@@ -67,6 +67,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn("securelan_agent_peers 1.0", alice)
         self.assertIn('securelan_agent_split_frames_total{how="in_order"} 0.0', bob)
         self.assertIn('securelan_agent_errors_total{where="carrier_receive"} 2.0', bob)
+        self.assertIn('securelan_agent_errors_total{where="device_read"} 3.0', bob)
 
     def test_agent_split_frames(self):
         """

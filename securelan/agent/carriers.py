@@ -27,7 +27,7 @@ import numpy
 from twisted.internet import abstract
 from zope.interface import implementer
 
-from ..logs import logger
+from ..logs import contain, logger
 from .._interfaces import ICarrier
 from ..addresses import AddressError, parse_host_port
 from ..wire import MAX_FRAGMENTS, Train, max_datagram
@@ -49,24 +49,15 @@ _MAX_FRAME = 65536 + 64
 _MMSG_SLOTS = MAX_FRAGMENTS
 
 
-def _guarded(carrier, receiver):
+def _contained(carrier, receiver):
     """
     C{receiver}, such that an exception it raises while handling what
-    arrived costs that batch (counted in C{carrier.receive_failures}, and
-    logged, the first ten and then every thousandth), not the carrier: an
-    exception out of a read would make Twisted close the socket, and the
-    agent would hear nothing more until restarted.
+    arrived costs that batch (counted in C{carrier.receive_failures}), not
+    the carrier.
     """
-    def receive(datagrams, source):
-        try:
-            receiver(datagrams, source)
-        except Exception:
-            carrier.receive_failures += 1
-            if carrier.receive_failures <= 10 or not carrier.receive_failures % 1000:
-                log.failure("{carrier} carrier: handling received datagrams failed ({count} so far); they are"
-                            " dropped", carrier=carrier.name, count=carrier.receive_failures)
-
-    return receive
+    return contain(receiver, carrier, "receive_failures", log,
+                   "{carrier} carrier: handling received datagrams failed ({count} so far); they are dropped",
+                   carrier=carrier.name)
 
 
 def _waiting(fd) -> bool:
@@ -195,7 +186,7 @@ class UDPCarrier:
             if self.endpoint == ":0":
                 self.endpoint = f":{self.port}"
         self._socket = sock
-        self._receiver = _guarded(self, receiver)
+        self._receiver = _contained(self, receiver)
         self._reader = _SocketReader(sock, self._read, self.reactor)
         self._reader.startReading()
 
@@ -390,7 +381,7 @@ class EthernetCarrier:
         any datagram socket), handing what arrives to C{receiver}.
         """
         self._socket = sock
-        self._receiver = _guarded(self, receiver)
+        self._receiver = _contained(self, receiver)
         self._rx = _mmsg.Batch(_MMSG_SLOTS, _MAX_FRAME)
         self._tx = _mmsg.Batch(_MMSG_SLOTS)
         self._carried = []

@@ -27,7 +27,7 @@ import subprocess
 from twisted.internet import abstract
 from zope.interface import implementer
 
-from ..logs import logger
+from ..logs import contain, logger
 from .._interfaces import IDevice
 from ..addresses import format_mac
 
@@ -141,6 +141,8 @@ class TapDevice:
         self._receiver = None
         self._flush = None
         self.write_errors = 0
+        #: Frames from the host whose handling raised (dropped).
+        self.read_failures = 0
         self.offload_frames = 0
 
     def start(self, receiver, flush=None):
@@ -179,7 +181,10 @@ class TapDevice:
         except DeviceError:
             self.stop()
             raise
-        self._receiver = receiver
+        # An exception out of a read would close the reader for good.
+        self._receiver = contain(receiver, self, "read_failures", log,
+                                 "{kind} device {name}: handling a frame from the host failed ({count} so far);"
+                                 " it is dropped", kind=self.KIND, name=self.name)
         self._flush = flush
         self._reader = _Reader(self, self._reactor)
         self._reader.startReading()

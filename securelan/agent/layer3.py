@@ -91,6 +91,10 @@ class Layer3Device:
         return getattr(self.tun, "write_errors", 0)
 
     @property
+    def read_failures(self):
+        return getattr(self.tun, "read_failures", 0)
+
+    @property
     def system(self):
         return self.tun.system
 

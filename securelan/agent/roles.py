@@ -263,7 +263,8 @@ class ClientRole:
             log.failure("setting routes to other subnets")
     def status(self):
         base = {"device": self.device.name if self.device else None, "not_ready": self.not_ready,
-                "device_write_errors": getattr(self.device, "write_errors", 0)}
+                "device_write_errors": getattr(self.device, "write_errors", 0),
+                "device_read_failures": getattr(self.device, "read_failures", 0)}
         if self.dataplane is not None:
             base.update(self.dataplane.status())
         if self.layer3 is not None:

@@ -45,8 +45,9 @@ def format_status(status: dict) -> str:
                f"reassembly drops: {role.get('reassembly_drops', 0)}  "
                f"carrier errors: {status.get('carrier_errors', 0)}  "
                f"device write errors: {role.get('device_write_errors', 0)}")
-    if status.get("carrier_receive_failures"):
-        out.append(f"carrier receive failures: {status['carrier_receive_failures']} (batches dropped: see the log)")
+    if status.get("carrier_receive_failures") or role.get("device_read_failures"):
+        out.append(f"carrier receive failures: {status.get('carrier_receive_failures', 0)}  "
+                   f"device read failures: {role.get('device_read_failures', 0)}  (dropped: see the log)")
     split = role.get("split_frames")
     if split and any(split.values()):
         out.append(f"split frames received: {split['whole_read']} from whole reads, {split['in_order']} in order, "
