@@ -541,7 +541,7 @@ class EthernetReceiveTests(TestCase):
         """
         A run ends at a shorter datagram (which it includes), before a
         longer one or a runt (a frame no longer than an Ethernet header,
-        skipped), and at 64 frames; it goes on from one recvmmsg to the
+        passed over), and at 64 frames; it goes on from one recvmmsg to the
         next; a frame of the largest size is read whole.
         """
         sizes = [(1400, 1), (1400, 2), (900, 3), (700, 4), (1400, 5), (1400, 6), (0, 0), (1400, 7),
@@ -556,10 +556,10 @@ class EthernetReceiveTests(TestCase):
              ("Train", [1000] * 6, 1000)])
         self.assertEqual([x for _, ds, _ in link.batches for x in ds], [d for d in datagrams if d])
 
-    def test_short_and_long_frames_skipped(self):
+    def test_short_and_long_frames_passed_over(self):
         """
         A frame no longer than an Ethernet header, and one longer than the
-        longest a packet socket can take, are skipped; the frames around
+        longest a packet socket can take, are passed over; the frames around
         them are not touched.
         """
         from securelan.agent.carriers import _MAX_FRAME

@@ -43,7 +43,7 @@ _MACS_LEN = 12
 _ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
 _ETHERTYPE_ROW = numpy.frombuffer(_ETHERTYPE_BYTES, numpy.uint8)
 #: The longest frame read from a packet socket: an MTU of 65,535, the
-#: Ethernet header and a VLAN tag, rounded up (a longer one is skipped).
+#: Ethernet header and a VLAN tag, rounded up (a longer one is passed over).
 _MAX_FRAME = 65536 + 64
 #: Frames per sendmmsg or recvmmsg: the pieces of the largest split frame.
 _MMSG_SLOTS = MAX_FRAGMENTS
@@ -426,7 +426,7 @@ class EthernetCarrier:
         """
         Hand on the frames of one receive (C{lengths} long, in the rows of
         C{batch}) run by run: a run ends at a shorter frame (which it
-        takes), before a longer one or a frame that is skipped (no longer
+        takes), before a longer one or a frame that is passed over (no longer
         than an Ethernet header, or longer than a row), and at the end of
         the receive.  With C{more} (more frames are waiting), a run the
         receive ends with that could go on is moved to the first rows
