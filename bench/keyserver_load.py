@@ -5,6 +5,7 @@ on 127.0.0.1) and N real mutually authenticated TLS agent sessions.
 
     PYTHONPATH=. python bench/keyserver_load.py            # full run
     PYTHONPATH=. python bench/keyserver_load.py --quick    # a short check
+    PYTHONPATH=. python bench/keyserver_load.py --lean-workers 0   # agents' client code only
 
 What it does, in order (every step bounded in count and time):
 
@@ -38,6 +39,16 @@ What it does, in order (every step bounded in count and time):
       and makes the key server push the key to the peer (push-on-issue);
     - ``fpd``: first-packet delay without load: one requester at a time asks
       for a new key (``--fpd-samples`` times, 5 ms apart).
+    - ``cached`` and ``new`` once more with a lean load generator
+      (``--lean-workers`` processes, 0: not run): the same requesters (their
+      sessions closed in the agent-code workers and opened again there) and
+      targets, each session a L{LeanSession} (pyOpenSSL over memory BIOs,
+      boxes laid out once, answers read for their tag).  The agents' own
+      client code costs more CPU per request than the key server, and both
+      share the same 2 cores here, so the first figures measure the pair;
+      these measure the key server with less of its machine taken by its
+      clients.  The peers' sessions stay in the agent-code workers and read
+      the pushes of the new phase there.
 
     Latency is measured per request in the client (request sent -> answer
     parsed).  The first-packet delay of a request is
@@ -77,6 +88,7 @@ CODE_ROOT = os.environ.get("SECURELAN_CODE_ROOT") or os.path.dirname(HERE)
 if CODE_ROOT not in sys.path:
     sys.path.insert(0, CODE_ROOT)
 
+from securelan import PROTOCOL_VERSION  # noqa: E402
 from securelan.labnet import child_env, twistd_argv  # noqa: E402
 
 KS_NAME = "keyserver.ksload"
@@ -277,12 +289,12 @@ class WorkerPool:
     Client processes (this script with --worker), driven by JSON lines.
     """
 
-    def __init__(self, count, scratch, port):
+    def __init__(self, count, scratch, port, kind="worker"):
         self.procs = []
         for w in range(count):
-            err = open(os.path.join(scratch, f"worker-{w}.log"), "wb")
+            err = open(os.path.join(scratch, f"{kind}-{w}.log"), "wb")
             proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", "--scratch", scratch,
+                [sys.executable, os.path.abspath(__file__), f"--{kind}", "--scratch", scratch,
                  "--port", str(port)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=child_env(),
                 preexec_fn=_raise_nofile)
@@ -426,6 +438,7 @@ class Run:
                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parameters": {}}
         self.ks = None
         self.pool = None
+        self.lean = None
         self.warmed = set()
 
     # helpers
@@ -436,7 +449,8 @@ class Run:
         return cpu_seconds(self.ks.pid)
 
     def workers_cpu(self):
-        return sum(cpu_seconds(p) for p in self.pool.pids())
+        pids = self.pool.pids() + (self.lean.pids() if self.lean is not None else [])
+        return sum(cpu_seconds(p) for p in pids)
 
     def run(self):
         a = self.args
@@ -457,6 +471,7 @@ class Run:
 
         port = free_port()
         self.ks, _ = start_keyserver(self.scratch, port)
+        self.ks_port = port
         log(f"key server pid {self.ks.pid} on {HOST}:{port}")
         time.sleep(1.0)
         rss = [{"sessions": 0, "rss_kib": rss_kib(self.ks.pid), **proc_status(self.ks.pid)}]
@@ -526,32 +541,72 @@ class Run:
         self.result["cached_light"] = self.phase("cached", cached_req[:4], light, 1, label="cached, light")
         self.result["new_light"] = self.phase("new", new_req[:4], light, 1, label="new, light")
         self.result["fpd_idle"] = self.fpd(fpd_req, a.fpd_samples)
+        # last: the requesters' sessions move to the lean workers
+        if a.lean_workers:
+            self.lean_phases(cached_req, new_req, pool_targets)
+        if a.profile:
+            self.result["profiles"] = self.profiles(cached_req, new_req, self.lean)
         time.sleep(1.0)
         self.result["memory_after_load"] = {"rss_kib": rss_kib(self.ks.pid), **proc_status(self.ks.pid)}
         self.result["loadavg_after_load"] = os.getloadavg()
-        if a.profile:
-            self.result["profiles"] = self.profiles(cached_req, new_req)
         self.result["targets"] = self.verdicts()
         self.result["code_at_end"] = code_version()
-        self.result["sessions_lost"] = sum(x["lost"] for x in self.pool.ask_all(
-            [{"cmd": "reset_pushes"}] * a.workers, 60))
+        pools = [self.pool] + ([self.lean] if self.lean is not None else [])
+        self.result["sessions_lost"] = sum(x["lost"] for pool in pools for x in pool.ask_all(
+            [{"cmd": "reset_pushes"}] * len(pool.procs), 60))
         return self.result
 
-    def _split(self, reqs):
-        plan = [[] for _ in range(self.args.workers)]
+    def _split(self, reqs, workers=None):
+        workers = workers or self.args.workers
+        plan = [[] for _ in range(workers)]
         for r in reqs:
-            plan[self.worker_of(r)].append(r)
+            plan[r % workers].append(r)
         return plan
 
-    def phase(self, kind, reqs, duration, depth, label=None, wait=True, at_start=None):
+    def lean_phases(self, cached_req, new_req, pool_targets):
+        """
+        The cached and new phases once more, with the same requesters and
+        targets, generated by lean workers (L{LeanSession}): the
+        requesters' sessions are closed in their workers and opened again
+        in the lean ones; every other session stays where it was.
+        """
+        a = self.args
+        reqs = cached_req + new_req
+        log(f"lean generator: handing {len(reqs)} requesters to {a.lean_workers} lean workers")
+        standing = {"cached": {}, "cursor": {}, "first": {}}
+        for x in self.pool.ask_all([{"cmd": "hand_over", "requesters": p} for p in self._split(reqs)], 60):
+            for k in standing:
+                standing[k].update(x[k])
+        time.sleep(1.0)
+        self.lean = WorkerPool(a.lean_workers, self.scratch, self.ks_port, kind="lean-worker")
+        self.lean.ask_all([{"cmd": "targets", "pool": pool_targets, **standing}] * a.lean_workers, 120)
+        plan = self._split(reqs, a.lean_workers)
+        answers = self.lean.ask_all([{"cmd": "connect", "members": p} for p in plan], 300)
+        failed = sum(x["failed"] for x in answers)
+        if failed:
+            raise RuntimeError(f"lean workers could not open {failed} sessions: "
+                               f"{_merge_counts(x['errors'] for x in answers)}")
+        warmed = self.lean.ask_all([{"cmd": "warm", "requesters": [r for r in p if r in cached_req]}
+                                    for p in plan], 300)
+        log(f"lean generator: {sum(x['warmed'] for x in warmed)} cached keys asked for once, "
+            f"{sum(x['errors'] for x in warmed)} errors")
+        self.result["cached_lean"] = self.phase("cached", cached_req, a.duration, a.depth,
+                                                label="cached, lean generator", pool=self.lean)
+        self.result["new_lean"] = self.phase("new", new_req, a.duration, a.depth,
+                                             label="new, lean generator", pool=self.lean)
+
+    def phase(self, kind, reqs, duration, depth, label=None, wait=True, at_start=None, pool=None):
         """
         One closed-loop load phase; C{at_start()} (if given) is called when
-        the load starts (the profiler).
+        the load starts (the profiler).  C{pool}: the workers that hold
+        the requesters' sessions (the agent-code workers by default).
         """
         a = self.args
         label = label or kind
-        plan = self._split(reqs)
-        if kind == "cached":
+        lean = pool is not None
+        pool = pool or self.pool
+        plan = self._split(reqs, len(pool.procs))
+        if kind == "cached" and not lean:
             # issue the keys first (not timed)
             need = [[r for r in p if r not in self.warmed] for p in plan]
             if any(need):
@@ -560,20 +615,24 @@ class Run:
                                    for p in need], 300)
                 self.warmed.update(r for p in need for r in p)
         self.pool.ask_all([{"cmd": "reset_pushes"}] * a.workers, 60)
+        if lean:
+            pool.ask_all([{"cmd": "reset_pushes"}] * len(pool.procs), 60)
         waited = self.wait_quiet() if wait else 0.0
         start_at = time.monotonic() + 1.0
+        lean_cpu0 = sum(cpu_seconds(p) for p in pool.pids()) if lean else 0.0
         log(f"{label}: {len(reqs)} requesters x depth {depth}, {duration} s")
         time.sleep(max(0.0, start_at - time.monotonic()))
         started = at_start() if at_start is not None else None
         cpu0, wcpu0, m0 = self.ks_cpu(), self.workers_cpu(), machine_busy_seconds()
         for w, p in enumerate(plan):
             if p:
-                self.pool.send(w, {"cmd": "load", "kind": kind, "requesters": p, "depth": depth,
+                pool.send(w, {"cmd": "load", "kind": kind, "requesters": p, "depth": depth,
                                    "start_at": start_at, "duration": duration})
         time.sleep(max(0.0, start_at + duration - time.monotonic()))
         ks_cpu, w_cpu = self.ks_cpu() - cpu0, self.workers_cpu() - wcpu0
+        lean_cpu = sum(cpu_seconds(p) for p in pool.pids()) - lean_cpu0 if lean else 0.0
         other = machine_busy_seconds() - m0 - ks_cpu - w_cpu
-        answers = [self.pool.receive(w, duration + 120) for w, p in enumerate(plan) if p]
+        answers = [pool.receive(w, duration + 120) for w, p in enumerate(plan) if p]
         for proc in started or ():
             try:
                 proc.wait(30)
@@ -584,7 +643,8 @@ class Run:
         lat = []
         for x in answers:
             lat += x["latency_us"]
-        out = {"requesters": len(reqs), "depth": depth, "duration_s": duration,
+        out = {"generator": "lean" if lean else "agent client code",
+               "requesters": len(reqs), "depth": depth, "duration_s": duration,
                "completed": completed, "requests_per_second": round(completed / duration, 1),
                "latency": latency_summary(lat),
                "errors": _merge_counts(x["errors"] for x in answers),
@@ -592,6 +652,7 @@ class Run:
                "keyserver_cpu_pct": round(100 * ks_cpu / duration, 1),
                "requests_per_keyserver_cpu_second": round(completed / ks_cpu, 1) if ks_cpu else None,
                "clients_cpu_pct": round(100 * w_cpu / duration, 1),
+               "lean_clients_cpu_pct": round(100 * lean_cpu / duration, 1) if lean else None,
                "other_processes_cpu_pct": round(100 * max(0.0, other) / duration, 1),
                "waited_for_quiet_s": waited}
         if kind == "new":
@@ -663,7 +724,11 @@ class Run:
         log(f"fpd: {out}")
         return out
 
-    def profiles(self, cached_req, new_req):
+    def profiles(self, cached_req, new_req, pool=None):
+        """
+        The key server under py-spy through the cached and new phases,
+        generated by C{pool} (the lean workers when there are).
+        """
         a = self.args
         spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
         out_dir = a.out
@@ -676,13 +741,13 @@ class Run:
             def spy_on(svg=svg, raw=raw):
                 # sampled for the phase's duration, from its start
                 return [subprocess.Popen([spy, "record", "--pid", str(self.ks.pid), "-d", str(int(dur)),
-                                          "--idle", "--nonblocking", "-o", path] + extra,
+                                          "--idle", "--nonblocking", "--rate", "250", "-o", path] + extra,
                                          stdout=subprocess.DEVNULL, stderr=open(path + ".log", "wb"))
                         for path, extra in ((svg, []), (raw, ["--format", "raw"]))]
 
             waited = self.wait_quiet()
             phase = self.phase(kind, reqs, dur, a.depth, label=f"{kind} (under py-spy)", wait=False,
-                               at_start=spy_on)
+                               at_start=spy_on, pool=pool)
             phase["waited_for_quiet_s"] = waited
             from pyspy_summary import summarise
 
@@ -705,11 +770,16 @@ class Run:
             "fpd_loaded_p99<5ms": (r["new"]["first_packet"]["first_packet_delay"].get("p99_ms") or 1e9) < 5,
             f"rss_at_{top}_sessions<2GiB": rss_top < 2.0,
         }
+        if "cached_lean" in r:
+            out["cached_rps_lean_generator>=20000"] = r["cached_lean"]["requests_per_second"] >= 20000
+            out["new_rps_lean_generator>=5000"] = r["new_lean"]["requests_per_second"] >= 5000
         if top < 10000:
             out["note"] = f"only {top} sessions were opened: the 10,000-agent target is not tested"
         return out
 
     def close(self):
+        if self.lean is not None:
+            self.lean.close()
         if self.pool is not None:
             self.pool.close()
         if self.ks is not None:
@@ -750,6 +820,16 @@ def table(result):
                  f"| {n['requests_per_second']:,.0f} | >= 5,000 |")
     lines.append(f"| latency p50 / p99, newly issued | {n['latency'].get('p50_ms')} / "
                  f"{n['latency'].get('p99_ms')} ms | p99 < 10 ms |")
+    if "cached_lean" in result:
+        cx, nx = result["cached_lean"], result["new_lean"]
+        lines.append(f"| the same with the lean load generator: already issued ({cx['requesters']} x {cx['depth']}) "
+                     f"| {cx['requests_per_second']:,.0f} | >= 20,000 |")
+        lines.append(f"| latency p50 / p99, already issued, lean generator | {cx['latency'].get('p50_ms')} / "
+                     f"{cx['latency'].get('p99_ms')} ms | p99 < 10 ms |")
+        lines.append(f"| the same with the lean load generator: newly issued ({nx['requesters']} x {nx['depth']}) "
+                     f"| {nx['requests_per_second']:,.0f} | >= 5,000 |")
+        lines.append(f"| latency p50 / p99, newly issued, lean generator | {nx['latency'].get('p50_ms')} / "
+                     f"{nx['latency'].get('p99_ms')} ms | p99 < 10 ms |")
     f_idle = result["fpd_idle"]["first_packet_delay"]
     f_load = n["first_packet"]["first_packet_delay"]
     cl, nl = result["cached_light"], result["new_light"]
@@ -775,6 +855,18 @@ def table(result):
                  f"{n['keyserver_cpu_pct']} % of one core | |")
     lines.append(f"| load-generator CPU during cached / new phase | {c['clients_cpu_pct']} % / "
                  f"{n['clients_cpu_pct']} % | |")
+    if "cached_lean" in result:
+        lines.append(f"| lean generator: requests per key-server CPU-second, already issued / newly issued | "
+                     f"{cx['requests_per_keyserver_cpu_second']:,.0f} / "
+                     f"{nx['requests_per_keyserver_cpu_second']:,.0f} | |")
+        for name, x in (("cached", cx), ("new", nx)):
+            lines.append(f"| lean generator, {name} phase: CPU of the key server / the lean workers / "
+                         f"the agent-code workers (the peers' sessions) | {x['keyserver_cpu_pct']} % / "
+                         f"{x['lean_clients_cpu_pct']} % / "
+                         f"{round(x['clients_cpu_pct'] - x['lean_clients_cpu_pct'], 1)} % | |")
+        errs = _merge_counts([cx["errors"], nx["errors"]])
+        if errs:
+            lines.append(f"| lean generator: errors | {errs} | |")
     lines.append(f"| sessions the key server closed during the run | {result.get('sessions_lost', '?')} | |")
     lines.append(f"| other processes' CPU during cached / new phase (shared machine) | "
                  f"{c['other_processes_cpu_pct']} % / {n['other_processes_cpu_pct']} % | |")
@@ -782,6 +874,24 @@ def table(result):
 
 
 # ------------------------------------------------------------------- worker
+
+
+def next_new_target(targets, r):
+    """
+    The next member requester C{r} never asked about; None once it asked
+    about every member of C{targets["pool"]} (a new-key phase must not
+    reuse a pair).  Both kinds of worker take targets this way, so a
+    requester handed from one to the other goes on where it was.
+    """
+    pool = targets["pool"]
+    cursor = targets["cursor"].get(r)
+    if cursor is None:
+        cursor = targets["first"][r] = (r * 7919) % len(pool)
+    if cursor - targets["first"][r] >= len(pool):
+        return None
+    t = pool[cursor % len(pool)]
+    targets["cursor"][r] = cursor + 1
+    return t
 
 
 def worker_main(args):
@@ -825,8 +935,12 @@ def worker_main(args):
         def purged(self, peer_id, reason):
             pass
 
+    handed_over = set()
+
     def on_lost(protocol):
-        lost["n"] += 1
+        # a session handed to a lean worker was closed by us, not lost
+        if protocol not in handed_over:
+            lost["n"] += 1
 
     # Like the real agent (securelan.client.KeyServerClient.PING_INTERVAL),
     # every session pings every 30 s, spread evenly: without it the key
@@ -887,19 +1001,7 @@ def worker_main(args):
         return result
 
     def next_target(r):
-        """
-        The next member C{r} never asked about; None once it asked about
-        every member of the pool (a new-key phase must not reuse a pair).
-        """
-        pool = targets["pool"]
-        cursor = targets["cursor"].get(r)
-        if cursor is None:
-            cursor = targets["first"][r] = (r * 7919) % len(pool)
-        if cursor - targets["first"][r] >= len(pool):
-            return None
-        t = pool[cursor % len(pool)]
-        targets["cursor"][r] = cursor + 1
-        return t
+        return next_new_target(targets, r)
 
     @defer.inlineCallbacks
     def warm(requesters, count):
@@ -1041,6 +1143,19 @@ def worker_main(args):
                 pushes.clear()
                 return {"ok": True, "sessions": len(sessions), "lost": lost["n"],
                         "pings": keepalive["sent"], "ping_failures": keepalive["failed"]}
+            if cmd == "hand_over":
+                # close these requesters' sessions (a lean worker opens
+                # them again) and say where each stands in its targets
+                out = {"cached": {}, "cursor": {}, "first": {}}
+                for r in m["requesters"]:
+                    proto = sessions.pop(r, None)
+                    if proto is not None:
+                        handed_over.add(proto)
+                        proto.transport.loseConnection()
+                    for k in out:
+                        if r in targets.get(k, {}):
+                            out[k][r] = targets[k][r]
+                return out
             if cmd == "pushes":
                 return {"pushes": [[h, p, t] for (h, p), t in pushes.items()]}
             if cmd == "quit":
@@ -1057,6 +1172,473 @@ def worker_main(args):
     stdio.StandardIO(Commands())
     reactor.run()
     return 0
+
+
+# -------------------------------------------------------------- lean worker
+
+
+def _amp_box(pairs):
+    """
+    One AMP box on the wire: each key and value behind its 2-byte length,
+    then an empty key.
+    """
+    out = bytearray()
+    for key, value in pairs:
+        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+    return bytes(out + b"\0\0")
+
+
+class LeanSession:
+    """
+    One member's mutual-TLS session to the key server, driven without
+    Twisted, AMP's machinery or the agent's client: pyOpenSSL's TLS over
+    memory BIOs as Twisted's (the standard library's OpenSSL here lacks the
+    hybrid key exchange the key server demands), the boxes of one turn of
+    its loop in one TLS record, as an agent's L{securelan.tls.TurnTLSProtocol}
+    writes them, request boxes laid out once per target, and answers read
+    for their tag only (and the key's presence).
+    The key server cannot tell it from an agent: the same certificates,
+    protocol version, TLS 1.3 and boxes.
+    """
+
+    def __init__(self, index, context, port):
+        import socket
+
+        from OpenSSL import SSL
+
+        self.index = index
+        self.sock = socket.create_connection((HOST, port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls = SSL.Connection(context, None)
+        self.tls.set_tlsext_host_name(KS_NAME.encode())
+        self.tls.set_connect_state()
+        self.want_read = SSL.WantReadError
+        self.zero_return = SSL.ZeroReturnError
+        self.buffer = b""
+        self.held = []
+        self.unsent = b""
+        self.pending = {}
+        self.tag = 0
+        self.closed = False
+
+    # blocking steps: the handshake and Register, one session at a time
+    def _sealed(self):
+        chunks = []
+        while True:
+            try:
+                chunks.append(self.tls.bio_read(1 << 18))
+            except self.want_read:
+                return b"".join(chunks)
+
+    def _seal_held(self):
+        if self.held:
+            self.tls.send(b"".join(self.held))
+            self.held = []
+
+    def _send_all_blocking(self):
+        self._seal_held()
+        data = self._sealed()
+        if data:
+            self.sock.sendall(data)
+
+    def _read_blocking(self):
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the key server closed the session")
+        self.tls.bio_write(data)
+
+    def open(self):
+        from service_identity.pyopenssl import verify_hostname
+
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except self.want_read:
+                self._send_all_blocking()
+                self._read_blocking()
+        verify_hostname(self.tls, KS_NAME)
+        self._send_all_blocking()
+        tag = self.ask(b"Register", [(b"version", str(PROTOCOL_VERSION).encode()),
+                                     (b"mac", member_mac(self.index)), (b"role", b"client"),
+                                     (b"endpoint", b"")])
+        self._send_all_blocking()
+        while True:
+            self._read_blocking()
+            for fields in self.receive():
+                if fields.get(b"_answer") == tag:
+                    self.pending.pop(tag)
+                    self.sock.setblocking(False)
+                    return
+                if fields.get(b"_error") == tag:
+                    raise RuntimeError(f"Register refused: {fields.get(b'_error_code')!r}")
+            self._send_all_blocking()
+
+    def ask(self, command, pairs, started=None, target=None):
+        """
+        Hold one request until the caller flushes.
+        """
+        self.tag += 1
+        tag = b"%x" % self.tag
+        self.held.append(_amp_box([(b"_ask", tag), (b"_command", command)] + pairs))
+        self.pending[tag] = (started, target)
+        return tag
+
+    def ask_laid_out(self, body, started, target):
+        """
+        Write a request whose box after the tag (command and arguments)
+        is C{body}, laid out once.
+        """
+        self.tag += 1
+        tag = b"%x" % self.tag
+        self.held.append(b"\0\x04_ask" + len(tag).to_bytes(2, "big") + tag + body)
+        self.pending[tag] = (started, target)
+        return tag
+
+    def receive(self):
+        """
+        The boxes complete in what TLS has decrypted so far: for each, its
+        fields whose names start with ``_``, and C{b"key"}'s length.
+        """
+        chunks = [self.buffer]
+        while True:
+            try:
+                chunks.append(self.tls.recv(1 << 16))
+            except self.want_read:
+                break
+            except self.zero_return:
+                self.closed = True
+                break
+        buf = b"".join(chunks)
+        boxes, pos, end = [], 0, len(buf)
+        while True:
+            start, fields = pos, {}
+            while True:
+                if pos + 2 > end:
+                    self.buffer = buf[start:]
+                    return boxes
+                klen = int.from_bytes(buf[pos:pos + 2], "big")
+                if klen == 0:
+                    pos += 2
+                    break
+                if pos + 4 + klen > end:
+                    self.buffer = buf[start:]
+                    return boxes
+                key = buf[pos + 2:pos + 2 + klen]
+                vstart = pos + 4 + klen
+                vend = vstart + int.from_bytes(buf[vstart - 2:vstart], "big")
+                if vend > end:
+                    self.buffer = buf[start:]
+                    return boxes
+                if key[0] == 0x5F:
+                    fields[key] = buf[vstart:vend]
+                elif key == b"key":
+                    fields[key] = vend - vstart
+                pos = vend
+            boxes.append(fields)
+
+    def read(self):
+        """
+        Read what the socket has (non-blocking); the complete boxes.
+        """
+        while True:
+            try:
+                data = self.sock.recv(1 << 18)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                break
+            self.tls.bio_write(data)
+            if len(data) < 1 << 18:
+                break
+        return self.receive()
+
+    def flush(self):
+        """
+        Seal what is held in one TLS record and send what TLS has written
+        (non-blocking); True when all went.
+        """
+        self._seal_held()
+        data = self._sealed()
+        if data:
+            self.unsent += data
+        while self.unsent:
+            try:
+                sent = self.sock.send(self.unsent)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self.closed = True
+                self.unsent = b""
+                return True
+            self.unsent = self.unsent[sent:]
+        return True
+
+
+def lean_worker_main(args):
+    """
+    A lean load-generating process: the same JSON-line commands as
+    L{worker_main} for the sessions it is handed (C{connect}, C{targets},
+    C{load}, C{ping}, C{quit}), each session a L{LeanSession}, one
+    C{selectors} loop.  It measures what the key server serves when its
+    clients cost little of the 2 cores it shares with them.
+    """
+    from OpenSSL import SSL
+
+    pki_dir = os.path.join(args.scratch, "pki")
+    sessions = {}
+    targets = {"pool": [], "cursor": {}, "first": {}, "cached": {}}
+    bodies = {}
+    sel = selectors.DefaultSelector()
+    lost = {"n": 0, "pings": 0}
+    now = time.monotonic
+    ping_body = b"\0\x08_command\0\x04Ping\0\0"
+    request_command = b"\0\x08_command" + len(b"RequestPairKey").to_bytes(2, "big") + b"RequestPairKey"
+
+    def body_for(t):
+        body = bodies.get(t)
+        if body is None:
+            body = bodies[t] = request_command + b"\0\x08peer_mac\0\x06" + member_mac(t) + b"\0\0"
+        return body
+
+    def context_for(i):
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.load_verify_locations(os.path.join(pki_dir, "ca.pem"))
+        ctx.use_certificate_file(os.path.join(pki_dir, f"{member_id(i)}.pem"))
+        ctx.use_privatekey_file(os.path.join(pki_dir, f"{member_id(i)}.key"))
+        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+        return ctx
+
+    def connect(members):
+        result = {"ok": 0, "failed": 0, "errors": {}, "latency_us": []}
+        for i in members:
+            t0 = now()
+            try:
+                s = LeanSession(i, context_for(i), args.port)
+                s.open()
+            except Exception as e:
+                result["failed"] += 1
+                result["errors"][type(e).__name__] = result["errors"].get(type(e).__name__, 0) + 1
+                continue
+            result["latency_us"].append(int(1e6 * (now() - t0)))
+            sessions[i] = s
+            sel.register(s.sock, selectors.EVENT_READ, s)
+            result["ok"] += 1
+        return result
+
+    def answer_asks(s, fields):
+        # the key server's own commands (pushes) take an empty answer
+        ask = fields.get(b"_ask")
+        if ask is not None:
+            s.held.append(_amp_box([(b"_answer", ask)]))
+            return True
+        return False
+
+    def service(timeout):
+        """
+        Between commands: read what comes (pushes), answer what asks.
+        """
+        for key, _ in sel.select(timeout):
+            s = key.data
+            if s is None:
+                continue
+            for fields in s.read():
+                if not answer_asks(s, fields):
+                    s.pending.pop(fields.get(b"_answer") or fields.get(b"_error"), None)
+            s.flush()
+            if s.closed:
+                lose(s)
+
+    def lose(s):
+        if sessions.pop(s.index, None) is not None:
+            lost["n"] += 1
+            sel.unregister(s.sock)
+            s.sock.close()
+
+    def ping_all():
+        # like the agents, so the key server's idle timeout never closes one
+        for s in list(sessions.values()):
+            s.ask_laid_out(ping_body, None, None)
+            s.flush()
+            lost["pings"] += 1
+
+    def load(kind, requesters, depth, start_at, duration):
+        end = start_at + duration
+        state = {"completed": 0, "late": 0, "errors": {}, "outstanding": 0, "issued": []}
+        latencies = array.array("q")
+        rr = {}
+        dirty = set()
+
+        def fire(s):
+            r = s.index
+            if kind == "cached":
+                lst = targets["cached"][r]
+                k = rr.get(r, 0)
+                rr[r] = k + 1
+                t = lst[k % len(lst)]
+            else:
+                t = next_new_target(targets, r)
+                if t is None:
+                    state["errors"]["targets_exhausted"] = state["errors"].get("targets_exhausted", 0) + 1
+                    return
+            state["outstanding"] += 1
+            s.ask_laid_out(body_for(t), now(), t)
+            dirty.add(s)
+
+        time.sleep(max(0.0, start_at - now()))
+        for r in requesters:
+            for _ in range(depth):
+                fire(sessions[r])
+        for s in dirty:
+            s.flush()
+        dirty.clear()
+        while state["outstanding"]:
+            t_now = now()
+            if t_now > end + 60:
+                state["errors"]["unfinished"] = state["outstanding"]
+                break
+            for key, mask in sel.select(0.5):
+                s = key.data
+                if s is None:
+                    continue
+                boxes = s.read()
+                t1 = now()
+                for fields in boxes:
+                    tag = fields.get(b"_answer")
+                    if tag is None:
+                        tag = fields.get(b"_error")
+                        if tag is None:
+                            if answer_asks(s, fields):
+                                dirty.add(s)
+                            continue
+                        started, t = s.pending.pop(tag, (None, None))
+                        if started is None:
+                            continue   # a ping's
+                        state["outstanding"] -= 1
+                        name = (fields.get(b"_error_code") or b"?").decode()
+                        state["errors"][name] = state["errors"].get(name, 0) + 1
+                        continue
+                    started, t = s.pending.pop(tag, (None, None))
+                    if started is None:
+                        continue
+                    state["outstanding"] -= 1
+                    if fields.get(b"key") != 32:
+                        state["errors"]["answer_without_key"] = state["errors"].get("answer_without_key", 0) + 1
+                    elif t1 <= end:
+                        state["completed"] += 1
+                        latencies.append(int(1e6 * (t1 - started)))
+                        if kind == "new":
+                            state["issued"].append((s.index, t, started, t1))
+                    else:
+                        state["late"] += 1
+                    if t1 < end:
+                        fire(s)
+                if s.closed:
+                    state["outstanding"] -= sum(1 for v in s.pending.values() if v[0] is not None)
+                    state["errors"]["ConnectionLost"] = state["errors"].get("ConnectionLost", 0) + 1
+                    lose(s)
+                    dirty.discard(s)
+                elif mask & selectors.EVENT_WRITE:
+                    dirty.add(s)
+            for s in dirty:
+                if not s.flush():
+                    sel.modify(s.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, s)
+                elif s in sessions.values():
+                    sel.modify(s.sock, selectors.EVENT_READ, s)
+            dirty.clear()
+        return {"completed": state["completed"], "late": state["late"], "errors": state["errors"],
+                "latency_us": latencies.tolist(), "issued": state["issued"]}
+
+    def warm(requesters):
+        """
+        Ask once for every cached target (untimed), so the cached phase
+        finds the keys issued; the requesters' own workers issued them.
+        """
+        count = sum(len(targets["cached"].get(r, ())) for r in requesters)
+        answered = errors = 0
+        for r in requesters:
+            s = sessions[r]
+            for t in targets["cached"].get(r, ()):
+                s.ask_laid_out(body_for(t), now(), t)
+            s.flush()
+        deadline = now() + 120
+        while answered + errors < count and now() < deadline:
+            for key, _ in sel.select(0.5):
+                s = key.data
+                if s is None:
+                    continue
+                for fields in s.read():
+                    if answer_asks(s, fields):
+                        continue
+                    tag = fields.get(b"_answer") or fields.get(b"_error")
+                    started, _ = s.pending.pop(tag, (None, None))
+                    if started is None:
+                        continue
+                    if b"_answer" in fields and fields.get(b"key") == 32:
+                        answered += 1
+                    else:
+                        errors += 1
+                s.flush()
+        return {"warmed": answered, "errors": errors}
+
+    stdin = sys.stdin.buffer.raw
+    os.set_blocking(stdin.fileno(), False)
+    sel.register(stdin, selectors.EVENT_READ, None)
+    out = sys.stdout
+    pending_input = b""
+    next_ping = now() + 20
+    while True:
+        if now() >= next_ping:
+            ping_all()
+            next_ping = now() + 20
+        service(0.5)
+        try:
+            chunk = stdin.read(1 << 20)
+        except BlockingIOError:
+            chunk = None
+        if chunk == b"":
+            return 0
+        if chunk:
+            pending_input += chunk
+        while b"\n" in pending_input:
+            line, _, pending_input = pending_input.partition(b"\n")
+            try:
+                m = json.loads(line)
+                cmd = m["cmd"]
+                if cmd == "ping":
+                    answer = {"pong": os.getpid()}
+                elif cmd == "connect":
+                    answer = connect(m["members"])
+                elif cmd == "targets":
+                    targets["pool"] = m["pool"]
+                    for k in ("cursor", "first", "cached"):
+                        targets[k].update({int(r): v for r, v in m.get(k, {}).items()})
+                    answer = {"ok": True}
+                elif cmd == "warm":
+                    answer = warm(m["requesters"])
+                elif cmd == "load":
+                    answer = load(m["kind"], m["requesters"], m["depth"], m["start_at"], m["duration"])
+                    next_ping = now() + 20
+                elif cmd == "reset_pushes":
+                    answer = {"ok": True, "sessions": len(sessions), "lost": lost["n"], "pings": lost["pings"]}
+                elif cmd == "pushes":
+                    answer = {"pushes": []}
+                elif cmd == "quit":
+                    for s in sessions.values():
+                        s.sock.close()
+                    out.write(json.dumps({"ok": True}) + "\n")
+                    out.flush()
+                    return 0
+                else:
+                    raise ValueError(f"unknown command {cmd!r}")
+            except Exception as e:
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
 
 
 # --------------------------------------------------------------------- entry
@@ -1100,11 +1682,16 @@ def main():
     p.add_argument("--quiet-wait", type=float, default=120.0,
                    help="wait up to this long before each phase for other processes to go quiet")
     p.add_argument("--quick", action="store_true", help="200 and 1,000 sessions, 3 s phases")
+    p.add_argument("--lean-workers", type=int, default=2,
+                   help="lean load-generating processes for the phases run again with a lean generator (0: none)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lean-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker_main(args)
+    if args.lean_worker:
+        return lean_worker_main(args)
     if args.quick:
         args.sessions, args.duration, args.fpd_samples = "200,1000", 3.0, 200
     args.out = os.path.abspath(args.out or os.path.join(HERE, "results", time.strftime("%Y-%m-%d")))
