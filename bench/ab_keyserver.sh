@@ -12,10 +12,14 @@
 # and 1,000 sessions, 3 s phases) with SECURELAN_CODE_ROOT set to it, from
 # an empty directory (a securelan checkout in the working directory would
 # be imported instead of the snapshot by snapshots older than db48e4e).
+# AB_HARNESS=path/to/keyserver_load.py runs every snapshot's key server
+# and agent code under that one harness instead (e.g. this checkout's, for
+# its lean load generator, with snapshots older than the harness).
 # Prints one line per run (issued and new keys/s, and per key-server
-# CPU-second), then the medians per snapshot.  Only 127.0.0.1 is used.
+# CPU-second; with the lean generator too when the harness has it), then
+# the medians per snapshot.  Only 127.0.0.1 is used.
 set -u
-[ $# -ge 2 ] || { sed -n '2,16p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,20p' "$0"; exit 2; }
 ROUNDS=$1; shift
 PY=${SECURELAN_BENCH_VENV:-${TMPDIR:-/tmp}/securelan-bench-venv}/bin/python
 OUT=$(mktemp -d)
@@ -25,16 +29,22 @@ for r in $(seq 1 "$ROUNDS"); do
   for snap in "$@"; do
     snap=$(cd "$snap" && pwd)
     dir="$OUT/r$r-$(basename "$snap")"
+    harness=${AB_HARNESS:-$snap/bench/keyserver_load.py}
     (cd "$OUT/cwd" && SECURELAN_CODE_ROOT=$snap PYTHONPATH=$snap \
-      "$PY" "$snap/bench/keyserver_load.py" --quick --out "$dir" >"$dir.log" 2>&1)
+      "$PY" "$harness" --quick --out "$dir" >"$dir.log" 2>&1)
     "$PY" - "$dir/keyserver_load.json" "$r" "$snap" <<'EOF' | tee -a "$OUT/lines"
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))
     c, n = d["cached"], d["new"]
+    lean = ""
+    if "cached_lean" in d:
+        cl, nl = d["cached_lean"], d["new_lean"]
+        lean = (f" lean_issued={cl['requests_per_second']:.0f} lean_new={nl['requests_per_second']:.0f}"
+                f" lean_issued/cpu-s={cl['requests_per_keyserver_cpu_second']:.0f}")
     print(f"round {sys.argv[2]} {sys.argv[3]} issued={c['requests_per_second']:.0f} "
           f"new={n['requests_per_second']:.0f} issued/cpu-s={c['requests_per_keyserver_cpu_second']:.0f} "
-          f"new/cpu-s={n['requests_per_keyserver_cpu_second']:.0f}")
+          f"new/cpu-s={n['requests_per_keyserver_cpu_second']:.0f}{lean}")
 except (OSError, KeyError, ValueError) as e:
     print(f"round {sys.argv[2]} {sys.argv[3]} failed ({e.__class__.__name__}; see its log)")
 EOF
@@ -52,4 +62,11 @@ for snap in sys.argv[2:]:
         issued, new, issued_cpu, new_cpu = (statistics.median(column) for column in zip(*runs))
         print(f"median {snap}: issued={issued:.0f}/s new={new:.0f}/s per key-server CPU-second: "
               f"issued={issued_cpu:.0f} new={new_cpu:.0f} ({len(runs)} runs)")
+    lean = [[float(x) for x in m.groups()] for m in
+            (re.search(r"lean_issued=(\d+) lean_new=(\d+) lean_issued/cpu-s=(\d+)", line)
+             for line in lines if f" {snap} issued=" in line) if m]
+    if lean:
+        issued, new, issued_cpu = (statistics.median(column) for column in zip(*lean))
+        print(f"median {snap}, lean generator: issued={issued:.0f}/s new={new:.0f}/s, "
+              f"issued per key-server CPU-second {issued_cpu:.0f} ({len(lean)} runs)")
 EOF
