@@ -344,6 +344,31 @@ class QuickAnswerSerializationTests(SynchronousTestCase):
             self.assertEqual(RequestPairKey.serialize_answer(record, b"7", None),
                              RequestPairKey.serialize_answer(attrs.asdict(record, recurse=False), b"7", None))
 
+    def test_records_of_one_or_more_fields(self):
+        """
+        A record serialises as the mapping of its fields does, with one
+        field or several; a record that lacks a field as a mapping that
+        lacks it: an optional one is left out, a required one is a
+        KeyError.
+        """
+        from types import SimpleNamespace
+
+        from securelan.protocol import _QuickBoxes
+
+        class One(_QuickBoxes):
+            response = [(b"n", amp.Integer())]
+
+        class Two(_QuickBoxes):
+            response = [(b"n", amp.Integer()), (b"s", amp.Unicode(optional=True))]
+
+        for command, fields in ((One, {"n": 3}), (Two, {"n": 3, "s": "x"}), (Two, {"n": 4})):
+            data = command.serialize_answer(SimpleNamespace(**fields), b"9", None)
+            self.assertEqual(data, command.serialize_answer(fields, b"9", None))
+            expected = command.makeResponse(fields, None)
+            expected[b"_answer"] = b"9"
+            self.assertEqual(amp.parseString(data), [expected])
+        self.assertRaises(KeyError, Two.serialize_answer, SimpleNamespace(s="x"), b"9", None)
+
     def test_missing_and_too_long(self):
         """
         A missing field fails as in AMP (KeyError); so does a value too long
