@@ -14,13 +14,16 @@
 # be imported instead of the snapshot by snapshots older than db48e4e).
 # AB_HARNESS=path/to/keyserver_load.py runs every snapshot's key server
 # and agent code under that one harness instead (e.g. this checkout's, for
-# its lean load generator, with snapshots older than the harness).
+# its lean load generator, with snapshots older than the harness; its
+# agent-code workers need a snapshot from 7144862 on).
 # Prints one line per run (issued and new keys/s, and per key-server
 # CPU-second; with the lean generator too when the harness has it), then
 # the medians per snapshot.  Only 127.0.0.1 is used.
 set -u
 [ $# -ge 2 ] || { sed -n '2,20p' "$0"; exit 2; }
 ROUNDS=$1; shift
+# Absolute: the runs start from an empty directory.
+[ -n "${AB_HARNESS:-}" ] && AB_HARNESS=$(realpath "$AB_HARNESS")
 PY=${SECURELAN_BENCH_VENV:-${TMPDIR:-/tmp}/securelan-bench-venv}/bin/python
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT

@@ -154,10 +154,10 @@ class SecretKeyArgument(amp.Argument):
 
 
 _U16 = struct.Struct("!H")
-#: An empty box without C{AmpBox.__init__}, which only checks that the keys
-#: it is given are bytes: the boxes parsed here start empty and get slices
-#: of bytes for keys.  A fifth of a microsecond instead of one, once or
-#: twice per request a key server reads.
+#: An empty box without C{AmpBox.__init__}, which only turns the keys it is
+#: given into bytes (native strings to ASCII): the boxes parsed here start
+#: empty and get slices of bytes for keys.  About 0.1 us instead of 0.6,
+#: once or twice per request a key server reads.
 _new_box = functools.partial(amp.AmpBox.__new__, amp.AmpBox)
 _ANSWER_PREFIX = _U16.pack(len(amp.ANSWER)) + amp.ANSWER
 _COMMAND_PREFIX = _U16.pack(len(amp.COMMAND)) + amp.COMMAND
