@@ -733,7 +733,8 @@ class Opener:
         the copies: the plaintext is decrypted into the frame's buffer, 12
         bytes in, and the MACs (and a virtio-net header) put in front.
 
-        @raise WireError: as L{open}, and C{"reassembly"} as L{join_frame}.
+        @raise WireError: as L{open}, standing for all the frame's
+            datagrams, and C{"reassembly"} (one) as L{join_frame}.
         """
         size = len(ciphertext) - TAG_LEN
         frame = bytearray(_MACS_LEN + max(size, 0))
@@ -755,28 +756,30 @@ class Opener:
         """
         Authenticate the ciphertext of a split frame and decrypt it into
         C{into}, then check the replay window: what L{open_pieces} and
-        L{open_frame} share.  After a failure C{into} may hold
+        L{open_frame} share.  A failure stands for every datagram of the
+        frame (C{header.count}).  After a failure C{into} may hold
         unauthenticated plaintext: the callers' buffers are their own and
         dropped with the exception, never handed on.
         """
-        self._check_names(header)
+        datagrams = header.count
+        self._check_names(header, datagrams)
         if len(ciphertext) < TAG_LEN:
-            raise WireError(DROP_AUTH)
+            raise WireError(DROP_AUTH, datagrams)
         counter = header.counter - header.index
         try:
             self._decrypt_into(_NONCE.pack(counter), ciphertext, piece_header(header, 0), into)
         except InvalidTag:
-            raise WireError(DROP_AUTH) from None
+            raise WireError(DROP_AUTH, datagrams) from None
         if not self._window.check(counter):
-            raise WireError(DROP_REPLAY)
+            raise WireError(DROP_REPLAY, datagrams)
 
-    def _check_names(self, header):
+    def _check_names(self, header, datagrams=1):
         if header.type & _TYPE_MASK != self._type:
-            raise WireError(DROP_TYPE)
+            raise WireError(DROP_TYPE, datagrams)
         if header.epoch != self._epoch:
-            raise WireError(DROP_EPOCH)
+            raise WireError(DROP_EPOCH, datagrams)
         if header.incarnation != self._incarnation:
-            raise WireError(DROP_INCARNATION)
+            raise WireError(DROP_INCARNATION, datagrams)
 
     def open_counter(self, datagram, counter: int) -> bytes:
         """
@@ -983,14 +986,7 @@ def open_datagram(opener: "Opener", reassembler: "Reassembler", datagram, header
     pieces = reassembler.add(header, datagram[HEADER_LEN:])
     if pieces is None:
         return None
-    try:
-        return opener.open_frame(header, b"".join(pieces))
-    except WireError as e:
-        if e.reason == DROP_REASSEMBLY:
-            # An authentic frame too short to be one: one drop, as
-            # join_frame's of a whole frame.
-            raise
-        raise WireError(e.reason, len(pieces)) from None
+    return opener.open_frame(header, b"".join(pieces))
 
 
 class Reassembler:

@@ -797,9 +797,9 @@ class DataPlane:
     def _open_split(self, header, ciphertext, opener, peer, source):
         """
         A split frame with all its pieces (their ciphertext in one buffer):
-        authenticate it, then deliver.  A frame that fails counts a drop
-        for each of its datagrams, as everything else here counts
-        datagrams.
+        authenticate it, then deliver.  A frame that fails counts the
+        datagrams its error stands for (all of them, but one for an
+        authentic frame too short to be one).
         """
         # Its pieces may have come before another frame of the peer made a
         # candidate direction the adopted one: open it under that one.
@@ -808,10 +808,9 @@ class DataPlane:
             frame = opener.open_frame(header, ciphertext)
         except WireError as e:
             if e.reason == DROP_REASSEMBLY:
-                # Authentic, but no frame: as a whole frame's would count.
+                # Authentic, but no frame.
                 self._authentic(peer, opener, header, source)
-                return self._drop(e.reason, peer)
-            return self._drop(e.reason, peer, n=header.count)
+            return self._drop(e.reason, peer, n=e.datagrams)
         self._authentic(peer, opener, header, source)
         self._write(frame, header.type & FLAG_OFFLOAD, peer.stats, peer)
 
