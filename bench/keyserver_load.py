@@ -922,6 +922,20 @@ def next_new_target(targets, r):
     return t
 
 
+def next_load_target(targets, kind, turns, r):
+    """
+    The target of requester C{r}'s next request in a load phase of C{kind}:
+    its cached targets round robin (C{turns} counts its requests), or the
+    next member it never asked about (None: none left).
+    """
+    if kind == "cached":
+        cached = targets["cached"][r]
+        k = turns.get(r, 0)
+        turns[r] = k + 1
+        return cached[k % len(cached)]
+    return next_new_target(targets, r)
+
+
 def worker_main(args):
     """
     One load-generating client process: reads JSON commands on stdin,
@@ -1055,20 +1069,12 @@ def worker_main(args):
         latencies = array.array("q")
         rr = {}
 
-        def target_for(r):
-            if kind == "cached":
-                lst = targets["cached"][r]
-                k = rr.get(r, 0)
-                rr[r] = k + 1
-                return lst[k % len(lst)]
-            return next_target(r)
-
         def fire(r):
             if now() >= end:
                 if state["outstanding"] == 0 and not done.called:
                     finish()
                 return
-            t = target_for(r)
+            t = next_load_target(targets, kind, rr, r)
             if t is None:
                 state["errors"]["targets_exhausted"] = state["errors"].get("targets_exhausted", 0) + 1
                 if state["outstanding"] == 0 and not done.called:
@@ -1301,7 +1307,7 @@ class LeanSession:
                   (b"role", b"client"), (b"endpoint", b"")]
         if incarnation:
             fields.append((b"incarnation", str(incarnation).encode()))
-        tag = self.ask(b"Register", fields)
+        tag = self.ask(_amp_box([(b"_command", b"Register")] + fields))
         self._send_all_blocking()
         while True:
             self._read_blocking()
@@ -1314,20 +1320,11 @@ class LeanSession:
                     raise RuntimeError(f"Register refused: {fields.get(b'_error_code')!r}")
             self._send_all_blocking()
 
-    def ask(self, command, pairs, started=None, target=None):
+    def ask(self, body, started=None, target=None):
         """
-        Hold one request until the caller flushes.
-        """
-        self.tag += 1
-        tag = b"%x" % self.tag
-        self.held.append(_amp_box([(b"_ask", tag), (b"_command", command)] + pairs))
-        self.pending[tag] = (started, target)
-        return tag
-
-    def ask_laid_out(self, body, started, target):
-        """
-        Write a request whose box after the tag (command and arguments)
-        is C{body}, laid out once.
+        Hold a request until the caller flushes: C{body} is its box after
+        the tag (the command and its arguments, L{_amp_box}), laid out once
+        per kind of request.
         """
         self.tag += 1
         tag = b"%x" % self.tag
@@ -1437,13 +1434,12 @@ def lean_worker_main(args):
     sel = selectors.DefaultSelector()
     lost = {"n": 0, "pings": 0}
     now = time.monotonic
-    ping_body = b"\0\x08_command\0\x04Ping\0\0"
-    request_command = b"\0\x08_command" + len(b"RequestPairKey").to_bytes(2, "big") + b"RequestPairKey"
+    ping_body = _amp_box([(b"_command", b"Ping")])
 
     def body_for(t):
         body = bodies.get(t)
         if body is None:
-            body = bodies[t] = request_command + b"\0\x08peer_mac\0\x06" + member_mac(t) + b"\0\0"
+            body = bodies[t] = _amp_box([(b"_command", b"RequestPairKey"), (b"peer_mac", member_mac(t))])
         return body
 
     def context_for(i):
@@ -1526,7 +1522,7 @@ def lean_worker_main(args):
     def ping_all():
         # like the agents, so the key server's idle timeout never closes one
         for s in list(sessions.values()):
-            s.ask_laid_out(ping_body, None, None)
+            s.ask(ping_body)
             push_out(s)
             lost["pings"] += 1
 
@@ -1538,19 +1534,12 @@ def lean_worker_main(args):
         dirty = set()
 
         def fire(s):
-            r = s.index
-            if kind == "cached":
-                lst = targets["cached"][r]
-                k = rr.get(r, 0)
-                rr[r] = k + 1
-                t = lst[k % len(lst)]
-            else:
-                t = next_new_target(targets, r)
-                if t is None:
-                    state["errors"]["targets_exhausted"] = state["errors"].get("targets_exhausted", 0) + 1
-                    return
+            t = next_load_target(targets, kind, rr, s.index)
+            if t is None:
+                count("targets_exhausted")
+                return
             state["outstanding"] += 1
-            s.ask_laid_out(body_for(t), now(), t)
+            s.ask(body_for(t), now(), t)
             dirty.add(s)
 
         def count(name, n=1):
@@ -1644,7 +1633,7 @@ def lean_worker_main(args):
                 errors += len(targets["cached"].get(r, ()))
                 continue
             for t in targets["cached"].get(r, ()):
-                s.ask_laid_out(body_for(t), now(), t)
+                s.ask(body_for(t), now(), t)
             push_out(s)
         deadline = now() + 120
         while answered + errors < count and now() < deadline:
